@@ -1,0 +1,5 @@
+import sys
+
+from fusedmoe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Benchmarks: programs, not tests. Ratios measured side by side in one process."""

@@ -1,0 +1,124 @@
+"""The public ``gmm`` / ``tgmm`` entry points: validate once, then dispatch."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fusedmoe.gmm.registry import resolve_backend
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_float(name: str, x) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
+
+
+def validate_group_sizes(group_sizes, num_groups: int, num_rows: int) -> jax.Array:
+    """Check ``group_sizes`` is ``[num_groups]`` integers and, when its values are
+    known (not traced), non-negative and summing to at most ``num_rows``."""
+    if not hasattr(group_sizes, "shape") or not hasattr(group_sizes, "dtype"):
+        group_sizes = np.asarray(group_sizes)
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise TypeError(
+            f"group_sizes: expected an integer array, got dtype {group_sizes.dtype}"
+        )
+    if group_sizes.shape != (num_groups,):
+        raise ValueError(
+            f"group_sizes: expected shape ({num_groups},) (one size per group of rhs), "
+            f"got {tuple(group_sizes.shape)}"
+        )
+    if _is_concrete(group_sizes):
+        values = np.asarray(group_sizes)
+        if (values < 0).any():
+            raise ValueError(f"group_sizes: sizes must be >= 0, got {values.tolist()}")
+        if int(values.sum()) > num_rows:
+            raise ValueError(
+                f"group_sizes: sizes sum to {int(values.sum())}, past the {num_rows} rows of lhs"
+            )
+    return jnp.asarray(group_sizes, jnp.int32)
+
+
+def gmm(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    backend: str = "auto",
+    preferred_element_type=None,
+) -> jax.Array:
+    """Grouped matmul: ``out[rows of g] = lhs[rows of g] @ rhs[g]``.
+
+    Args:
+      lhs: ``[M, K]``, rows sorted by group.
+      rhs: ``[G, K, N]``.
+      group_sizes: ``[G]`` integers; rows past ``sum(group_sizes)`` give zeros.
+      backend: a name from :func:`fusedmoe.gmm.backend_names` (``"auto"`` picks the
+        fastest correct one for the platform).
+      preferred_element_type: output dtype (default: the promoted input dtype).
+        Products always accumulate in float32.
+
+    Returns:
+      ``[M, N]``. Differentiable in ``lhs`` and ``rhs``.
+    """
+    if getattr(lhs, "ndim", None) != 2:
+        raise ValueError(f"lhs: expected rank 2 [M, K], got shape {getattr(lhs, 'shape', lhs)}")
+    if getattr(rhs, "ndim", None) != 3:
+        raise ValueError(
+            f"rhs: expected rank 3 [G, K, N], got shape {getattr(rhs, 'shape', rhs)}"
+        )
+    _check_float("lhs", lhs)
+    _check_float("rhs", rhs)
+    if lhs.shape[1] != rhs.shape[1]:
+        raise ValueError(
+            f"rhs: contracting dim K={rhs.shape[1]} does not match lhs K={lhs.shape[1]} "
+            f"(lhs {tuple(lhs.shape)}, rhs {tuple(rhs.shape)})"
+        )
+    group_sizes = validate_group_sizes(group_sizes, rhs.shape[0], lhs.shape[0])
+    out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype))
+    return resolve_backend(backend).gmm(lhs, rhs, group_sizes, out_dtype)
+
+
+def tgmm(
+    lhs: jax.Array,
+    dout: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    backend: str = "auto",
+    preferred_element_type=None,
+) -> jax.Array:
+    """Grouped transposed matmul: ``out[g] = lhs[rows of g].T @ dout[rows of g]``.
+
+    Args:
+      lhs: ``[M, K]``, rows sorted by group.
+      dout: ``[M, N]``, same row order.
+      group_sizes: ``[G]`` integers.
+
+    Returns:
+      ``[G, K, N]``: the weight gradient of :func:`gmm`, every group at once.
+      Groups with no rows give zeros.
+    """
+    if getattr(lhs, "ndim", None) != 2:
+        raise ValueError(f"lhs: expected rank 2 [M, K], got shape {getattr(lhs, 'shape', lhs)}")
+    if getattr(dout, "ndim", None) != 2:
+        raise ValueError(
+            f"dout: expected rank 2 [M, N], got shape {getattr(dout, 'shape', dout)}"
+        )
+    _check_float("lhs", lhs)
+    _check_float("dout", dout)
+    if lhs.shape[0] != dout.shape[0]:
+        raise ValueError(
+            f"dout: expected {lhs.shape[0]} rows like lhs, got shape {tuple(dout.shape)}"
+        )
+    if getattr(group_sizes, "ndim", np.ndim(group_sizes)) != 1:
+        raise ValueError(
+            f"group_sizes: expected rank 1 [G], got shape {np.shape(group_sizes)}"
+        )
+    num_groups = group_sizes.shape[0] if hasattr(group_sizes, "shape") else len(group_sizes)
+    group_sizes = validate_group_sizes(group_sizes, num_groups, lhs.shape[0])
+    out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs.dtype, dout.dtype))
+    return resolve_backend(backend).tgmm(lhs, dout, group_sizes, out_dtype)

@@ -1,0 +1,141 @@
+"""Backend ``"megablox"``: the Pallas grouped-matmul kernel shipped with jax.
+
+Written for TPU, where it runs compiled. Elsewhere it runs in Pallas interpret
+mode: correct but very slow, so use it off-TPU only at tiny shapes (tests).
+
+Two things differ from calling the kernel directly:
+- it wants M, K and N in whole tiles, so inputs are zero-padded up to the tile
+  size and the output sliced back (a no-op at aligned sizes);
+- it leaves rows past ``sum(group_sizes)`` unwritten (garbage, NaN in interpret
+  mode), where ``gmm`` promises zeros; so the forward and both backward
+  products are masked, under our own custom VJP.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_TILE = 128
+
+
+def unavailable_reason() -> str | None:
+    try:
+        from jax.experimental.pallas.ops.tpu.megablox import gmm as _  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the jax build
+        return f"jax.experimental.pallas.ops.tpu.megablox cannot be imported ({exc})"
+    return None
+
+
+def _interpret() -> bool:
+    return jax.default_backend() != "tpu"
+
+
+def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+    pad = -x.shape[axis] % multiple
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths)
+
+
+def _compute_dtype(*arrays) -> jnp.dtype:
+    # The kernel takes one input dtype: bf16 only when every input is bf16.
+    dtype = jnp.result_type(*arrays)
+    return dtype if dtype == jnp.bfloat16 else jnp.dtype(jnp.float32)
+
+
+def _zero_rows_past_groups(out: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    valid = jnp.arange(out.shape[0]) < jnp.sum(group_sizes)
+    return jnp.where(valid[:, None], out, jnp.zeros_like(out))
+
+
+def _kernel_gmm(lhs, rhs, group_sizes, transpose_rhs: bool):
+    """f32 [M, N] = lhs @ rhs[g] (or rhs[g].T), rows past the groups zeroed."""
+    from jax.experimental.pallas.ops.tpu.megablox.gmm import gmm as kernel
+
+    m = lhs.shape[0]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    dtype = _compute_dtype(lhs, rhs)
+    lhs_p = _pad_to(_pad_to(lhs.astype(dtype), 0, _TILE), 1, _TILE)
+    rhs_p = _pad_to(_pad_to(rhs.astype(dtype), 1, _TILE), 2, _TILE)
+    out = kernel(
+        lhs_p,
+        rhs_p,
+        group_sizes,
+        preferred_element_type=jnp.float32,
+        tiling=(_TILE, _TILE, _TILE),
+        transpose_rhs=transpose_rhs,
+        interpret=_interpret(),
+    )
+    return _zero_rows_past_groups(out[:m, :n], group_sizes)
+
+
+def _kernel_tgmm(lhs, dout, group_sizes):
+    """f32 [G, K, N] = lhs_g.T @ dout_g."""
+    from jax.experimental.pallas.ops.tpu.megablox.gmm import tgmm as kernel
+
+    k, n = lhs.shape[1], dout.shape[1]
+    dtype = _compute_dtype(lhs, dout)
+    # Zero rows past the groups: the kernel reads them for the last tile.
+    lhs = _zero_rows_past_groups(lhs, group_sizes)
+    lhs_p = _pad_to(_pad_to(lhs.astype(dtype), 0, _TILE), 1, _TILE)
+    dout_p = _pad_to(_pad_to(dout.astype(dtype), 0, _TILE), 1, _TILE)
+    out = kernel(
+        lhs_p.T,
+        dout_p,
+        group_sizes,
+        preferred_element_type=jnp.float32,
+        tiling=(_TILE, _TILE, _TILE),
+        interpret=_interpret(),
+    )
+    return out[:, :k, :n]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gmm(lhs, rhs, group_sizes, out_dtype):
+    return _kernel_gmm(lhs, rhs, group_sizes, False).astype(out_dtype)
+
+
+def _gmm_fwd(lhs, rhs, group_sizes, out_dtype):
+    return _gmm(lhs, rhs, group_sizes, out_dtype), (lhs, rhs, group_sizes)
+
+
+def _gmm_bwd(out_dtype, residuals, dout):
+    lhs, rhs, group_sizes = residuals
+    dlhs = _kernel_gmm(dout, rhs, group_sizes, True).astype(lhs.dtype)
+    drhs = _kernel_tgmm(lhs, dout, group_sizes).astype(rhs.dtype)
+    return dlhs, drhs, None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _tgmm(lhs, dout, group_sizes, out_dtype):
+    return _kernel_tgmm(lhs, dout, group_sizes).astype(out_dtype)
+
+
+def _tgmm_fwd(lhs, dout, group_sizes, out_dtype):
+    return _tgmm(lhs, dout, group_sizes, out_dtype), (lhs, dout, group_sizes)
+
+
+def _tgmm_bwd(out_dtype, residuals, dw):
+    lhs, dout, group_sizes = residuals
+    dlhs = _kernel_gmm(dout, dw, group_sizes, True).astype(lhs.dtype)
+    ddout = _kernel_gmm(lhs, dw, group_sizes, False).astype(dout.dtype)
+    return dlhs, ddout, None
+
+
+_tgmm.defvjp(_tgmm_fwd, _tgmm_bwd)
+
+
+def gmm(lhs, rhs, group_sizes, out_dtype):
+    return _gmm(lhs, rhs, group_sizes, out_dtype)
+
+
+def tgmm(lhs, dout, group_sizes, out_dtype):
+    return _tgmm(lhs, dout, group_sizes, out_dtype)

@@ -1,0 +1,78 @@
+"""The backend registry: a name -> implementation table, and ``"auto"``.
+
+A backend is a module exposing ``gmm(lhs, rhs, group_sizes, out_dtype)`` and
+``tgmm(lhs, dout, group_sizes, out_dtype)`` on already-validated arrays, both
+differentiable, plus ``unavailable_reason() -> str | None``. Registering is one
+line in ``_BACKEND_MODULES``; modules are imported lazily so an optional
+dependency (tokamax) costs nothing until it is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import jax
+
+# name -> module path. Order is the order shown to users.
+_BACKEND_MODULES: dict[str, str] = {
+    "tiled": "fusedmoe.gmm.tiled",
+    "ragged_dot": "fusedmoe.gmm.ragged_dot",
+    "megablox": "fusedmoe.gmm.megablox",
+    "tokamax": "fusedmoe.gmm.tokamax",
+}
+
+AUTO = "auto"
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every name ``gmm`` accepts as ``backend``, ``"auto"`` first."""
+    return (AUTO, *_BACKEND_MODULES)
+
+
+def check_backend_name(backend: object, argument: str = "backend") -> str:
+    """Raise a ``ValueError`` naming the valid choices when ``backend`` is unknown."""
+    if not isinstance(backend, str) or backend not in backend_names():
+        raise ValueError(
+            f"{argument}: unknown grouped-matmul backend {backend!r}; "
+            f"expected one of {', '.join(repr(n) for n in backend_names())}"
+        )
+    return backend
+
+
+def auto_backend(platform: str | None = None) -> str:
+    """The backend ``"auto"`` picks on ``platform`` (default: jax's default backend).
+
+    - TPU: ``megablox`` (the Pallas kernel written for it).
+    - CPU: ``tiled`` (``ragged_dot`` lowers to a masked dense product there, G x the
+      FLOPs; see docs/backends.md for the measurements).
+    - GPU: ``tokamax`` when installed (Triton/Mosaic kernels), else ``tiled``
+      (XLA's default GPU lowering of ``ragged_dot`` is also a dense expansion).
+    """
+    platform = platform or jax.default_backend()
+    if platform == "tpu":
+        return "megablox"
+    if platform in ("gpu", "cuda", "rocm") and _load("tokamax").unavailable_reason() is None:
+        return "tokamax"
+    return "tiled"
+
+
+def _load(name: str) -> ModuleType:
+    return importlib.import_module(_BACKEND_MODULES[name])
+
+
+def resolve_backend(backend: str = AUTO) -> ModuleType:
+    """Return the module implementing ``backend``; raise if it cannot run here."""
+    name = check_backend_name(backend)
+    if name == AUTO:
+        name = auto_backend()
+    module = _load(name)
+    reason = module.unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} is not available: {reason}")
+    return module
+
+
+def available_backends() -> dict[str, str | None]:
+    """name -> ``None`` when usable here, else the reason it is not."""
+    return {name: _load(name).unavailable_reason() for name in _BACKEND_MODULES}

@@ -1,7 +1,18 @@
 """fusedmoe: fast, trustworthy Mixture-of-Experts layers for JAX."""
 
+from fusedmoe.config import MoEConfig
 from fusedmoe.gmm import available_backends, backend_names, gmm, tgmm
+from fusedmoe.layer import MoE, RoutingBias
 
 __version__ = "0.1.0"
 
-__all__ = ["gmm", "tgmm", "available_backends", "backend_names", "__version__"]
+__all__ = [
+    "MoE",
+    "MoEConfig",
+    "RoutingBias",
+    "available_backends",
+    "backend_names",
+    "gmm",
+    "tgmm",
+    "__version__",
+]

@@ -126,7 +126,8 @@ def _check_type(config: MoEConfig) -> None:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         want = expected[f.type]
-        bad = not isinstance(value, want) or (f.type in ("int", "float") and isinstance(value, bool))
+        numeric_bool = f.type in ("int", "float") and isinstance(value, bool)
+        bad = not isinstance(value, want) or numeric_bool
         if bad:
             raise TypeError(f"{f.name}: expected {f.type}, got {value!r} ({type(value).__name__})")
 

@@ -23,15 +23,27 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def gmm(lhs, rhs, group_sizes, out_dtype):
+def _import_tokamax():
     import tokamax
+    from absl import flags
+
+    # tokamax reads its options through absl flags and, if nobody parsed them,
+    # parses sys.argv itself -- which fails under any other program's arguments
+    # (pytest's, ours). Mark them parsed so its defaults apply.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return tokamax
+
+
+def gmm(lhs, rhs, group_sizes, out_dtype):
+    tokamax = _import_tokamax()
 
     out = tokamax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
     return out.astype(out_dtype)
 
 
 def tgmm(lhs, dout, group_sizes, out_dtype):
-    import tokamax
+    tokamax = _import_tokamax()
 
     out = tokamax.ragged_dot_general(
         lhs, dout, group_sizes, _TGMM_DIMS, preferred_element_type=jnp.float32

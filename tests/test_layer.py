@@ -11,7 +11,7 @@ from flax import nnx
 
 from fusedmoe import MoE, MoEConfig
 from fusedmoe.gmm import available_backends
-from reference import moe_forward
+from fusedmoe.reference import activation, moe_forward, route_token
 
 SMALL = dict(num_experts=4, num_experts_per_tok=2, emb_dim=8, mlp_dim=16)
 BACKENDS = ["tiled", "ragged_dot", "megablox", "tokamax"]
@@ -117,8 +117,6 @@ def test_dense_capacity_drops_pairs_past_capacity():
     # Reference: keep each expert's first 4 (token, slot) pairs, slot 0 of all tokens first.
     state = nnx.state(layer).to_pure_dict()
     tokens = np.asarray(x, np.float64)[0]
-    from reference import activation, route_token
-
     routes = [route_token(tokens[t] @ np.asarray(state["gate"]["kernel"]), config)
               for t in range(16)]
     used = {e: 0 for e in range(4)}

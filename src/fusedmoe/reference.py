@@ -1,4 +1,9 @@
-"""Slow, obvious NumPy references the tests compare against (float64)."""
+"""Slow, obvious NumPy reference of the MoE layer, one token at a time, in float64.
+
+Written the long way on purpose: loops over tokens and chosen experts, no
+sorting, no grouped matmul, no shared code with the fast path beyond the
+config. Tests and ``fusedmoe check`` compare the layer against it.
+"""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ import yaml
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "clamped_swiglu")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+EXPERT_ALL_TO_ALL = ("auto", "ragged", "buckets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,13 @@ class MoEConfig:
     shared_expert_gate: bool = False  # sigmoid gate on the shared output (Qwen2-MoE)
     load_balance_loss_weight: float = 0.0
     router_z_loss_weight: float = 0.0
+
+    # --- parallelism (used when MoE gets a mesh; see docs/parallelism.md) ---
+    data_axis: str = "data"  # tokens split over it
+    expert_axis: str = "expert"  # experts split over it (tokens too)
+    tensor_axis: str = "tensor"  # the expert mlp dim N split over it
+    expert_all_to_all: str = "auto"  # "auto" | "ragged" | "buckets"
+    expert_capacity_factor: float = -1.0  # rows per device per destination; -1 = worst case
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -204,3 +212,18 @@ def _validate(c: MoEConfig) -> None:
             raise ValueError(f"{name}: must be >= 0, got {getattr(c, name)}")
     if c.swiglu_limit <= 0:
         raise ValueError(f"swiglu_limit: must be > 0, got {c.swiglu_limit}")
+    axes = {"data_axis": c.data_axis, "expert_axis": c.expert_axis, "tensor_axis": c.tensor_axis}
+    for name, value in axes.items():
+        if not value:
+            raise ValueError(f"{name}: must be a non-empty mesh axis name, got {value!r}")
+    if len(set(axes.values())) != len(axes):
+        raise ValueError(f"data_axis / expert_axis / tensor_axis: must differ, got {axes}")
+    if c.expert_all_to_all not in EXPERT_ALL_TO_ALL:
+        raise ValueError(
+            f"expert_all_to_all: got {c.expert_all_to_all!r}, expected one of {EXPERT_ALL_TO_ALL}"
+        )
+    if c.expert_capacity_factor != -1 and c.expert_capacity_factor <= 0:
+        raise ValueError(
+            f"expert_capacity_factor: got {c.expert_capacity_factor}; expected > 0, or -1 for "
+            "the worst case (nothing dropped)"
+        )

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fusedmoe import dispatch, experts, routing
+from fusedmoe import dispatch, experts, parallel, routing
 from fusedmoe.config import MoEConfig
 
 
@@ -55,9 +55,12 @@ class MoE(nnx.Module):
     weighted as configured) and ``tokens_per_expert [G]``.
     """
 
-    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs, mesh=None):
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
+        if mesh is not None:  # data/expert/tensor parallelism: see fusedmoe.parallel
+            parallel.validate_mesh(config, mesh)
+        self.mesh = mesh
         self.config = c = config
         g, k, n, pdt = c.num_experts, c.emb_dim, c.mlp_dim, c.param_dtype
         self.gate = nnx.Linear(
@@ -95,6 +98,8 @@ class MoE(nnx.Module):
                     k, 1, use_bias=False, dtype=jnp.float32, param_dtype=pdt,
                     kernel_init=nnx.initializers.normal(k**-0.5), rngs=rngs,
                 )
+        if mesh is not None:
+            parallel.shard_module(self, mesh)
 
     # ------------------------------------------------------------------ helpers
     def _param(self, name: str):
@@ -125,6 +130,8 @@ class MoE(nnx.Module):
         c = self.config
         b, s, k = x.shape
         tokens = x.reshape(b * s, k).astype(c.compute_dtype)
+        if self.mesh is not None:
+            tokens = parallel.constrain_tokens(tokens, c, self.mesh)
         logits = self.gate(tokens)
         chosen = routing.route(
             logits, k=c.num_experts_per_tok, score_func=c.score_func,
@@ -133,13 +140,21 @@ class MoE(nnx.Module):
             selection_bias=self._param("selection_bias"),
             n_groups=c.n_routing_groups, top_groups=c.topk_routing_group,
         )
-        if c.sparse_matmul:
+        dropped = None
+        if c.sparse_matmul and self.mesh is not None:
+            out, dropped = parallel.sparse_moe(
+                tokens, chosen.experts, chosen.weights, self.expert_weights(),
+                self._activation(), c, self.mesh,
+            )
+        elif c.sparse_matmul:
             out = self._sparse(tokens, chosen)
         else:
             out = self._dense(tokens, chosen)
         if c.shared_mlp_dim:
             out = out + self._shared(tokens)
         aux = self._aux(logits, chosen)
+        if dropped is not None:
+            aux["dropped_rows"] = dropped  # past expert_capacity_factor; 0 by default
         return out.reshape(b, s, k).astype(x.dtype), aux
 
     def expert_weights(self) -> experts.ExpertWeights:

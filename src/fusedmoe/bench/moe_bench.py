@@ -1,0 +1,451 @@
+"""``fusedmoe bench``: the MoE layer fused vs unfused, on each grouped-matmul
+backend, forward and forward+backward, against the dense GEMMs of equal FLOPs.
+
+Every row is timed in this one process after a warm-up (compile) run, as the
+median of several runs with ``jax.block_until_ready``; the ratio to the dense
+GEMMs measured in the same run is the number to read (this machine is shared
+and noisy: an absolute time means little, a ratio in one run means a lot).
+
+Columns: median time and spread (min-max), achieved FLOP/s on the expert
+FLOPs, ratio to dense, fused speed-up over unfused, grouped-matmul operations
+in the program, XLA's cost analysis (FLOPs, bytes accessed) and the peak of
+XLA's buffer assignment (arguments + outputs + temporaries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from typing import Any
+
+from fusedmoe.bench.presets import DEFAULT_PRESETS, PRESETS
+from fusedmoe.cli import UsageError
+
+DTYPES = ("float32", "bfloat16")
+PASSES = ("forward", "forward+backward")
+# On CPU/GPU XLA expands ragged_dot into a masked dense product over all G
+# groups; past this many estimated seconds a call, such a backend is skipped.
+MAX_EXPANDED_SECONDS = 5.0
+CPU_FLOPS_ESTIMATE = 150e9
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", action="append", metavar="NAME",
+                        help=f"preset(s) to run (default: {', '.join(DEFAULT_PRESETS)}); "
+                             f"one of {', '.join(PRESETS)}")
+    parser.add_argument("--backend", action="append", metavar="NAME",
+                        help="grouped-matmul backend(s) (default: every backend; those that "
+                             "cannot run here are listed as skipped)")
+    parser.add_argument("--dtype", action="append", metavar="DTYPE",
+                        help=f"dtype(s) (default: {', '.join(DTYPES)})")
+    parser.add_argument("--tokens", type=int, help="tokens per step (default: the preset's)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per row (median)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the tiny preset, float32, 3 repeats: a smoke run under a minute")
+    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG of the ratios to dense")
+    parser.add_argument("--no-peer", action="store_true",
+                        help="skip the Hugging Face transformers peer column")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchPlan:
+    presets: tuple[str, ...]
+    backends: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    tokens: int | None
+    repeats: int
+    json_path: str | None
+    plot_path: str | None
+    peer: bool
+
+
+def _check_writable(option: str, path: str | None, suffix: str) -> None:
+    if path is None:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{option}: {path!r} is a directory; expected a {suffix} file path")
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+        raise UsageError(f"{option}: cannot write {path!r} (directory missing or not writable)")
+
+
+def plan_from_args(args) -> BenchPlan:
+    """Validate every option before any work starts."""
+    from fusedmoe.gmm.registry import backend_names
+
+    presets = tuple(args.preset or (["tiny"] if args.quick else DEFAULT_PRESETS))
+    for p in presets:
+        if p not in PRESETS:
+            raise UsageError(
+                f"--preset: unknown preset {p!r}; expected one of {', '.join(PRESETS)}"
+            )
+    valid_backends = [b for b in backend_names() if b != "auto"]
+    backends = tuple(args.backend or valid_backends)
+    for b in backends:
+        if b not in valid_backends:
+            raise UsageError(
+                f"--backend: unknown backend {b!r}; expected one of {', '.join(valid_backends)}"
+            )
+    dtypes = tuple(args.dtype or (["float32"] if args.quick else DTYPES))
+    for d in dtypes:
+        if d not in DTYPES:
+            raise UsageError(f"--dtype: unknown dtype {d!r}; expected one of {', '.join(DTYPES)}")
+    if args.tokens is not None and args.tokens <= 0:
+        raise UsageError(f"--tokens: got {args.tokens}, expected a positive integer")
+    if args.repeats <= 0:
+        raise UsageError(f"--repeats: got {args.repeats}, expected a positive integer")
+    _check_writable("--json", args.json, "JSON")
+    _check_writable("--plot", args.plot, "PNG")
+    repeats = 3 if args.quick and args.repeats == 5 else args.repeats
+    return BenchPlan(presets, backends, dtypes, args.tokens, repeats, args.json, args.plot,
+                     not args.no_peer)
+
+
+def run(args) -> int:
+    plan = plan_from_args(args)
+    rows = run_plan(plan)
+    print_table(rows)
+    if plan.json_path:
+        write_json(plan.json_path, rows, plan)
+    if plan.plot_path:
+        write_plot(plan.plot_path, rows)
+    return 0
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_call(fn, *args, repeats: int) -> dict[str, float]:
+    """Warm up (compile) once, then ``repeats`` timed calls: median, min, max seconds."""
+    import jax
+    import numpy as np
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return {"median_s": float(np.median(times)), "min_s": min(times), "max_s": max(times)}
+
+
+def _xla_costs(jitted, *args) -> dict[str, float | None]:
+    """FLOPs and bytes from XLA's cost analysis, peak bytes from its buffer assignment.
+
+    XLA counts a while-loop body once, not once per trip, so the tiled backend's
+    FLOPs/bytes are undercounted there; the column says what XLA says."""
+    compiled = jitted.lower(*args).compile()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    memory = compiled.memory_analysis()
+    peak = None
+    if memory is not None:
+        peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    return {"xla_flops": cost.get("flops"), "xla_bytes": cost.get("bytes accessed"),
+            "peak_bytes": peak}
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def expert_flops(config, tokens: int) -> int:
+    """Forward FLOPs of the routed experts' three projections (the dense limit's FLOPs)."""
+    rows = tokens * config.num_experts_per_tok
+    return 2 * rows * config.emb_dim * config.mlp_dim * 3
+
+
+def _skip_reason(backend: str, config, tokens: int) -> str | None:
+    import jax
+
+    from fusedmoe.gmm import available_backends
+
+    reason = available_backends()[backend]
+    if reason is not None:
+        return reason
+    on_tpu = jax.default_backend() == "tpu"
+    if backend == "megablox" and not on_tpu:
+        return "Pallas interpret mode off TPU: correct but far too slow at real sizes"
+    if backend in ("ragged_dot", "tokamax") and not on_tpu:
+        expanded = expert_flops(config, tokens) * config.num_experts / CPU_FLOPS_ESTIMATE
+        if expanded > MAX_EXPANDED_SECONDS:
+            return (f"XLA expands ragged_dot to a dense product over all {config.num_experts} "
+                    f"experts here (~{expanded:.0f} s a call); pass --preset tiny to see it")
+    return None
+
+
+def count_grouped_matmuls(config, forward_only: bool) -> int:
+    """Grouped-matmul operations in the program (counted on a tiny layer with the
+    same flags and the ragged_dot backend, whose ops are visible in the jaxpr)."""
+    import jax
+    from flax import nnx
+
+    from fusedmoe.layer import MoE
+
+    small = config.replace(
+        emb_dim=8, mlp_dim=8, shared_expert_mlp_dim=0, gmm_backend="ragged_dot",
+        dtype="float32", weight_dtype="float32",
+    )
+    graphdef, state = nnx.split(MoE(small, rngs=nnx.Rngs(0)))
+    x = jax.numpy.ones((1, 4, 8))
+    fn = lambda s, x: nnx.merge(graphdef, s)(x)[0].sum()
+    if not forward_only:
+        fn = jax.grad(fn, argnums=(0, 1))
+    jaxpr = jax.make_jaxpr(fn)(state, x)
+
+    def count(jpr) -> int:
+        n = sum(e.primitive.name in ("ragged_dot", "ragged_dot_general") for e in jpr.eqns)
+        return n + sum(count(sub) for e in jpr.eqns for sub in jax.core.jaxprs_in_params(e.params))
+
+    return count(jaxpr.jaxpr)
+
+
+def _dense_fns(config, tokens: int, dtype):
+    """The dense GEMMs of equal FLOPs: forward (x @ W1[K, 2N], a @ W2[N, K]) and
+    forward+backward (each of those plus its dX and dW)."""
+    import jax
+
+    m, k, n = tokens * config.num_experts_per_tok, config.emb_dim, config.mlp_dim
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (m, k), dtype)
+    w1 = jax.random.normal(keys[1], (k, 2 * n), dtype)
+    a = jax.random.normal(keys[2], (m, n), dtype)
+    w2 = jax.random.normal(keys[3], (n, k), dtype)
+
+    def forward(x, w1, a, w2):
+        return x @ w1, a @ w2
+
+    def both(x, w1, a, w2):
+        h, y = forward(x, w1, a, w2)
+        # Stand-in cotangents of the right shapes: dh = h, dy = y.
+        return h, y, h @ w1.T, x.T @ h, y @ w2.T, a.T @ y
+
+    return jax.jit(forward), jax.jit(both), (x, w1, a, w2)
+
+
+def _layer_fns(config, tokens: int):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from fusedmoe.layer import MoE
+
+    graphdef, state = nnx.split(MoE(config, rngs=nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(1), (1, tokens, config.emb_dim), config.compute_dtype)
+    cotangent = jax.random.normal(jax.random.key(2), x.shape, config.compute_dtype)
+
+    def forward(state, x):
+        return nnx.merge(graphdef, state)(x)[0]
+
+    def loss(state, x):
+        out, aux = nnx.merge(graphdef, state)(x)
+        return jnp.sum((out * cotangent).astype(jnp.float32)) + aux["aux_loss"]
+
+    return jax.jit(forward), jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (state, x)
+
+
+def run_plan(plan: BenchPlan, peer_fn=None) -> list[dict[str, Any]]:
+    """Measure every (preset, dtype, backend, layout, pass) row of ``plan``."""
+    import gc
+
+    import jax
+    from rich.progress import Progress
+
+    from fusedmoe.config import MoEConfig
+
+    rows: list[dict[str, Any]] = []
+    jobs = [(p, d) for p in plan.presets for d in plan.dtypes]
+    per_job = len(plan.backends) * 2 + 1
+    with Progress(transient=True) as progress:
+        task = progress.add_task("fusedmoe bench", total=len(jobs) * per_job)
+        for preset_name, dtype in jobs:
+            preset = PRESETS[preset_name]
+            tokens = plan.tokens or preset.tokens
+            base = MoEConfig(**preset.config, dtype=dtype, weight_dtype=dtype)
+            progress.update(task, description=f"{preset_name} {dtype}: dense GEMMs")
+            dense_fwd, dense_both, dense_args = _dense_fns(base, tokens, base.compute_dtype)
+            dense = {
+                "forward": time_call(dense_fwd, *dense_args, repeats=plan.repeats),
+                "forward+backward": time_call(dense_both, *dense_args, repeats=plan.repeats),
+            }
+            del dense_args
+            progress.advance(task)
+            flops = expert_flops(base, tokens)
+            common = dict(preset=preset_name, dtype=dtype, tokens=tokens,
+                          rows=tokens * base.num_experts_per_tok, experts=base.num_experts,
+                          top_k=base.num_experts_per_tok, emb_dim=base.emb_dim,
+                          mlp_dim=base.mlp_dim)
+            for backend in plan.backends:
+                reason = _skip_reason(backend, base, tokens)
+                for fused in (False, True):
+                    layout = "fused" if fused else "unfused"
+                    progress.update(task, description=f"{preset_name} {dtype}: {backend} {layout}")
+                    if reason is not None:
+                        for pass_name in PASSES:
+                            rows.append({**common, "backend": backend, "layout": layout,
+                                         "pass": pass_name, "skipped": reason})
+                        progress.advance(task)
+                        continue
+                    config = base.replace(gmm_backend=backend, fused_moe_mlp=fused)
+                    fwd, both, layer_args = _layer_fns(config, tokens)
+                    for pass_name, fn in (("forward", fwd), ("forward+backward", both)):
+                        stats = time_call(fn, *layer_args, repeats=plan.repeats)
+                        pass_flops = flops * (1 if pass_name == "forward" else 3)
+                        rows.append({
+                            **common, "backend": backend, "layout": layout, "pass": pass_name,
+                            **stats,
+                            "dense_median_s": dense[pass_name]["median_s"],
+                            "ratio_to_dense": stats["median_s"] / dense[pass_name]["median_s"],
+                            "expert_flops": pass_flops,
+                            "achieved_flops_per_s": pass_flops / stats["median_s"],
+                            "grouped_matmuls": count_grouped_matmuls(
+                                config, pass_name == "forward"),
+                            **_xla_costs(fn, *layer_args),
+                        })
+                    del layer_args, fwd, both
+                    gc.collect()
+                    progress.advance(task)
+            _add_speedups(rows)
+            jax.clear_caches()
+    return rows
+
+
+def _add_speedups(rows: list[dict[str, Any]]) -> None:
+    """fused_speedup = unfused time / fused time, on the fused rows."""
+    index = {(r["preset"], r["dtype"], r["backend"], r["layout"], r["pass"]): r
+             for r in rows if "median_s" in r}
+    for key, row in index.items():
+        if key[3] == "fused":
+            unfused = index.get((*key[:3], "unfused", key[4]))
+            if unfused:
+                row["fused_speedup"] = unfused["median_s"] / row["median_s"]
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return "-"
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="fusedmoe bench: MoE layer vs the dense GEMMs of equal FLOPs "
+                        "(ratio = layer time / dense time, same process)")
+    columns = ("preset", "dtype", "backend", "layout", "pass", "median (min-max)",
+               "GFLOP/s", "x dense", "fused speed-up", "gmm ops", "XLA GFLOP",
+               "XLA bytes", "peak mem")
+    for col in columns:
+        table.add_column(col, justify="left" if col in columns[:5] else "right")
+    for r in rows:
+        head = [r["preset"], r["dtype"], r["backend"], r["layout"], r["pass"]]
+        if "skipped" in r:
+            table.add_row(*head, f"[yellow]skipped: {r['skipped']}[/yellow]",
+                          *[""] * (len(columns) - 6))
+            continue
+        table.add_row(
+            *head,
+            f"{r['median_s'] * 1e3:.1f} ms ({r['min_s'] * 1e3:.0f}-{r['max_s'] * 1e3:.0f})",
+            f"{r['achieved_flops_per_s'] / 1e9:.0f}",
+            f"{r['ratio_to_dense']:.2f}",
+            f"{r['fused_speedup']:.2f}x" if "fused_speedup" in r else "",
+            str(r["grouped_matmuls"]),
+            "-" if r["xla_flops"] is None else f"{r['xla_flops'] / 1e9:.1f}",
+            _fmt_bytes(r["xla_bytes"]),
+            _fmt_bytes(r["peak_bytes"]),
+        )
+    Console(width=max(200, Console().width)).print(table)
+
+
+def _environment() -> dict[str, Any]:
+    import jax
+
+    return {
+        "jax": jax.__version__, "platform": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
+        "python": platform.python_version(), "machine": platform.machine(),
+        "command": " ".join(["fusedmoe", *sys.argv[1:]]),
+    }
+
+
+def write_json(path: str, rows: list[dict[str, Any]], plan: BenchPlan) -> None:
+    """Write atomically: a temporary file in the same directory, then rename."""
+    payload = {"environment": _environment(), "plan": dataclasses.asdict(plan), "rows": rows}
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bench-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_plot(path: str, rows: list[dict[str, Any]]) -> None:
+    """One panel per (preset, dtype): bars of time / dense time, fused vs unfused per
+    backend and pass, with the dense limit at 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in rows if "median_s" in r]
+    panels = sorted({(r["preset"], r["dtype"]) for r in measured})
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (preset, dtype) in zip(axes[0], panels):
+        sub = [r for r in measured if r["preset"] == preset and r["dtype"] == dtype]
+        groups = sorted({(r["backend"], r["pass"]) for r in sub})
+        for i, (backend, pass_name) in enumerate(groups):
+            for j, layout in enumerate(("unfused", "fused")):
+                match = [r for r in sub if (r["backend"], r["pass"], r["layout"])
+                         == (backend, pass_name, layout)]
+                if match:
+                    ax.bar(i + (j - 0.5) * 0.38, match[0]["ratio_to_dense"], width=0.38,
+                           color=("#9aa7b8", "#2b6cb0")[j], label=layout if i == 0 else None)
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="dense GEMM limit")
+        ax.set_xticks(range(len(groups)),
+                      [f"{b}\n{'fwd' if p == 'forward' else 'fwd+bwd'}" for b, p in groups])
+        ax.set_title(f"{preset} ({dtype})")
+        ax.set_ylabel("time / dense GEMMs of equal FLOPs")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bench-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from fusedmoe.cli import main
+
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -1,0 +1,104 @@
+"""The command line end to end at tiny sizes: bench, check, and their errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fusedmoe.cli import main
+
+TINY_BENCH = ["bench", "--preset", "tiny", "--backend", "tiled", "--dtype", "float32",
+              "--tokens", "32", "--repeats", "1", "--no-peer"]
+
+
+def test_bench_tiny_writes_json_and_plot(tmp_path, capsys):
+    out_json, out_png = tmp_path / "rows.json", tmp_path / "plot.png"
+    assert main([*TINY_BENCH, "--json", str(out_json), "--plot", str(out_png)]) == 0
+    payload = json.loads(out_json.read_text())
+    assert payload["environment"]["jax"]
+    rows = payload["rows"]
+    assert {(r["layout"], r["pass"]) for r in rows} == {
+        ("fused", "forward"), ("fused", "forward+backward"),
+        ("unfused", "forward"), ("unfused", "forward+backward"),
+    }
+    for r in rows:
+        for field in ("median_s", "min_s", "max_s", "dense_median_s", "ratio_to_dense",
+                      "achieved_flops_per_s", "grouped_matmuls", "xla_flops", "xla_bytes",
+                      "peak_bytes", "expert_flops"):
+            assert field in r, field
+        assert r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert r["ratio_to_dense"] == pytest.approx(r["median_s"] / r["dense_median_s"])
+    counts = {(r["layout"], r["pass"]): r["grouped_matmuls"] for r in rows}
+    assert counts[("fused", "forward")] == 2 and counts[("unfused", "forward")] == 3
+    assert counts[("fused", "forward+backward")] == 6
+    assert counts[("unfused", "forward+backward")] == 9
+    assert all("fused_speedup" in r for r in rows if r["layout"] == "fused")
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "x dense" in capsys.readouterr().out
+
+
+def test_bench_lists_unrunnable_backends_as_skipped(tmp_path):
+    out_json = tmp_path / "rows.json"
+    args = ["bench", "--preset", "tiny", "--backend", "megablox", "--dtype", "float32",
+            "--tokens", "16", "--repeats", "1", "--no-peer", "--json", str(out_json)]
+    assert main(args) == 0
+    rows = json.loads(out_json.read_text())["rows"]
+    assert rows and all("interpret" in r["skipped"] for r in rows)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["bench", "--preset", "gpt5"], "--preset: unknown preset 'gpt5'; expected one of"),
+        (["bench", "--backend", "cuda"], "--backend: unknown backend 'cuda'"),
+        (["bench", "--dtype", "int8"], "--dtype: unknown dtype 'int8'"),
+        (["bench", "--tokens", "0"], "--tokens: got 0"),
+        (["bench", "--tokens", "-5"], "--tokens: got -5"),
+        (["bench", "--json", "/nonexistent-dir/x.json"], "--json: cannot write"),
+        (["check", "--backend", "cuda"], "--backend: unknown grouped-matmul backend"),
+        (["check", "fused_moe_mlp=true", "sparse_matmul=false"], "sparse_matmul"),
+        (["check", "--config", "/nonexistent.yaml"], "--config: cannot read"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(args, words, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert words in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bad_json_path_is_rejected_before_work(tmp_path, capsys):
+    directory = tmp_path / "a-dir"
+    directory.mkdir()
+    assert main([*TINY_BENCH, "--json", str(directory)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_check_passes_on_small_layer(capsys):
+    args = ["check", "--backend", "tiled", "--backend", "ragged_dot", "--tokens", "16",
+            "num_experts=4", "emb_dim=8", "mlp_dim=16", "mlp_bias=true"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and "10 passed, 0 failed" in out
+
+
+def test_check_fails_when_a_backend_is_wrong(monkeypatch, capsys):
+    from fusedmoe.gmm import tiled
+
+    real = tiled.gmm
+    monkeypatch.setattr(tiled, "gmm", lambda lhs, rhs, gs, dt: real(lhs, rhs, gs, dt) * 1.01)
+    args = ["check", "--backend", "tiled", "--tokens", "16", "num_experts=4", "emb_dim=8",
+            "mlp_dim=16"]
+    assert main(args) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "fusedmoe", "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0
+    for command in ("bench", "check"):
+        assert command in result.stdout

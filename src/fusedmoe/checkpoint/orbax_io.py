@@ -1,0 +1,317 @@
+"""Save and restore module states with orbax; convert saved checkpoints fused <-> unfused.
+
+A checkpoint is a directory::
+
+    path/
+      state/          the orbax checkpoint of the nested state dict
+      fusedmoe.json   {"format", "version", "layout", "configs", "metadata"}
+
+``configs`` maps the "/"-joined path of each :class:`fusedmoe.MoE` in the tree
+("" for a lone layer, ``"layers/3"`` inside a model) to its :class:`MoEConfig`
+as a dict, so :func:`load_moe` can rebuild a layer without being told its shape.
+``layout`` is ``fusedmoe_fused`` or ``fusedmoe_unfused`` (or ``none`` for a tree
+without MoE weights).
+
+Writes are atomic: everything goes into a temporary directory next to the
+target, which is renamed into place only when complete; a failure removes it
+and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusedmoe.checkpoint.fusion import fuse_state, unfuse_state
+from fusedmoe.config import MoEConfig
+
+FORMAT = "fusedmoe-checkpoint"
+VERSION = 1
+META_FILE = "fusedmoe.json"
+STATE_DIR = "state"
+
+
+# ----------------------------------------------------------------------------- helpers
+def _to_numpy_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if not isinstance(key, str):
+            key = str(key)
+        out[key] = _to_numpy_tree(value) if isinstance(value, Mapping) else np.asarray(value)
+    return out
+
+
+def _walk(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Mapping[str, Any]]]:
+    yield prefix, tree
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _walk(value, f"{prefix}/{key}" if prefix else str(key))
+
+
+def tree_layout(tree: Mapping[str, Any]) -> str:
+    """``fusedmoe_fused``, ``fusedmoe_unfused`` or ``none`` (raises on a mix of both)."""
+    fused = unfused = False
+    for _, node in _walk(tree):
+        fused |= "wi" in node and not isinstance(node["wi"], Mapping)
+        unfused |= "wi_0" in node
+    if fused and unfused:
+        raise ValueError("checkpoint: the state mixes fused 'wi' and unfused 'wi_0'/'wi_1' layers")
+    return "fusedmoe_fused" if fused else "fusedmoe_unfused" if unfused else "none"
+
+
+def moe_configs(module) -> dict[str, MoEConfig]:
+    """The config of every :class:`fusedmoe.MoE` in ``module`` by "/"-joined path."""
+    from flax import nnx
+
+    from fusedmoe.layer import MoE
+
+    return {
+        "/".join(str(p) for p in path): node.config
+        for path, node in nnx.iter_graph(module)
+        if isinstance(node, MoE)
+    }
+
+
+def module_state(module) -> dict[str, Any]:
+    """``nnx.state(module)`` as a nested dict of numpy arrays."""
+    from flax import nnx
+
+    return _to_numpy_tree(nnx.state(module).to_pure_dict())
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to ``path``; on success rename it to
+    ``path`` (replacing an existing one only with ``overwrite``); on failure remove it.
+    """
+    path = Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists; pass overwrite=True to replace it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path.parent}: parent directory does not exist")
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- save / load
+def save_checkpoint(
+    path: str | os.PathLike,
+    target,
+    *,
+    configs: Mapping[str, MoEConfig] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save ``target`` (an nnx module or a nested dict of arrays) to ``path``, atomically.
+
+    For a module the MoE configs are found in it; for a dict pass ``configs``
+    (path -> :class:`MoEConfig`) to make :func:`load_moe` work. ``metadata`` is any
+    JSON-serialisable mapping kept beside the state.
+    """
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    if isinstance(target, nnx.Module):
+        tree = module_state(target)
+        found = moe_configs(target)
+        configs = {**found, **(configs or {})}
+    elif isinstance(target, Mapping):
+        tree = _to_numpy_tree(target)
+    else:
+        raise TypeError(f"target: expected an nnx.Module or a nested dict, got {type(target)}")
+    configs = dict(configs or {})
+    for key, cfg in configs.items():
+        if not isinstance(cfg, MoEConfig):
+            raise TypeError(f"configs[{key!r}]: expected a MoEConfig, got {type(cfg).__name__}")
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "layout": tree_layout(tree),
+        "configs": {k: c.to_dict() for k, c in configs.items()},
+        "metadata": dict(metadata or {}),
+    }
+    encoded = json.dumps(meta, indent=2, sort_keys=True)  # fail before writing anything
+    path = Path(path).absolute()
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / STATE_DIR, tree)
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        (tmp / META_FILE).write_text(encoded + "\n")
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``fusedmoe.json`` of a checkpoint; a clear error for anything else."""
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    if not meta_file.is_file() or not (path / STATE_DIR).is_dir():
+        raise ValueError(
+            f"{path}: not a fusedmoe checkpoint (expected {META_FILE} and {STATE_DIR}/ inside)"
+        )
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(
+            f"{meta_file}: format {meta.get('format')!r} version {meta.get('version')!r}; "
+            f"expected {FORMAT!r} version {VERSION}"
+        )
+    return meta
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(state, metadata)``: the nested dict of numpy arrays, as saved, and the
+    ``fusedmoe.json`` contents (``configs`` as dicts)."""
+    import orbax.checkpoint as ocp
+
+    meta = read_metadata(path)
+    checkpointer = ocp.StandardCheckpointer()
+    tree = checkpointer.restore(Path(path).absolute() / STATE_DIR)
+    checkpointer.close()
+    return _to_numpy_tree(tree), meta
+
+
+def _subtree(tree: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    node = tree
+    for part in [p for p in key.split("/") if p]:
+        if not isinstance(node, Mapping) or part not in node:
+            raise KeyError(f"checkpoint: no entry {key!r} in the state")
+        node = node[part]
+    return node
+
+
+def _match_layout(saved: Mapping[str, Any], like: Mapping[str, Any]) -> dict[str, Any]:
+    """``saved`` fused or unfused so that it matches the layout of ``like``."""
+    want, have = tree_layout(like), tree_layout(saved)
+    if want == have or "none" in (want, have):
+        return dict(saved)
+    return fuse_state(saved) if want == "fusedmoe_fused" else unfuse_state(saved)
+
+
+def _check_same_structure(tree, like, where: str = "") -> None:
+    if set(tree) != set(like):
+        missing, extra = sorted(set(like) - set(tree)), sorted(set(tree) - set(like))
+        raise ValueError(
+            f"state {where or '/'}: keys do not match the module: missing {missing}, "
+            f"unexpected {extra}"
+        )
+    for key, value in like.items():
+        name = f"{where}/{key}" if where else key
+        if isinstance(value, Mapping):
+            if not isinstance(tree[key], Mapping):
+                raise ValueError(f"state {name}: expected a sub-tree, got an array")
+            _check_same_structure(tree[key], value, name)
+        elif tuple(np.shape(tree[key])) != tuple(value.shape):
+            raise ValueError(
+                f"state {name}: shape {tuple(np.shape(tree[key]))} does not match the "
+                f"module's {tuple(value.shape)}"
+            )
+
+
+def update_module(module, tree: Mapping[str, Any]) -> None:
+    """Write ``tree`` (nested dict of arrays, fused or unfused) into ``module`` in place,
+    after checking its keys and shapes; arrays take the module's dtypes."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    state = nnx.state(module)
+    like = state.to_pure_dict()
+    tree = _match_layout(tree, like)
+    _check_same_structure(tree, like)
+    cast = _map2(lambda a, ref: jnp.asarray(a, dtype=ref.dtype), tree, like)
+    nnx.replace_by_pure_dict(state, cast)
+    nnx.update(module, state)
+
+
+def _map2(fn, tree, like):
+    return {
+        k: _map2(fn, tree[k], v) if isinstance(v, Mapping) else fn(tree[k], v)
+        for k, v in like.items()
+    }
+
+
+def moe_from_state(config: MoEConfig, tree: Mapping[str, Any]):
+    """A :class:`fusedmoe.MoE` of ``config`` holding ``tree`` (fused or unfused; it is
+    converted to the config's layout). No random initialisation is run."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from fusedmoe.layer import MoE
+
+    abstract = nnx.eval_shape(lambda: MoE(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    like = state.to_pure_dict()
+    tree = _match_layout(tree, like)
+    _check_same_structure(tree, like)
+    nnx.replace_by_pure_dict(
+        state, _map2(lambda a, ref: jnp.asarray(a, dtype=ref.dtype), tree, like)
+    )
+    return nnx.merge(graphdef, state)
+
+
+def restore_module(path: str | os.PathLike, module) -> None:
+    """Load the checkpoint at ``path`` into ``module`` in place (fused or unfused
+    checkpoints both fit either kind of module)."""
+    tree, _ = load_checkpoint(path)
+    update_module(module, tree)
+
+
+def load_moe(path: str | os.PathLike, key: str | None = None, *, fused_moe_mlp: bool | None = None):
+    """Rebuild the :class:`fusedmoe.MoE` saved at ``key`` ("" for a lone layer; may be
+    omitted when the checkpoint holds one layer) from its saved config.
+    ``fused_moe_mlp`` picks the layout of the result (default: as saved)."""
+    tree, meta = load_checkpoint(path)
+    configs = meta["configs"]
+    if key is None:
+        if len(configs) != 1:
+            raise ValueError(
+                f"{path}: holds {len(configs)} MoE layers {sorted(configs)}; pass key= to pick one"
+            )
+        key = next(iter(configs))
+    if key not in configs:
+        raise KeyError(f"{path}: no MoE layer {key!r}; saved layers: {sorted(configs)}")
+    config = MoEConfig.from_dict(configs[key])
+    if fused_moe_mlp is not None:
+        config = config.replace(fused_moe_mlp=fused_moe_mlp)
+    return moe_from_state(config, _subtree(tree, key))
+
+
+# ----------------------------------------------------------------------------- conversion
+def convert_checkpoint(
+    src: str | os.PathLike, dst: str | os.PathLike, *, fused: bool, overwrite: bool = False
+) -> Path:
+    """Write a copy of checkpoint ``src`` at ``dst`` with every MoE layer fused
+    (``wi [G,K,2,N]``) or unfused (``wi_0``, ``wi_1``), bit-exact; the saved configs'
+    ``fused_moe_mlp`` follows. Atomic; ``src`` is left as it is."""
+    src, dst = Path(src).absolute(), Path(dst).absolute()
+    if src == dst:
+        raise ValueError(f"convert_checkpoint: src and dst are the same path {src}")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst}: already exists; pass overwrite=True to replace it")
+    tree, meta = load_checkpoint(src)
+    configs = {k: MoEConfig.from_dict(v).replace(fused_moe_mlp=fused)
+               for k, v in meta["configs"].items()}
+    tree = fuse_state(tree) if fused else unfuse_state(tree)
+    return save_checkpoint(dst, tree, configs=configs, metadata=meta["metadata"],
+                           overwrite=overwrite)

@@ -1,0 +1,556 @@
+"""Hugging Face MoE checkpoints -> :class:`fusedmoe.MoE`, and back.
+
+:func:`load_moe_layer` reads ``config.json`` and the ``*.safetensors`` shards of
+a Hugging Face model directory (with :func:`safetensors.safe_open`; pickled
+``*.bin`` files are never read), builds the matching :class:`MoEConfig` and
+loads one decoder layer's MoE block. No torch or transformers needed.
+
+Families (``model_type``): ``mixtral``, ``qwen2_moe`` (shared expert with a
+sigmoid gate), ``qwen3_moe``, ``olmoe``, ``deepseek_v3`` (sigmoid scores,
+``e_score_correction_bias``, grouped top-k, routed scaling, shared experts;
+its first ``first_k_dense_replace`` layers are dense) and ``gpt_oss``
+(interleaved gate/up, biases, clamped SwiGLU, router bias, softmax after
+top-k). Expert tensors are read in either form transformers uses: per expert
+(``experts.E.gate_proj.weight`` / Mixtral's ``w1``/``w3``/``w2``, what
+``save_pretrained`` writes) or packed (v5 ``experts.gate_up_proj``,
+``experts.down_proj``, what the in-memory model holds).
+
+:func:`export_moe_layer` goes the other way: a layer's tensors under their HF
+names, which :func:`save_safetensors` writes (atomically) as a model directory.
+All problems with the input are reported before anything is built or written,
+naming the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusedmoe.checkpoint import layouts
+from fusedmoe.checkpoint.layouts import Layout
+from fusedmoe.config import MoEConfig
+
+
+class CheckpointError(ValueError):
+    """A Hugging Face checkpoint that cannot be read as asked (the message says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """Where one model type keeps its MoE block's tensors."""
+
+    model_type: str
+    router: str  # router module name in the block
+    expert_names: tuple[str, str, str]  # per-expert (gate, up, down) names
+    packed: Layout  # layout of the packed expert tensors
+    blocks: tuple[str, ...] = ("mlp",)  # block module names; the first is the canonical one
+    export_block: str = "mlp"  # block name save_pretrained writes
+    shared: str | None = None  # shared-expert module name
+    shared_gate: str | None = None  # shared-expert gate module name
+
+
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        Family("mixtral", "gate", layouts.MIXTRAL_NAMES, Layout.HF_PACKED,
+               blocks=("mlp", "block_sparse_moe"), export_block="block_sparse_moe"),
+        Family("qwen2_moe", "gate", layouts.HF_PROJ_NAMES, Layout.HF_PACKED,
+               shared="shared_expert", shared_gate="shared_expert_gate"),
+        Family("qwen3_moe", "gate", layouts.HF_PROJ_NAMES, Layout.HF_PACKED),
+        Family("olmoe", "gate", layouts.HF_PROJ_NAMES, Layout.HF_PACKED),
+        Family("deepseek_v3", "gate", layouts.HF_PROJ_NAMES, Layout.HF_PACKED,
+               shared="shared_experts"),
+        Family("gpt_oss", "router", layouts.HF_PROJ_NAMES, Layout.GPT_OSS),
+    )
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu",
+                "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+# ----------------------------------------------------------------------------- config.json
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """``config.json`` of a model directory, with a clear error for anything else."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (expected a Hugging Face model directory)")
+    file = path / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path}: not a Hugging Face model directory (no config.json)")
+    try:
+        cfg = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return cfg
+
+
+def family_of(hf_config: Mapping[str, Any], where: str = "config.json") -> Family:
+    model_type = hf_config.get("model_type")
+    if model_type not in FAMILIES:
+        raise CheckpointError(
+            f"{where}: unsupported model_type {model_type!r}; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return FAMILIES[model_type]
+
+
+def _field(cfg: Mapping[str, Any], *names: str, default: Any = None, where="config.json"):
+    for name in names:
+        if cfg.get(name) is not None:
+            return cfg[name]
+    if default is None:
+        raise CheckpointError(f"{where}: missing field {names[0]!r} (model_type "
+                              f"{cfg.get('model_type')!r})")
+    return default
+
+
+def num_layers(hf_config: Mapping[str, Any]) -> int:
+    return int(_field(hf_config, "num_hidden_layers"))
+
+
+def moe_layer_indices(hf_config: Mapping[str, Any]) -> list[int]:
+    """The decoder layers whose MLP is an MoE block (the rest are dense)."""
+    fam = family_of(hf_config)
+    n = num_layers(hf_config)
+    if fam.model_type in ("qwen2_moe", "qwen3_moe"):
+        dense = set(hf_config.get("mlp_only_layers") or [])
+        step = int(hf_config.get("decoder_sparse_step") or 1)
+        experts = int(_field(hf_config, "num_experts", "num_local_experts"))
+        return [i for i in range(n) if i not in dense and experts > 0 and (i + 1) % step == 0]
+    if fam.model_type == "deepseek_v3":
+        first = int(hf_config.get("first_k_dense_replace") or 0)
+        return list(range(first, n))
+    return list(range(n))
+
+
+def check_layer(hf_config: Mapping[str, Any], layer: int, where: str = "config.json") -> None:
+    """A clear error unless decoder layer ``layer`` exists and has an MoE block."""
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise TypeError(f"layer: expected an int, got {layer!r}")
+    n = num_layers(hf_config)
+    if not 0 <= layer < n:
+        raise CheckpointError(
+            f"{where}: layer {layer} is past the model: num_hidden_layers={n} "
+            f"(valid: 0..{n - 1})"
+        )
+    moe = moe_layer_indices(hf_config)
+    if layer not in moe:
+        why = ""
+        if hf_config.get("model_type") == "deepseek_v3":
+            why = f" (first_k_dense_replace={hf_config.get('first_k_dense_replace')})"
+        raise CheckpointError(
+            f"{where}: layer {layer} is a dense MLP layer, not an MoE block{why}; MoE layers: "
+            f"{_ranges(moe)}"
+        )
+
+
+def _ranges(idx: list[int]) -> str:
+    if not idx:
+        return "none"
+    if idx == list(range(idx[0], idx[-1] + 1)) and len(idx) > 2:
+        return f"{idx[0]}..{idx[-1]}"
+    return ", ".join(map(str, idx))
+
+
+def moe_config(
+    hf_config: Mapping[str, Any], *, fused_moe_mlp: bool = True, weight_dtype: str | None = None,
+    **overrides: Any,
+) -> MoEConfig:
+    """The :class:`MoEConfig` of a Hugging Face config (``config.json`` as a dict).
+
+    ``weight_dtype`` defaults to the config's ``dtype``/``torch_dtype`` (float32 when
+    absent); ``dtype`` (compute) defaults to the same. ``overrides`` set any other field.
+    """
+    fam = family_of(hf_config)
+    c = hf_config
+    dtype = weight_dtype or _config_dtype(c)
+    values: dict[str, Any] = dict(
+        emb_dim=int(_field(c, "hidden_size")),
+        num_experts_per_tok=int(_field(c, "num_experts_per_tok")),
+        fused_moe_mlp=fused_moe_mlp,
+        sparse_matmul=True,
+        weight_dtype=dtype,
+        dtype=dtype,
+    )
+    act = c.get("hidden_act", "silu")
+    if fam.model_type != "gpt_oss":
+        if act not in _ACTIVATIONS:
+            raise CheckpointError(
+                f"config.json: hidden_act {act!r} is not supported; expected one of "
+                f"{sorted(_ACTIVATIONS)}"
+            )
+        values["mlp_activations"] = _ACTIVATIONS[act]
+    t = fam.model_type
+    if t == "mixtral":
+        values.update(num_experts=int(_field(c, "num_local_experts", "num_experts")),
+                      mlp_dim=int(_field(c, "intermediate_size")), norm_topk_prob=True)
+    elif t in ("qwen2_moe", "qwen3_moe"):
+        values.update(num_experts=int(_field(c, "num_experts", "num_local_experts")),
+                      mlp_dim=int(_field(c, "moe_intermediate_size")),
+                      norm_topk_prob=bool(c.get("norm_topk_prob", False)))
+        if t == "qwen2_moe":
+            values.update(shared_experts=1, shared_expert_gate=True,
+                          shared_expert_mlp_dim=int(_field(c, "shared_expert_intermediate_size")))
+    elif t == "olmoe":
+        values.update(num_experts=int(_field(c, "num_experts", "num_local_experts")),
+                      mlp_dim=int(_field(c, "intermediate_size")),
+                      norm_topk_prob=bool(c.get("norm_topk_prob", False)))
+    elif t == "deepseek_v3":
+        n = int(_field(c, "moe_intermediate_size"))
+        shared = int(c.get("n_shared_experts") or 0)
+        values.update(
+            num_experts=int(_field(c, "n_routed_experts", "num_local_experts")),
+            mlp_dim=n, score_func="sigmoid", routing_selection_bias=True,
+            norm_topk_prob=bool(c.get("norm_topk_prob", True)),
+            routed_scaling_factor=float(c.get("routed_scaling_factor", 1.0)),
+            n_routing_groups=int(c.get("n_group") or 1),
+            topk_routing_group=int(c.get("topk_group") or 1),
+            shared_experts=shared, shared_expert_mlp_dim=n * shared,
+        )
+    elif t == "gpt_oss":
+        values.update(
+            num_experts=int(_field(c, "num_local_experts", "num_experts")),
+            mlp_dim=int(_field(c, "intermediate_size")),
+            softmax_after_topk=True, router_bias=True, mlp_bias=True,
+            mlp_activations="clamped_swiglu",
+            swiglu_alpha=float(c.get("swiglu_alpha", 1.702)),
+            swiglu_limit=float(c.get("swiglu_limit", 7.0)),
+        )
+    values.update(overrides)
+    return MoEConfig(**values)
+
+
+def _config_dtype(c: Mapping[str, Any]) -> str:
+    d = c.get("dtype") or c.get("torch_dtype") or "float32"
+    return d if d in ("float32", "bfloat16", "float16") else "float32"
+
+
+# ----------------------------------------------------------------------------- safetensors
+class SafetensorsDir:
+    """The tensors of a directory's ``*.safetensors`` shards by name (lazy: shapes are
+    read from headers; data only on :meth:`get`)."""
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            extra = ""
+            if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")):
+                extra = " (pickled *.bin/*.pt weights are not read; convert them to safetensors)"
+            raise CheckpointError(f"{self.path}: no *.safetensors files{extra}")
+        self._open = safe_open
+        self.file_of: dict[str, Path] = {}
+        self._info: dict[str, tuple[tuple[int, ...], str]] = {}
+        for f in files:
+            try:
+                with safe_open(f, framework="np") as sf:
+                    for name in sf.keys():  # noqa: SIM118 (not iterable)
+                        sl = sf.get_slice(name)
+                        self.file_of[name] = f
+                        self._info[name] = (tuple(sl.get_shape()), sl.get_dtype())
+            except Exception as exc:  # a corrupt or truncated shard
+                raise CheckpointError(f"{f}: cannot read safetensors header ({exc})") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file_of
+
+    def names(self, prefix: str = "") -> list[str]:
+        return sorted(n for n in self.file_of if n.startswith(prefix))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._info[name][0]
+
+    def dtype(self, name: str) -> str:
+        return self._info[name][1]
+
+    def where(self, name: str) -> str:
+        return self.file_of[name].name if name in self.file_of else "no shard"
+
+    def get(self, name: str) -> np.ndarray:
+        with self._open(self.file_of[name], framework="np") as sf:
+            return sf.get_tensor(name)
+
+
+# ----------------------------------------------------------------------------- names
+def _prefix(layer: int, block: str) -> str:
+    return f"model.layers.{layer}.{block}."
+
+
+def expected_tensors(
+    family: Family, cfg: MoEConfig, layer: int, *, packed: bool, block: str | None = None
+) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape for one MoE block of ``cfg`` (``packed``: v5/gpt-oss
+    expert tensors; else per expert)."""
+    g, k, n, ns = cfg.num_experts, cfg.emb_dim, cfg.mlp_dim, cfg.shared_mlp_dim
+    p = _prefix(layer, block or family.blocks[0])
+    out = {f"{p}{family.router}.weight": (g, k)}
+    if cfg.router_bias:
+        out[f"{p}{family.router}.bias"] = (g,)
+    if cfg.routing_selection_bias:
+        out[f"{p}{family.router}.e_score_correction_bias"] = (g,)
+    if family.packed is Layout.GPT_OSS:
+        out.update({f"{p}experts.gate_up_proj": (g, k, 2 * n),
+                    f"{p}experts.gate_up_proj_bias": (g, 2 * n),
+                    f"{p}experts.down_proj": (g, n, k),
+                    f"{p}experts.down_proj_bias": (g, k)})
+    elif packed:
+        out.update({f"{p}experts.gate_up_proj": (g, 2 * n, k), f"{p}experts.down_proj": (g, k, n)})
+    else:
+        gate, up, down = family.expert_names
+        for e in range(g):
+            out[f"{p}experts.{e}.{gate}.weight"] = (n, k)
+            out[f"{p}experts.{e}.{up}.weight"] = (n, k)
+            out[f"{p}experts.{e}.{down}.weight"] = (k, n)
+    if family.shared and ns:
+        out.update({f"{p}{family.shared}.gate_proj.weight": (ns, k),
+                    f"{p}{family.shared}.up_proj.weight": (ns, k),
+                    f"{p}{family.shared}.down_proj.weight": (k, ns)})
+    if family.shared_gate and cfg.shared_expert_gate:
+        out[f"{p}{family.shared_gate}.weight"] = (1, k)
+    return out
+
+
+_QUANT_SUFFIXES = ("_blocks", "_scales", "weight_scale_inv", ".qweight", ".scales")
+
+
+def _find_block(st: SafetensorsDir, family: Family, layer: int) -> tuple[str, bool]:
+    """(block name, packed?) of a layer's MoE tensors in ``st``."""
+    for block in family.blocks:
+        p = _prefix(layer, block)
+        names = st.names(p)
+        if not names:
+            continue
+        quant = [x for x in names if x.endswith(_QUANT_SUFFIXES)]
+        if quant:
+            raise CheckpointError(
+                f"{st.path}/{st.where(quant[0])}: tensor {quant[0]!r} is quantized; only "
+                "float32/bfloat16/float16 checkpoints are read (dequantize first)"
+            )
+        packed = f"{p}experts.gate_up_proj" in st or f"{p}experts.down_proj" in st
+        return block, packed
+    tried = ", ".join(repr(_prefix(layer, b)) for b in family.blocks)
+    raise CheckpointError(
+        f"{st.path}: no tensors of layer {layer}'s MoE block (looked for names starting "
+        f"with {tried})"
+    )
+
+
+def check_layer_tensors(
+    path: str | os.PathLike, layer: int, cfg: MoEConfig, *, st: SafetensorsDir | None = None,
+    hf_config: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, tuple[int, ...]], Family, str, bool]:
+    """Check one layer's MoE tensors on the shard headers (no data read):
+    ``(expected name -> shape, family, block, packed)``.
+
+    Every expected tensor must exist, with the shape ``cfg`` implies and a float dtype.
+    """
+    hf_config = hf_config if hf_config is not None else read_hf_config(path)
+    family = family_of(hf_config, f"{path}/config.json")
+    st = st or SafetensorsDir(path)
+    block, packed = _find_block(st, family, layer)
+    expected = expected_tensors(family, cfg, layer, packed=packed, block=block)
+    shards = ", ".join(sorted({f.name for f in st.file_of.values()}))
+    for name, shape in expected.items():
+        if name not in st:
+            raise CheckpointError(
+                f"{st.path}: missing tensor {name!r} for layer {layer} (model_type "
+                f"{family.model_type}); searched {shards}"
+            )
+        if st.shape(name) != shape:
+            raise CheckpointError(
+                f"{st.path / st.where(name)}: tensor {name!r} has shape {list(st.shape(name))}, "
+                f"but config.json implies {list(shape)} (num_experts={cfg.num_experts}, "
+                f"hidden_size={cfg.emb_dim}, expert mlp dim={cfg.mlp_dim}"
+                + (f", shared mlp dim={cfg.shared_mlp_dim}" if cfg.shared_mlp_dim else "") + ")"
+            )
+        if st.dtype(name) not in _DTYPES:
+            raise CheckpointError(
+                f"{st.path / st.where(name)}: tensor {name!r} has dtype {st.dtype(name)}; "
+                f"expected one of {sorted(_DTYPES)}"
+            )
+    return expected, family, block, packed
+
+
+def read_layer_tensors(
+    path: str | os.PathLike, layer: int, cfg: MoEConfig, *, st: SafetensorsDir | None = None,
+    hf_config: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, np.ndarray], Family, str, bool]:
+    """Check (:func:`check_layer_tensors`), then read one layer's MoE tensors:
+    ``(tensors, family, block, packed)``."""
+    st = st or SafetensorsDir(path)
+    expected, family, block, packed = check_layer_tensors(
+        path, layer, cfg, st=st, hf_config=hf_config
+    )
+    return {name: st.get(name) for name in expected}, family, block, packed
+
+
+# ----------------------------------------------------------------------------- HF <-> state
+def hf_to_state(
+    tensors: Mapping[str, np.ndarray], family: Family, cfg: MoEConfig, layer: int, *,
+    block: str | None = None, packed: bool = False,
+) -> dict[str, Any]:
+    """A layer's HF tensors -> the unfused nested state dict of :class:`fusedmoe.MoE`."""
+    p = _prefix(layer, block or family.blocks[0])
+    r = f"{p}{family.router}."
+    state: dict[str, Any] = {"gate": {"kernel": np.ascontiguousarray(tensors[r + "weight"].T)}}
+    if cfg.router_bias:
+        state["gate"]["bias"] = tensors[r + "bias"]
+    if cfg.routing_selection_bias:
+        state["selection_bias"] = tensors[r + "e_score_correction_bias"]
+    ex = {name[len(p) + len("experts."):]: a for name, a in tensors.items()
+          if name.startswith(p + "experts.")}
+    if family.packed is Layout.GPT_OSS:
+        state.update(layouts.gpt_oss_to_unfused(ex))
+    elif packed:
+        state.update(layouts.hf_packed_to_unfused(ex))
+    else:
+        state.update(layouts.hf_per_expert_to_unfused(ex, cfg.num_experts, family.expert_names))
+    if family.shared and cfg.shared_mlp_dim:
+        s = f"{p}{family.shared}."
+        state["shared_wi_0"] = np.ascontiguousarray(tensors[s + "gate_proj.weight"].T)
+        state["shared_wi_1"] = np.ascontiguousarray(tensors[s + "up_proj.weight"].T)
+        state["shared_wo"] = np.ascontiguousarray(tensors[s + "down_proj.weight"].T)
+    if family.shared_gate and cfg.shared_expert_gate:
+        state["shared_gate"] = {
+            "kernel": np.ascontiguousarray(tensors[f"{p}{family.shared_gate}.weight"].T)
+        }
+    return state
+
+
+def state_to_hf(
+    state: Mapping[str, Any], model_type: str, layer: int = 0, *, packed: bool = False,
+) -> dict[str, np.ndarray]:
+    """The nested state dict of one :class:`fusedmoe.MoE` (fused or unfused) -> HF tensors
+    of decoder layer ``layer``. ``packed`` writes v5 packed expert tensors (with the
+    ``mlp`` block name); otherwise per-expert tensors under the names ``save_pretrained``
+    writes. gpt-oss always uses its own (packed, interleaved) layout."""
+    from fusedmoe.checkpoint.fusion import unfuse_state
+
+    fam = family_of({"model_type": model_type}, "model_type")
+    s = unfuse_state({k: v for k, v in state.items()})
+    s = {k: (dict(v) if isinstance(v, Mapping) else np.asarray(v)) for k, v in s.items()}
+    block = "mlp" if packed or fam.packed is Layout.GPT_OSS else fam.export_block
+    p = _prefix(layer, block)
+    out = {f"{p}{fam.router}.weight": np.ascontiguousarray(np.asarray(s["gate"]["kernel"]).T)}
+    if "bias" in s["gate"]:
+        if fam.model_type != "gpt_oss":
+            raise CheckpointError(f"{model_type}: has no router bias, but the layer has one")
+        out[f"{p}{fam.router}.bias"] = np.asarray(s["gate"]["bias"])
+    if "selection_bias" in s:
+        if fam.model_type != "deepseek_v3":
+            raise CheckpointError(f"{model_type}: has no selection bias, but the layer has one")
+        out[f"{p}{fam.router}.e_score_correction_bias"] = np.asarray(s["selection_bias"])
+    ex = {k: np.asarray(s[k]) for k in ("wi_0", "wi_1", "wo", "wi_0_bias", "wi_1_bias", "wo_bias")
+          if k in s}
+    if fam.packed is Layout.GPT_OSS:
+        experts = layouts.unfused_to_gpt_oss(ex)
+    elif "wi_0_bias" in ex:
+        raise CheckpointError(f"{model_type}: has no expert biases, but the layer has mlp_bias")
+    elif packed:
+        experts = layouts.unfused_to_hf_packed(ex)
+    else:
+        experts = layouts.unfused_to_hf_per_expert(ex, fam.expert_names)
+    out.update({f"{p}experts.{k}": v for k, v in experts.items()})
+    if "shared_wo" in s:
+        if not fam.shared:
+            raise CheckpointError(f"{model_type}: has no shared experts, but the layer has some")
+        sh = f"{p}{fam.shared}."
+        out[sh + "gate_proj.weight"] = np.ascontiguousarray(np.asarray(s["shared_wi_0"]).T)
+        out[sh + "up_proj.weight"] = np.ascontiguousarray(np.asarray(s["shared_wi_1"]).T)
+        out[sh + "down_proj.weight"] = np.ascontiguousarray(np.asarray(s["shared_wo"]).T)
+    if "shared_gate" in s:
+        if not fam.shared_gate:
+            raise CheckpointError(f"{model_type}: has no shared-expert gate, but the layer has one")
+        out[f"{p}{fam.shared_gate}.weight"] = np.ascontiguousarray(
+            np.asarray(s["shared_gate"]["kernel"]).T
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- public API
+def load_moe_layer(
+    path: str | os.PathLike, layer: int, *, fused_moe_mlp: bool = True, **overrides: Any
+):
+    """Load decoder layer ``layer``'s MoE block of the HF model at ``path`` as a
+    :class:`fusedmoe.MoE` (fused ``wi [G,K,2,N]`` by default).
+
+    ``overrides`` set :class:`MoEConfig` fields (e.g. ``gmm_backend``, ``dtype``,
+    ``weight_dtype``, which default to the checkpoint's dtype).
+    """
+    from fusedmoe.checkpoint.orbax_io import moe_from_state
+
+    hf_config = read_hf_config(path)
+    where = f"{path}/config.json"
+    family_of(hf_config, where)
+    check_layer(hf_config, layer, where)
+    cfg = moe_config(hf_config, fused_moe_mlp=fused_moe_mlp, **overrides)
+    tensors, family, block, packed = read_layer_tensors(path, layer, cfg, hf_config=hf_config)
+    state = hf_to_state(tensors, family, cfg, layer, block=block, packed=packed)
+    return moe_from_state(cfg, state)
+
+
+def export_moe_layer(
+    moe, model_type: str, *, layer: int = 0, packed: bool = False
+) -> dict[str, np.ndarray]:
+    """``moe``'s tensors under the HF names of decoder layer ``layer`` of ``model_type``
+    (per expert, as ``save_pretrained`` writes them, or v5 ``packed``)."""
+    from fusedmoe.checkpoint.orbax_io import module_state
+
+    family_of({"model_type": model_type}, "model_type")
+    return state_to_hf(module_state(moe), model_type, layer, packed=packed)
+
+
+def save_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, np.ndarray], *,
+    hf_config: Mapping[str, Any] | None = None, overwrite: bool = False,
+) -> Path:
+    """Write ``tensors`` as ``path/model.safetensors`` (and ``config.json`` when given),
+    atomically: into a temporary directory next to ``path``, renamed at the end."""
+    from safetensors.numpy import save_file
+
+    from fusedmoe.checkpoint.orbax_io import atomic_directory
+
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    encoded = json.dumps(dict(hf_config), indent=2, sort_keys=True) if hf_config else None
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        save_file(arrays, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if encoded is not None:
+            (tmp / "config.json").write_text(encoded + "\n")
+    return Path(path).absolute()
+
+
+def load_moe_layers(
+    path: str | os.PathLike, layers: list[int] | None = None, *, fused_moe_mlp: bool = True,
+    **overrides: Any,
+) -> dict[int, Any]:
+    """Every MoE layer (or ``layers``) of the model at ``path``: ``{index: MoE}``. All
+    layers are checked before any is built."""
+    from fusedmoe.checkpoint.orbax_io import moe_from_state
+
+    hf_config = read_hf_config(path)
+    where = f"{path}/config.json"
+    family_of(hf_config, where)
+    layers = moe_layer_indices(hf_config) if layers is None else list(layers)
+    for i in layers:
+        check_layer(hf_config, i, where)
+    cfg = moe_config(hf_config, fused_moe_mlp=fused_moe_mlp, **overrides)
+    st = SafetensorsDir(path)
+    for i in layers:  # every layer checked on the headers before any data is read
+        check_layer_tensors(path, i, cfg, st=st, hf_config=hf_config)
+    out = {}
+    for i in layers:
+        t, fam, block, packed = read_layer_tensors(path, i, cfg, st=st, hf_config=hf_config)
+        out[i] = moe_from_state(cfg, hf_to_state(t, fam, cfg, i, block=block, packed=packed))
+    return out

@@ -1,0 +1,153 @@
+"""``fusedmoe convert``: Hugging Face <-> orbax checkpoints of MoE layers.
+
+    fusedmoe convert HF_DIR OUT [--layer N ...] [--fused | --unfused]
+    fusedmoe convert CKPT OUT_HF [--packed] [--model-type T]
+    fusedmoe convert CKPT OUT --fused | --unfused      (orbax -> orbax re-layout)
+
+The direction follows the source: a directory with ``config.json`` is a Hugging
+Face model, one with ``fusedmoe.json`` a fusedmoe (orbax) checkpoint; ``--to``
+overrides the target kind. Every input is checked before anything is written,
+and the output appears only when complete (a temporary directory next to it,
+renamed at the end); a failed conversion leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fusedmoe.cli import UsageError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="a Hugging Face model directory or a fusedmoe checkpoint")
+    parser.add_argument("dst", help="the directory to write (must not exist, unless --overwrite)")
+    parser.add_argument("--to", choices=("orbax", "hf"), default=None,
+                        help="target kind (default: orbax from HF; from orbax, hf unless "
+                             "--fused/--unfused asks for a re-layout)")
+    parser.add_argument("--layer", type=int, action="append", default=None, metavar="N",
+                        help="decoder layer to convert (repeatable; default: every MoE layer)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--fused", dest="fused", action="store_const", const=True, default=None,
+                       help="store wi [G,K,2,N] (default from HF)")
+    group.add_argument("--unfused", dest="fused", action="store_const", const=False,
+                       help="store wi_0, wi_1 [G,K,N]")
+    parser.add_argument("--packed", action="store_true",
+                        help="to HF: write transformers v5 packed expert tensors "
+                             "(experts.gate_up_proj) instead of per-expert ones")
+    parser.add_argument("--model-type", default=None,
+                        help="to HF: the model_type, when the checkpoint does not record one")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+
+
+def _kind(path: Path) -> str:
+    from fusedmoe.checkpoint.orbax_io import META_FILE
+
+    if not path.exists():
+        raise UsageError(f"src: {path} does not exist")
+    if not path.is_dir():
+        raise UsageError(f"src: {path} is not a directory")
+    if (path / META_FILE).is_file():
+        return "orbax"
+    if (path / "config.json").is_file():
+        return "hf"
+    raise UsageError(
+        f"src: {path} is neither a Hugging Face model directory (config.json) nor a fusedmoe "
+        f"checkpoint ({META_FILE})"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    src, dst = Path(args.src).absolute(), Path(args.dst).absolute()
+    kind = _kind(src)
+    # From orbax, --fused/--unfused alone means a re-layout (orbax -> orbax).
+    to = args.to or ("orbax" if kind == "hf" or args.fused is not None else "hf")
+    if dst == src:
+        raise UsageError("dst: must differ from src")
+    if dst.exists() and not args.overwrite:
+        raise UsageError(f"dst: {dst} already exists (pass --overwrite to replace it)")
+    if not dst.parent.is_dir():
+        raise UsageError(f"dst: parent directory {dst.parent} does not exist")
+    if kind == "hf" and to == "hf":
+        raise UsageError("--to hf: the source is already a Hugging Face model")
+    if to == "orbax" and (args.packed or args.model_type):
+        raise UsageError("--packed/--model-type: apply to --to hf only")
+    if to == "hf" and args.fused is not None:
+        raise UsageError("--fused/--unfused: apply to orbax output only (HF layouts are fixed)")
+    if kind == "orbax" and to == "orbax" and args.fused is None:
+        raise UsageError("orbax -> orbax: pass --fused or --unfused")
+
+    from fusedmoe.hf import CheckpointError
+
+    try:
+        if kind == "hf":
+            written = _hf_to_orbax(src, dst, args)
+        elif to == "orbax":
+            from fusedmoe.checkpoint.orbax_io import convert_checkpoint
+
+            if args.layer:
+                raise UsageError("--layer: orbax -> orbax converts the whole checkpoint")
+            written = convert_checkpoint(src, dst, fused=args.fused, overwrite=args.overwrite)
+        else:
+            written = _orbax_to_hf(src, dst, args)
+    except (CheckpointError, FileNotFoundError, FileExistsError, KeyError, ValueError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise UsageError(msg) from None
+    print(f"wrote {written}")
+    return 0
+
+
+def _hf_to_orbax(src: Path, dst: Path, args) -> Path:
+    from fusedmoe import hf
+    from fusedmoe.checkpoint.orbax_io import module_state, save_checkpoint
+
+    hf_config = hf.read_hf_config(src)
+    fused = True if args.fused is None else args.fused
+    layers = hf.load_moe_layers(src, args.layer, fused_moe_mlp=fused)
+    tree = {"layers": {str(i): module_state(m) for i, m in layers.items()}}
+    configs = {f"layers/{i}": m.config for i, m in layers.items()}
+    metadata = {"source": "huggingface", "model_type": hf_config["model_type"],
+                "layers": sorted(layers), "hf_config": hf_config}
+    return save_checkpoint(dst, tree, configs=configs, metadata=metadata,
+                           overwrite=args.overwrite)
+
+
+def _layer_index(key: str, args) -> int:
+    last = key.rsplit("/", 1)[-1]
+    if last.isdigit():
+        return int(last)
+    if args.layer and len(args.layer) == 1:
+        return args.layer[0]
+    if key == "":
+        return 0
+    raise UsageError(f"--layer: cannot tell the decoder layer of {key!r}; pass one --layer")
+
+
+def _orbax_to_hf(src: Path, dst: Path, args) -> Path:
+    from fusedmoe import hf
+    from fusedmoe.checkpoint.orbax_io import load_checkpoint
+
+    tree, meta = load_checkpoint(src)
+    saved = meta.get("metadata", {})
+    model_type = args.model_type or saved.get("model_type")
+    if model_type is None:
+        raise UsageError(
+            f"--model-type: {src} records no model_type; pass one of "
+            f"{', '.join(hf.SUPPORTED_MODEL_TYPES)}"
+        )
+    hf.family_of({"model_type": model_type}, "--model-type")
+    if not meta["configs"]:
+        raise UsageError(f"src: {src} holds no MoE layers")
+    tensors = {}
+    for key in sorted(meta["configs"]):
+        index = _layer_index(key, args)
+        if args.layer and index not in args.layer and key != "":
+            continue
+        node = tree
+        for part in [p for p in key.split("/") if p]:
+            node = node[part]
+        tensors.update(hf.state_to_hf(node, model_type, index, packed=args.packed))
+    if not tensors:
+        raise UsageError(f"--layer: none of {args.layer} is in {src}")
+    return hf.save_safetensors(dst, tensors, hf_config=saved.get("hf_config"),
+                               overwrite=args.overwrite)

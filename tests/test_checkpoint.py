@@ -1,0 +1,422 @@
+"""Checkpoints: layout converters, orbax save/restore, fused <-> unfused conversion,
+HF import/export without torch, the ``convert`` command, atomicity and bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+import fusedmoe
+from fusedmoe import cli, hf
+from fusedmoe.checkpoint import fuse_state, layouts, orbax_io
+from fusedmoe.checkpoint.layouts import Layout
+
+G, K, N = 3, 4, 5
+
+
+def _unfused(dtype=np.float32, bias=False, seed=0):
+    rng = np.random.default_rng(seed)
+    r = lambda *s: rng.normal(size=s).astype(dtype)  # noqa: E731
+    t = {"wi_0": r(G, K, N), "wi_1": r(G, K, N), "wo": r(G, N, K)}
+    if bias:
+        t.update(wi_0_bias=r(G, N), wi_1_bias=r(G, N), wo_bias=r(G, K))
+    return t
+
+
+def _assert_equal_dicts(a, b):
+    assert sorted(a) == sorted(b)
+    for key in a:
+        if isinstance(a[key], dict):
+            _assert_equal_dicts(a[key], b[key])
+            continue
+        assert np.asarray(a[key]).dtype == np.asarray(b[key]).dtype, key
+        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
+
+
+def _bits_equal(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+# ----------------------------------------------------------------------------- layouts
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("layout", layouts.LAYOUTS)
+def test_layout_round_trip_is_bit_exact(layout, bias, dtype):
+    t = _unfused(dtype, bias)
+    written = layouts.from_unfused(t, layout)
+    kw = {"num_experts": G} if layout == "hf_per_expert" else {}
+    back = layouts.to_unfused(written, layout, **kw)
+    assert sorted(back) == sorted(t)
+    for key in t:
+        assert _bits_equal(back[key], t[key]), key
+
+
+def test_every_pair_of_layouts_converts_exactly():
+    t = _unfused(bias=True)
+    names = layouts.MIXTRAL_NAMES
+    for src, dst in itertools.product(layouts.LAYOUTS, repeat=2):
+        a = layouts.from_unfused(t, src, **({"names": names} if src == "hf_per_expert" else {}))
+        b = layouts.convert(a, src, dst, num_experts=G, names=names)
+        back = layouts.convert(b, dst, "fusedmoe_unfused", num_experts=G, names=names)
+        for key in t:
+            assert _bits_equal(back[key], t[key]), (src, dst, key)
+
+
+def test_layouts_put_gate_and_up_where_each_system_expects():
+    t = _unfused(bias=True)
+    g0, u0, wo = t["wi_0"], t["wi_1"], t["wo"]
+    fused = layouts.from_unfused(t, Layout.FUSEDMOE_FUSED)
+    np.testing.assert_array_equal(fused["wi"][:, :, 0], g0)
+    np.testing.assert_array_equal(fused["wi"][:, :, 1], u0)
+    _assert_equal_dicts(fused, fuse_state(t))  # the same layout as checkpoint.fusion
+    per = layouts.from_unfused(t, Layout.HF_PER_EXPERT, names=layouts.MIXTRAL_NAMES)
+    np.testing.assert_array_equal(per["1.w1.weight"], g0[1].T)  # torch Linear [out, in]
+    np.testing.assert_array_equal(per["1.w3.weight"], u0[1].T)
+    np.testing.assert_array_equal(per["1.w2.weight"], wo[1].T)
+    packed = layouts.from_unfused(t, Layout.HF_PACKED)
+    assert packed["gate_up_proj"].shape == (G, 2 * N, K)
+    np.testing.assert_array_equal(packed["gate_up_proj"][:, :N], g0.transpose(0, 2, 1))
+    np.testing.assert_array_equal(packed["down_proj"], wo.transpose(0, 2, 1))
+    oss = layouts.from_unfused(t, Layout.GPT_OSS)
+    assert oss["gate_up_proj"].shape == (G, K, 2 * N)
+    np.testing.assert_array_equal(oss["gate_up_proj"][..., ::2], g0)
+    np.testing.assert_array_equal(oss["gate_up_proj"][..., 1::2], u0)
+    np.testing.assert_array_equal(oss["gate_up_proj_bias"][..., 1::2], t["wi_1_bias"])
+    np.testing.assert_array_equal(oss["down_proj"], wo)
+    pre = layouts.from_unfused(t, Layout.MAXTEXT_PREFUSED)
+    np.testing.assert_array_equal(pre["wi"][..., :N], g0)
+    np.testing.assert_array_equal(pre["wi"][..., N:], u0)
+    np.testing.assert_array_equal(pre["wi"], fused["wi"].reshape(G, K, 2 * N))
+    assert sorted(layouts.from_unfused(t, "maxtext_unfused")) == sorted(t)
+
+
+def test_layout_errors_name_layout_and_tensor():
+    t = _unfused()
+    with pytest.raises(ValueError, match="unknown layout 'mixtral'.*fusedmoe_fused"):
+        layouts.convert(t, "mixtral", "fusedmoe_fused")
+    with pytest.raises(KeyError, match="fusedmoe_unfused: missing tensor 'wi_1'"):
+        layouts.to_unfused({"wi_0": t["wi_0"], "wo": t["wo"]}, "fusedmoe_unfused")
+    bad = dict(t, wo=t["wo"][:, :-1])
+    with pytest.raises(ValueError, match=r"'wo' has shape \(3, 4, 4\), expected \(3, 5, 4\)"):
+        layouts.from_unfused(bad, "gpt_oss")
+    with pytest.raises(ValueError, match="odd 2N"):
+        layouts.to_unfused({"gate_up_proj": np.zeros((G, K, 7)), "down_proj": t["wo"]}, "gpt_oss")
+    per = layouts.from_unfused(t, "hf_per_expert")
+    del per["2.up_proj.weight"]
+    with pytest.raises(KeyError, match="hf_per_expert: missing tensor '2.up_proj.weight'"):
+        layouts.to_unfused(per, "hf_per_expert", num_experts=G)
+    with pytest.raises(TypeError, match="num_experts"):
+        layouts.convert(per, "hf_per_expert", "hf_packed")
+    with pytest.raises(KeyError, match="biases must come together"):
+        layouts.from_unfused(dict(t, wo_bias=np.zeros((G, K), np.float32)), "hf_packed")
+
+
+# ----------------------------------------------------------------------------- orbax
+FULL = fusedmoe.MoEConfig(
+    num_experts=4, num_experts_per_tok=2, emb_dim=8, mlp_dim=6, mlp_bias=True, router_bias=True,
+    routing_selection_bias=True, shared_experts=1, shared_expert_gate=True,
+)
+
+
+def _randomize(moe, seed=3):
+    """Non-zero biases everywhere, so a dropped tensor would show."""
+    state = nnx.state(moe)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    new = [jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype) * 0.3
+           for k, x in zip(keys, leaves)]
+    nnx.update(moe, jax.tree.unflatten(treedef, new))
+    return moe
+
+
+@pytest.fixture(scope="module")
+def moe():
+    return _randomize(fusedmoe.MoE(FULL, rngs=nnx.Rngs(0)))
+
+
+def test_orbax_save_restore_is_exact(moe, tmp_path):
+    path = orbax_io.save_checkpoint(tmp_path / "ckpt", moe)
+    meta = orbax_io.read_metadata(path)
+    assert meta["layout"] == "fusedmoe_unfused" and meta["configs"][""]["mlp_bias"]
+    again = orbax_io.load_moe(path)
+    assert again.config == moe.config
+    _assert_equal_dicts(orbax_io.module_state(again), orbax_io.module_state(moe))
+    other = fusedmoe.MoE(FULL, rngs=nnx.Rngs(9))
+    orbax_io.restore_module(path, other)
+    _assert_equal_dicts(orbax_io.module_state(other), orbax_io.module_state(moe))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_orbax_bf16_and_nested_modules(tmp_path):
+    cfg = FULL.replace(weight_dtype="bfloat16", fused_moe_mlp=True)
+
+    class Two(nnx.Module):
+        def __init__(self):
+            self.layers = nnx.List([fusedmoe.MoE(cfg, rngs=nnx.Rngs(i)) for i in range(2)])
+
+    model = Two()
+    path = orbax_io.save_checkpoint(tmp_path / "two", model)
+    tree, meta = orbax_io.load_checkpoint(path)
+    assert sorted(meta["configs"]) == ["layers/0", "layers/1"]
+    assert tree["layers"]["1"]["wi"].dtype == ml_dtypes.bfloat16
+    _assert_equal_dicts(tree, orbax_io.module_state(model))
+    layer1 = orbax_io.load_moe(path, "layers/1")
+    _assert_equal_dicts(orbax_io.module_state(layer1), orbax_io.module_state(model.layers[1]))
+    with pytest.raises(ValueError, match="holds 2 MoE layers"):
+        orbax_io.load_moe(path)
+
+
+def test_convert_checkpoint_fused_unfused_exact(moe, tmp_path):
+    src = orbax_io.save_checkpoint(tmp_path / "unfused", moe)
+    fused = orbax_io.convert_checkpoint(src, tmp_path / "fused", fused=True)
+    tree, meta = orbax_io.load_checkpoint(fused)
+    assert meta["layout"] == "fusedmoe_fused" and meta["configs"][""]["fused_moe_mlp"]
+    assert tree["wi"].shape == (4, 8, 2, 6) and "wi_0" not in tree
+    np.testing.assert_array_equal(tree["wi"][:, :, 1], np.asarray(moe.wi_1[...]))
+    back = orbax_io.convert_checkpoint(fused, tmp_path / "back", fused=False)
+    _assert_equal_dicts(orbax_io.load_checkpoint(back)[0], orbax_io.module_state(moe))
+    m_fused = orbax_io.load_moe(fused)
+    assert m_fused.config.fused_moe_mlp
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+    np.testing.assert_allclose(np.asarray(m_fused(x)[0]), np.asarray(moe(x)[0]), atol=1e-6)
+
+
+def test_orbax_writes_are_atomic(moe, tmp_path, monkeypatch):
+    path = orbax_io.save_checkpoint(tmp_path / "ckpt", moe)
+    before = sorted(p.name for p in path.rglob("*"))
+    with pytest.raises(FileExistsError, match="already exists"):
+        orbax_io.save_checkpoint(path, moe)
+    assert sorted(p.name for p in path.rglob("*")) == before
+    # A failure in the middle of a write leaves neither the target nor a temp dir.
+    import orbax.checkpoint as ocp
+
+    def boom(self, *a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        orbax_io.save_checkpoint(tmp_path / "new", moe)
+    with pytest.raises(OSError, match="disk full"):
+        orbax_io.save_checkpoint(path, moe, overwrite=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert sorted(p.name for p in path.rglob("*")) == before
+    # A conversion that cannot be done writes nothing.
+    dense = orbax_io.save_checkpoint(tmp_path / "dense",
+                                     fusedmoe.MoE(FULL.replace(sparse_matmul=False),
+                                                  rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="fused_moe_mlp=True requires sparse_matmul"):
+        orbax_io.convert_checkpoint(dense, tmp_path / "dense_fused", fused=True)
+    assert not (tmp_path / "dense_fused").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "dense"]
+
+
+def test_orbax_bad_input(moe, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        orbax_io.load_checkpoint(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a fusedmoe checkpoint"):
+        orbax_io.load_checkpoint(tmp_path / "empty")
+    path = orbax_io.save_checkpoint(tmp_path / "ckpt", moe)
+    smaller = fusedmoe.MoE(FULL.replace(mlp_dim=4), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"state \w*wi_0: shape \(\d.*6\) does not match"):
+        orbax_io.restore_module(path, smaller)
+    with pytest.raises(ValueError, match="keys do not match"):
+        orbax_io.restore_module(path, fusedmoe.MoE(FULL.replace(mlp_bias=False), rngs=nnx.Rngs(0)))
+
+
+# ----------------------------------------------------------------------------- HF without torch
+HF_CONFIGS = {
+    "mixtral": dict(num_local_experts=4, intermediate_size=6),
+    "qwen2_moe": dict(num_experts=4, moe_intermediate_size=6, shared_expert_intermediate_size=5,
+                      norm_topk_prob=False),
+    "qwen3_moe": dict(num_local_experts=4, moe_intermediate_size=6, norm_topk_prob=True,
+                      mlp_only_layers=[1]),
+    "olmoe": dict(num_experts=4, intermediate_size=6),
+    "deepseek_v3": dict(n_routed_experts=4, moe_intermediate_size=6, n_shared_experts=1,
+                        n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                        first_k_dense_replace=1, norm_topk_prob=True),
+    "gpt_oss": dict(num_local_experts=4, intermediate_size=6, swiglu_limit=7.0),
+}
+
+
+def _hf_config(model_type, **extra):
+    return dict(model_type=model_type, hidden_size=8, num_hidden_layers=3, num_experts_per_tok=2,
+                hidden_act="silu", dtype="float32", **HF_CONFIGS[model_type], **extra)
+
+
+def _write_hf(tmp_path, model_type, name="hf", packed=False, mutate=None):
+    """A synthetic HF directory whose MoE layers come from random fusedmoe layers."""
+    cfg = _hf_config(model_type)
+    tensors = {}
+    for i in hf.moe_layer_indices(cfg):
+        m = _randomize(fusedmoe.MoE(hf.moe_config(cfg, fused_moe_mlp=False), rngs=nnx.Rngs(i)),
+                       seed=i)
+        tensors.update(hf.export_moe_layer(m, model_type, layer=i, packed=packed))
+    tensors["model.embed_tokens.weight"] = np.zeros((16, 8), np.float32)
+    if mutate:
+        mutate(cfg, tensors)
+    return hf.save_safetensors(tmp_path / name, tensors, hf_config=cfg), tensors
+
+
+@pytest.mark.parametrize("model_type", list(HF_CONFIGS))
+def test_hf_export_import_round_trip_without_torch(model_type, tmp_path):
+    path, tensors = _write_hf(tmp_path, model_type)
+    layers = hf.load_moe_layers(path, fused_moe_mlp=True)
+    assert list(layers) == hf.moe_layer_indices(_hf_config(model_type))
+    for i, m in layers.items():
+        assert m.config.fused_moe_mlp
+        out = hf.export_moe_layer(m, model_type, layer=i)
+        for name, a in out.items():
+            assert _bits_equal(a, tensors[name]), name
+
+
+def test_hf_config_mapping():
+    c = hf.moe_config(_hf_config("deepseek_v3"), fused_moe_mlp=False)
+    assert (c.score_func, c.routing_selection_bias, c.n_routing_groups, c.topk_routing_group,
+            c.routed_scaling_factor, c.shared_mlp_dim, c.norm_topk_prob) == (
+        "sigmoid", True, 2, 1, 2.5, 6, True)
+    c = hf.moe_config(_hf_config("gpt_oss"))
+    assert (c.softmax_after_topk, c.router_bias, c.mlp_bias, c.mlp_activations) == (
+        True, True, True, "clamped_swiglu")
+    c = hf.moe_config(_hf_config("qwen2_moe"), gmm_backend="ragged_dot")
+    assert (c.shared_mlp_dim, c.shared_expert_gate, c.gmm_backend) == (5, True, "ragged_dot")
+    assert hf.moe_config(_hf_config("mixtral")).norm_topk_prob
+    assert hf.moe_layer_indices(_hf_config("qwen3_moe")) == [0, 2]
+    stepped = dict(_hf_config("qwen3_moe"), decoder_sparse_step=2, mlp_only_layers=[])
+    assert hf.moe_layer_indices(stepped) == [1]
+
+
+def test_hf_bad_input(tmp_path):
+    path, _ = _write_hf(tmp_path, "qwen3_moe")
+    with pytest.raises(hf.CheckpointError, match="layer 3 is past the model: num_hidden_layers=3"):
+        hf.load_moe_layer(path, 3)
+    with pytest.raises(hf.CheckpointError, match="layer 1 is a dense MLP layer.*MoE layers: 0, 2"):
+        hf.load_moe_layer(path, 1)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(hf.CheckpointError, match="not a Hugging Face model directory"):
+        hf.load_moe_layer(tmp_path / "plain", 0)
+    with pytest.raises(hf.CheckpointError, match="not a directory"):
+        hf.load_moe_layer(tmp_path / "missing", 0)
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(_hf_config("qwen3_moe")))
+    (tmp_path / "plain" / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(hf.CheckpointError, match="no \\*.safetensors files.*not read"):
+        hf.load_moe_layer(tmp_path / "plain", 0)
+
+    bad, _ = _write_hf(tmp_path, "qwen3_moe", "unknown")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(hf.CheckpointError,
+                       match="unsupported model_type 'llama'; supported: mixtral, qwen2_moe"):
+        hf.load_moe_layer(bad, 0)
+
+    def drop(cfg, tensors):
+        del tensors["model.layers.2.mlp.experts.3.up_proj.weight"]
+
+    missing, _ = _write_hf(tmp_path, "qwen3_moe", "missing_tensor", mutate=drop)
+    hf.load_moe_layer(missing, 0)  # layer 0 is complete
+    with pytest.raises(hf.CheckpointError,
+                       match="missing tensor 'model.layers.2.mlp.experts.3.up_proj.weight'"):
+        hf.load_moe_layer(missing, 2)
+    with pytest.raises(hf.CheckpointError, match="missing tensor"):
+        hf.load_moe_layers(missing)  # all layers are checked before any is built
+
+    def reshape(cfg, tensors):
+        cfg["moe_intermediate_size"] = 7
+
+    shape, _ = _write_hf(tmp_path, "qwen3_moe", "bad_shape", mutate=reshape)
+    with pytest.raises(hf.CheckpointError, match=(
+            r"model.safetensors: tensor 'model.layers.0.mlp.experts.0.gate_proj.weight' has "
+            r"shape \[6, 8\], but config.json implies \[7, 8\]")):
+        hf.load_moe_layer(shape, 0)
+
+    def quantize(cfg, tensors):
+        tensors["model.layers.0.mlp.experts.gate_up_proj_blocks"] = np.zeros(4, np.uint8)
+
+    quant, _ = _write_hf(tmp_path, "qwen3_moe", "quant", mutate=quantize)
+    with pytest.raises(hf.CheckpointError, match="is quantized"):
+        hf.load_moe_layer(quant, 0)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _listing(directory):
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_cli_hf_orbax_hf_round_trip(tmp_path, capsys):
+    src, tensors = _write_hf(tmp_path, "deepseek_v3")
+    assert cli.main(["convert", str(src), str(tmp_path / "ck"), "--unfused"]) == 0
+    tree, meta = orbax_io.load_checkpoint(tmp_path / "ck")
+    assert meta["layout"] == "fusedmoe_unfused" and meta["metadata"]["layers"] == [1, 2]
+    assert sorted(tree["layers"]) == ["1", "2"]
+    assert cli.main(["convert", str(tmp_path / "ck"), str(tmp_path / "ck_fused"), "--fused"]) == 0
+    m = orbax_io.load_moe(tmp_path / "ck_fused", "layers/2")
+    assert m.config.fused_moe_mlp and m.config.score_func == "sigmoid"
+    assert cli.main(["convert", str(tmp_path / "ck_fused"), str(tmp_path / "back")]) == 0
+    back = hf.SafetensorsDir(tmp_path / "back")
+    moe_names = [n for n in tensors if ".mlp." in n]
+    assert back.names() == sorted(moe_names)
+    for name in moe_names:
+        assert _bits_equal(back.get(name), tensors[name]), name
+    # one layer, and the packed v5 names
+    assert cli.main(["convert", str(src), str(tmp_path / "one"), "--layer", "2"]) == 0
+    assert cli.main(["convert", str(tmp_path / "one"), str(tmp_path / "one_hf"), "--packed"]) == 0
+    assert "model.layers.2.mlp.experts.gate_up_proj" in hf.SafetensorsDir(tmp_path / "one_hf")
+    again = hf.load_moe_layer(tmp_path / "one_hf", 2)
+    _assert_equal_dicts(orbax_io.module_state(again), orbax_io.module_state(m))
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
+    src, _ = _write_hf(tmp_path, "qwen3_moe")
+    before = _listing(tmp_path)
+    cases = [
+        ([str(tmp_path / "nope"), str(tmp_path / "x")], "does not exist"),
+        ([str(src), str(tmp_path / "x"), "--layer", "1"], "dense MLP layer"),
+        ([str(src), str(tmp_path / "x"), "--layer", "9"], "past the model"),
+        ([str(src), str(tmp_path / "x"), "--packed"], "--packed"),
+        ([str(src), str(src)], "must differ"),
+        ([str(src), str(tmp_path)], "already exists"),
+        ([str(tmp_path), str(tmp_path / "x")], "neither a Hugging Face model"),
+    ]
+    for argv, message in cases:
+        assert cli.main(["convert", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, (argv, err)
+        assert err.startswith("fusedmoe convert: error:")
+        assert _listing(tmp_path) == before, argv
+
+    def drop(cfg, tensors):
+        del tensors["model.layers.2.mlp.gate.weight"]
+
+    broken, _ = _write_hf(tmp_path, "qwen3_moe", "broken", mutate=drop)
+    before = _listing(tmp_path)
+    assert cli.main(["convert", str(broken), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "missing tensor 'model.layers.2.mlp.gate.weight'" in err
+    assert _listing(tmp_path) == before  # layer 0 was fine, but nothing was written
+
+
+def test_cli_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, capsys):
+    src, _ = _write_hf(tmp_path, "olmoe")
+    before = _listing(tmp_path)
+    import orbax.checkpoint as ocp
+
+    def boom(self, *a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        cli.main(["convert", str(src), str(tmp_path / "out")])
+    assert _listing(tmp_path) == before
+    assert not any(name.startswith(".") for name in os.listdir(tmp_path))

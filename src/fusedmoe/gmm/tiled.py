@@ -1,13 +1,27 @@
 """Backend ``"tiled"``: our own grouped matmul in plain JAX.
 
 Built for platforms with no native grouped-matmul kernel (CPU today) and runs
-unchanged on GPU/TPU. Rows are processed in tiles that start at each group's
-first row, so no tile straddles two groups; a ``while_loop`` runs exactly as
-many tiles as the group sizes need. Each tile is one dense dot against its
-group's weight; the rows of a group's last, partial tile are masked.
+unchanged on GPU/TPU: only ``lax`` loops, slices and dots.
+
+Structure of every product (see :mod:`fusedmoe.gmm._tiles` for the schedule):
+
+- an outer loop over the *non-empty* groups, in group order. It takes the
+  group's weight ``rhs[g]`` once: a dynamic index of ``[G, K, N]`` is a copy
+  on XLA:CPU (a whole ``[K, N]``), so doing it per group rather than per row
+  tile removes most of the cost of a naive tile loop at many groups;
+- inner loops over the group's rows in tiles of a few static size classes
+  (256, 64, 16, then 8 rows masked), so no tile straddles two groups and at
+  most 7 rows per group are computed and dropped. Whole tiles are written with
+  a plain ``dynamic_update_slice``; only the last, partial tile reads back
+  the rows it must keep.
+
+Each output row is written exactly once with a full-K dot accumulated in f32,
+so the forward output buffer is allocated in the output dtype directly.
 
 The gradient is a custom VJP: dX is the same loop against the weight with its
-N axis contracted (no transposed copy of the weight), dW is :func:`tgmm`.
+N axis contracted (no transposed copy of the weight), dW is :func:`tgmm`, one
+grouped transposed product that accumulates each group's ``[K, N]`` in a loop
+carry over long row chunks and writes it once.
 """
 
 from __future__ import annotations
@@ -17,93 +31,125 @@ import functools
 import jax
 import jax.numpy as jnp
 
-ROW_TILE = 128
+from fusedmoe.gmm._tiles import (
+    CONTRACT_CLASSES,
+    ROW_CLASSES,
+    group_offsets,
+    nonempty_groups,
+    size_classes,
+    tile_counts,
+)
 
 
 def unavailable_reason() -> str | None:
     return None
 
 
-def _tile_size(num_rows: int) -> int:
-    # Small inputs get one small tile rather than a mostly-masked big one.
-    return max(8, min(ROW_TILE, -(-num_rows // 8) * 8))
+def _dot(x, w, contract_w_axis: int):
+    """``x [T, K] @ w [K, N]`` (axis 0) or ``x [T, N] @ w.T`` (axis 1), f32."""
+    return jax.lax.dot_general(
+        x, w, (((1,), (contract_w_axis,)), ((), ())), preferred_element_type=jnp.float32
+    )
 
 
-def _tile_schedule(group_sizes: jax.Array, tile: int):
-    """Per-group tile counts and first rows. Returns (tiles_per_group [G],
-    first_tile_of_group [G], group_start_row [G], total_tiles [])."""
-    tiles = (group_sizes + tile - 1) // tile
-    first_tile = jnp.cumsum(tiles) - tiles
-    start_row = jnp.cumsum(group_sizes) - group_sizes
-    return tiles, first_tile, start_row, jnp.sum(tiles)
+def _rows_times_weight(lhs, rhs, group_sizes, out_dtype, contract_rhs_axis: int):
+    """``out[rows of g] = lhs[rows of g] @ rhs[g]`` contracting ``rhs`` axis 1
+    (gmm: lhs ``[M, K]``, rhs ``[G, K, N]``) or axis 2 (dX: lhs ``[M, N]``,
+    rhs ``[G, K, N]`` used as ``rhs[g].T``). Returns ``[M, N or K]`` in
+    ``out_dtype``; rows past ``sum(group_sizes)`` are zero."""
+    m = lhs.shape[0]
+    n_out = rhs.shape[2] if contract_rhs_axis == 1 else rhs.shape[1]
+    classes = size_classes(m, ROW_CLASSES)
+    starts, ends = group_offsets(group_sizes)
+    order, count = nonempty_groups(group_sizes)
+    w_axis = contract_rhs_axis - 1  # axis of rhs[g] that is contracted
 
+    def full_tile(c, w):
+        # A tile of c rows wholly inside the group: compute and overwrite.
+        def body(_, carry):
+            row, out = carry
+            y = _dot(jax.lax.dynamic_slice_in_dim(lhs, row, c), w, w_axis)
+            out = jax.lax.dynamic_update_slice_in_dim(out, y.astype(out_dtype), row, 0)
+            return row + c, out
 
-def _tile_at(i, tiles, first_tile, start_row, group_sizes, tile):
-    """Group, first row and valid row count of the i-th tile."""
-    g = jnp.searchsorted(first_tile + tiles, i, side="right")
-    g = jnp.minimum(g, group_sizes.shape[0] - 1)
-    j = i - first_tile[g]
-    start = start_row[g] + j * tile
-    valid = jnp.minimum(tile, group_sizes[g] - j * tile)
-    return g, start, valid
+        return body
 
+    def partial_tile(c, w, end):
+        # The group's last tile: it may run past the group (or past M, where
+        # dynamic_slice would clamp): shift it back inside [0, M) and keep the
+        # old value of every row outside [row, end).
+        def body(_, carry):
+            row, out = carry
+            at = jnp.minimum(row, m - c)
+            y = _dot(jax.lax.dynamic_slice_in_dim(lhs, at, c), w, w_axis)
+            rows = at + jnp.arange(c)
+            keep = ((rows >= row) & (rows < end))[:, None]
+            old = jax.lax.dynamic_slice_in_dim(out, at, c)
+            new = jnp.where(keep, y.astype(out_dtype), old)
+            return row + c, jax.lax.dynamic_update_slice_in_dim(out, new, at, 0)
 
-def _grouped_rows_times_weight(lhs, rhs, group_sizes, contract_rhs_axis: int):
-    """out[rows of g] = lhs[rows of g] @ rhs[g] (contracting rhs axis 1), or
-    @ rhs[g].T (contracting rhs axis 2). f32 accumulation and output."""
-    m, _ = lhs.shape
-    n = rhs.shape[2] if contract_rhs_axis == 1 else rhs.shape[1]
-    tile = _tile_size(m)
-    # Pad so a tile starting at any row stays in bounds (dynamic_slice would clamp).
-    lhs_p = jnp.pad(lhs, ((0, tile), (0, 0)))
-    tiles, first_tile, start_row, total = _tile_schedule(group_sizes, tile)
-    rows = jnp.arange(tile)
+        return body
 
-    def body(i, out):
-        g, start, valid = _tile_at(i, tiles, first_tile, start_row, group_sizes, tile)
-        x = jax.lax.dynamic_slice_in_dim(lhs_p, start, tile, axis=0)
-        x = jnp.where((rows < valid)[:, None], x, jnp.zeros_like(x))
-        w = rhs[g]
-        y = jax.lax.dot_general(
-            x, w, (((1,), (contract_rhs_axis - 1,)), ((), ())),
-            preferred_element_type=jnp.float32,
-        )
-        slab = jax.lax.dynamic_slice_in_dim(out, start, tile, axis=0)
-        return jax.lax.dynamic_update_slice_in_dim(out, slab + y, start, axis=0)
+    def group_body(i, out):
+        g = order[i]
+        w = rhs[g]  # the one copy of this group's weight
+        counts = tile_counts(group_sizes[g], classes)
+        carry = (starts[g], out)
+        for c, q in zip(classes[:-1], counts[:-1]):
+            carry = jax.lax.fori_loop(0, q, full_tile(c, w), carry)
+        carry = jax.lax.fori_loop(0, counts[-1], partial_tile(classes[-1], w, ends[g]), carry)
+        return carry[1]
 
-    out = jnp.zeros((m + tile, n), jnp.float32)
-    out = jax.lax.fori_loop(0, total, body, out)
-    return out[:m]
+    out = jnp.zeros((m, n_out), out_dtype)
+    return jax.lax.fori_loop(0, count, group_body, out)
 
 
 def _tgmm_f32(lhs, dout, group_sizes):
-    """out[g] = lhs[rows of g].T @ dout[rows of g], f32, [G, K, N]."""
+    """``out[g] = lhs[rows of g].T @ dout[rows of g]``: lhs ``[M, K]``, dout
+    ``[M, N]`` -> ``[G, K, N]`` f32 (zeros for empty groups).
+
+    Per group, the rank-c updates of row chunks are summed in a ``[K, N]``
+    carry and written into the output once (no read-modify-write of the big
+    ``[G, K, N]`` per chunk). The last chunk's rows past the group are zeroed
+    in ``lhs`` so they add nothing."""
     m, k = lhs.shape
     n = dout.shape[1]
-    num_groups = group_sizes.shape[0]
-    tile = _tile_size(m)
-    lhs_p = jnp.pad(lhs, ((0, tile), (0, 0)))
-    dout_p = jnp.pad(dout, ((0, tile), (0, 0)))
-    tiles, first_tile, start_row, total = _tile_schedule(group_sizes, tile)
-    rows = jnp.arange(tile)
+    classes = size_classes(m, CONTRACT_CLASSES)
+    starts, ends = group_offsets(group_sizes)
+    order, count = nonempty_groups(group_sizes)
 
-    def body(i, out):
-        g, start, valid = _tile_at(i, tiles, first_tile, start_row, group_sizes, tile)
-        x = jax.lax.dynamic_slice_in_dim(lhs_p, start, tile, axis=0)
-        x = jnp.where((rows < valid)[:, None], x, jnp.zeros_like(x))
-        d = jax.lax.dynamic_slice_in_dim(dout_p, start, tile, axis=0)
-        update = jax.lax.dot_general(
-            x, d, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
-        )
-        return out.at[g].add(update)
+    def chunk(c, end, masked: bool):
+        def body(_, carry):
+            row, acc = carry
+            at = jnp.minimum(row, m - c) if masked else row
+            x = jax.lax.dynamic_slice_in_dim(lhs, at, c)
+            d = jax.lax.dynamic_slice_in_dim(dout, at, c)
+            if masked:
+                rows = at + jnp.arange(c)
+                x = jnp.where(((rows >= row) & (rows < end))[:, None], x, jnp.zeros_like(x))
+            acc = acc + jax.lax.dot_general(
+                x, d, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+            )
+            return row + c, acc
 
-    out = jnp.zeros((num_groups, k, n), jnp.float32)
-    return jax.lax.fori_loop(0, total, body, out)
+        return body
+
+    def group_body(i, out):
+        g = order[i]
+        counts = tile_counts(group_sizes[g], classes)
+        carry = (starts[g], jnp.zeros((k, n), jnp.float32))
+        for c, q in zip(classes[:-1], counts[:-1]):
+            carry = jax.lax.fori_loop(0, q, chunk(c, ends[g], False), carry)
+        carry = jax.lax.fori_loop(0, counts[-1], chunk(classes[-1], ends[g], True), carry)
+        return jax.lax.dynamic_update_index_in_dim(out, carry[1], g, 0)
+
+    out = jnp.zeros((group_sizes.shape[0], k, n), jnp.float32)
+    return jax.lax.fori_loop(0, count, group_body, out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _gmm(lhs, rhs, group_sizes, out_dtype):
-    return _grouped_rows_times_weight(lhs, rhs, group_sizes, 1).astype(out_dtype)
+    return _rows_times_weight(lhs, rhs, group_sizes, out_dtype, 1)
 
 
 def _gmm_fwd(lhs, rhs, group_sizes, out_dtype):
@@ -112,20 +158,12 @@ def _gmm_fwd(lhs, rhs, group_sizes, out_dtype):
 
 def _gmm_bwd(out_dtype, residuals, dout):
     lhs, rhs, group_sizes = residuals
-    dlhs = _grouped_rows_times_weight(dout, rhs, group_sizes, 2).astype(lhs.dtype)
+    dlhs = _rows_times_weight(dout, rhs, group_sizes, lhs.dtype, 2)
     drhs = _tgmm_f32(lhs, dout, group_sizes).astype(rhs.dtype)
     return dlhs, drhs, None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
-
-
-def gmm(lhs, rhs, group_sizes, out_dtype):
-    return _gmm(lhs, rhs, group_sizes, out_dtype)
-
-
-def tgmm(lhs, dout, group_sizes, out_dtype):
-    return _tgmm(lhs, dout, group_sizes, out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -140,9 +178,19 @@ def _tgmm_fwd(lhs, dout, group_sizes, out_dtype):
 def _tgmm_bwd(out_dtype, residuals, dw):
     # d/dlhs (lhs_g.T @ dout_g) = dout_g @ dw[g].T ; d/ddout = lhs_g @ dw[g].
     lhs, dout, group_sizes = residuals
-    dlhs = _grouped_rows_times_weight(dout, dw, group_sizes, 2).astype(lhs.dtype)
-    ddout = _grouped_rows_times_weight(lhs, dw, group_sizes, 1).astype(dout.dtype)
+    dlhs = _rows_times_weight(dout, dw, group_sizes, lhs.dtype, 2)
+    ddout = _rows_times_weight(lhs, dw, group_sizes, dout.dtype, 1)
     return dlhs, ddout, None
 
 
 _tgmm.defvjp(_tgmm_fwd, _tgmm_bwd)
+
+
+def gmm(lhs, rhs, group_sizes, out_dtype):
+    """``[M, K] x [G, K, N] -> [M, N]`` in ``out_dtype`` (validated inputs)."""
+    return _gmm(lhs, rhs, group_sizes, out_dtype)
+
+
+def tgmm(lhs, dout, group_sizes, out_dtype):
+    """``[M, K], [M, N] -> [G, K, N]`` in ``out_dtype`` (validated inputs)."""
+    return _tgmm(lhs, dout, group_sizes, out_dtype)

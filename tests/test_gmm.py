@@ -1,0 +1,293 @@
+"""Grouped matmul: every backend against a float64 NumPy per-group reference.
+
+Forward, both gradients, tgmm, edge cases (empty groups, one group holding
+every row, rows past ``sum(group_sizes)``), jit/checkpoint, and bad input.
+Shapes are tiny: megablox runs in Pallas interpret mode off TPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fusedmoe
+from fusedmoe.gmm import available_backends, backend_names
+
+# --------------------------------------------------------------------------- helpers
+
+
+def ref_gmm(x, w, sizes):
+    """float64 ``out[rows of g] = x[rows of g] @ w[g]``; rows past the groups zero."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    out = np.zeros((x.shape[0], w.shape[2]))
+    start = 0
+    for g, s in enumerate(np.asarray(sizes)):
+        out[start : start + s] = x[start : start + s] @ w[g]
+        start += s
+    return out
+
+
+def ref_tgmm(x, d, sizes):
+    """float64 ``out[g] = x[rows of g].T @ d[rows of g]``."""
+    x, d = np.asarray(x, np.float64), np.asarray(d, np.float64)
+    out = np.zeros((len(sizes), x.shape[1], d.shape[1]))
+    start = 0
+    for g, s in enumerate(np.asarray(sizes)):
+        out[g] = x[start : start + s].T @ d[start : start + s]
+        start += s
+    return out
+
+
+def ref_grads(x, w, c, sizes):
+    """Gradients of ``sum(gmm(x, w) * c)``: ``(c_g @ w[g].T, x_g.T @ c_g)``."""
+    w_t = np.swapaxes(np.asarray(w, np.float64), 1, 2)
+    return ref_gmm(c, w_t, sizes), ref_tgmm(x, c, sizes)
+
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def assert_close(actual, expected, dtype, what=""):
+    """Relative to the reference's scale (a sum of K products can cancel)."""
+    actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
+    tol = TOL[dtype]
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale, err_msg=what)
+
+
+def make_inputs(m, k, n, sizes, dtype=jnp.float32, seed=0):
+    """Random ``x [m,k]``, ``w [G,k,n]``, cotangent ``c [m,n]`` in ``dtype``."""
+    rng = np.random.default_rng(seed)
+    g = len(sizes)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    w = jnp.asarray(rng.standard_normal((g, k, n)), dtype)
+    c = jnp.asarray(rng.standard_normal((m, n)), dtype)
+    return x, w, c, jnp.asarray(sizes, jnp.int32)
+
+
+def as64(a):
+    return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+
+
+def fwd_and_grads(backend, x, w, c, gs, transform=lambda f: f):
+    """``gmm`` output and the gradients of ``sum(gmm * c)`` w.r.t. lhs and rhs."""
+
+    def loss(x, w):
+        out = fusedmoe.gmm(x, w, gs, backend=backend)
+        return jnp.sum(out.astype(jnp.float32) * c.astype(jnp.float32)), out
+
+    fn = transform(jax.grad(loss, argnums=(0, 1), has_aux=True))
+    (dx, dw), out = fn(x, w)
+    return out, dx, dw
+
+
+def check_all(backend, x, w, c, gs, dtype, transform=jax.jit):
+    out, dx, dw = fwd_and_grads(backend, x, w, c, gs, transform)
+    sizes = np.asarray(gs)
+    assert out.shape == (x.shape[0], w.shape[2]) and out.dtype == x.dtype
+    assert dx.shape == x.shape and dw.shape == w.shape
+    x64, w64, c64 = as64(x), as64(w), as64(c)
+    assert_close(out, ref_gmm(x64, w64, sizes), dtype, f"{backend} forward")
+    rdx, rdw = ref_grads(x64, w64, c64, sizes)
+    assert_close(dx, rdx, dtype, f"{backend} d lhs")
+    assert_close(dw, rdw, dtype, f"{backend} d rhs")
+    # Rows past the groups: zero output, zero gradient (exactly).
+    total = int(sizes.sum())
+    assert not np.any(np.asarray(out, np.float32)[total:])
+    assert not np.any(np.asarray(dx, np.float32)[total:])
+
+
+def _skip_unavailable(name):
+    reason = available_backends()[name]
+    if reason is not None:
+        pytest.skip(f"{name}: {reason}")
+
+
+BACKENDS = ["tiled", "ragged_dot", "tokamax", "megablox"]
+# Backends cheap enough for many shapes (megablox interprets a Pallas kernel off TPU).
+FAST_BACKENDS = ["tiled", "ragged_dot"]
+
+# --------------------------------------------------------------------------- every backend
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_matches_reference(backend, dtype):
+    _skip_unavailable(backend)
+    # Empty group, uneven sizes, 3 rows past the groups; M not a tile multiple.
+    x, w, c, gs = make_inputs(21, 8, 6, [5, 0, 9, 4], dtype)
+    check_all(backend, x, w, c, gs, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tgmm_matches_reference(backend):
+    _skip_unavailable(backend)
+    x, _, c, gs = make_inputs(19, 5, 7, [0, 6, 10, 0], seed=1)
+    out = fusedmoe.tgmm(x, c, gs, backend=backend)
+    assert out.shape == (4, 5, 7)
+    assert_close(out, ref_tgmm(as64(x), as64(c), np.asarray(gs)), jnp.float32, backend)
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "tiled",
+        pytest.param(
+            "ragged_dot",
+            marks=pytest.mark.xfail(
+                raises=NotImplementedError,
+                reason="jax has no gradient of ragged_dot_general in ragged-contracting mode",
+            ),
+        ),
+    ],
+)
+def test_tgmm_gradients(backend):
+    x, _, d, gs = make_inputs(13, 4, 3, [4, 0, 7], seed=2)
+    cw = jnp.asarray(np.random.default_rng(3).standard_normal((3, 4, 3)), jnp.float32)
+    dx, dd = jax.grad(
+        lambda x, d: jnp.sum(fusedmoe.tgmm(x, d, gs, backend=backend) * cw), argnums=(0, 1)
+    )(x, d)
+    sizes = np.asarray(gs)
+    # d/dx_g = d_g @ cw[g].T, d/dd_g = x_g @ cw[g].
+    assert_close(dx, ref_gmm(as64(d), np.swapaxes(as64(cw), 1, 2), sizes), jnp.float32)
+    assert_close(dd, ref_gmm(as64(x), as64(cw), sizes), jnp.float32)
+
+
+def test_tiled_every_tile_class():
+    # Sizes exercising the 256/64/16 whole tiles, the masked 8-row tail, a
+    # tail tile clamped at the end of lhs, and empty groups between.
+    sizes = [300, 0, 77, 1, 64, 0, 258]
+    x, w, c, gs = make_inputs(sum(sizes) + 5, 3, 4, sizes, seed=4)
+    check_all("tiled", x, w, c, gs, jnp.float32)
+    out = fusedmoe.tgmm(x, c, gs, backend="tiled")
+    assert_close(out, ref_tgmm(as64(x), as64(c), np.asarray(sizes)), jnp.float32)
+
+
+def test_tiled_last_group_ends_at_m():
+    # The tail tile would run past M: it is clamped and must not clobber rows.
+    sizes = [19, 3]
+    x, w, c, gs = make_inputs(22, 3, 2, sizes, seed=5)
+    check_all("tiled", x, w, c, gs, jnp.float32)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_under_jit_and_checkpoint(backend):
+    x, w, c, gs = make_inputs(17, 4, 5, [3, 0, 11], seed=6)
+
+    def loss(x, w, gs):
+        return jnp.sum(fusedmoe.gmm(x, w, gs, backend=backend) * c)
+
+    grads = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1)))(x, w, gs)
+    rdx, rdw = ref_grads(as64(x), as64(w), as64(c), np.asarray(gs))
+    assert_close(grads[0], rdx, jnp.float32)
+    assert_close(grads[1], rdw, jnp.float32)
+
+
+def test_auto_is_a_backend():
+    x, w, c, gs = make_inputs(9, 3, 2, [4, 5])
+    check_all("auto", x, w, c, gs, jnp.float32, transform=lambda f: f)  # eager
+
+
+def test_preferred_element_type():
+    x, w, _, gs = make_inputs(9, 3, 2, [4, 5], dtype=jnp.bfloat16)
+    out = fusedmoe.gmm(x, w, gs, backend="tiled", preferred_element_type=jnp.float32)
+    assert out.dtype == jnp.float32
+    assert_close(out, ref_gmm(as64(x), as64(w), [4, 5]), jnp.float32)
+
+
+# --------------------------------------------------------------------------- properties
+
+
+@st.composite
+def gmm_case(draw):
+    # A few shape buckets keep compilations (and the test's run time) bounded.
+    m = draw(st.sampled_from([1, 7, 20, 45]))
+    k = draw(st.sampled_from([1, 5]))
+    n = draw(st.sampled_from([1, 6]))
+    g = draw(st.sampled_from([1, 3, 6]))
+    kind = draw(st.sampled_from(["random", "one_group_all", "all_empty", "under"]))
+    if kind == "one_group_all":
+        sizes = [0] * g
+        sizes[draw(st.integers(0, g - 1))] = m
+    elif kind == "all_empty":
+        sizes = [0] * g
+    else:
+        total = m if kind == "random" else draw(st.integers(0, m))
+        cuts = sorted(draw(st.lists(st.integers(0, total), min_size=g - 1, max_size=g - 1)))
+        sizes = np.diff([0, *cuts, total]).tolist()
+    seed = draw(st.integers(0, 2**16))
+    return m, k, n, sizes, seed
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(case=gmm_case(), backend=st.sampled_from(FAST_BACKENDS))
+def test_property_matches_reference(case, backend):
+    m, k, n, sizes, seed = case
+    x, w, c, gs = make_inputs(m, k, n, sizes, seed=seed)
+    check_all(backend, x, w, c, gs, jnp.float32, transform=jax.jit)
+    out = jax.jit(lambda x, c, gs: fusedmoe.tgmm(x, c, gs, backend=backend))(x, c, gs)
+    assert_close(out, ref_tgmm(as64(x), as64(c), np.asarray(sizes)), jnp.float32)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _ok():
+    x, w, _, gs = make_inputs(6, 3, 2, [2, 4])
+    return x, w, gs
+
+
+@pytest.mark.parametrize(
+    "make, exc, names",
+    [
+        (lambda x, w, gs: (x[None], w, gs), ValueError, "lhs"),
+        (lambda x, w, gs: (x, w[0], gs), ValueError, "rhs"),
+        (lambda x, w, gs: (x[:, :2], w, gs), ValueError, "rhs"),
+        (lambda x, w, gs: (x, w, gs[:1]), ValueError, "group_sizes"),
+        (lambda x, w, gs: (x, w, jnp.asarray([2.0, 4.0])), TypeError, "group_sizes"),
+        (lambda x, w, gs: (x, w, jnp.asarray([-1, 4])), ValueError, "group_sizes"),
+        (lambda x, w, gs: (x, w, jnp.asarray([3, 4])), ValueError, "group_sizes"),
+        (lambda x, w, gs: (x.astype(jnp.int32), w, gs), TypeError, "lhs"),
+    ],
+    ids=["lhs-rank", "rhs-rank", "k-mismatch", "sizes-length", "sizes-float",
+         "sizes-negative", "sizes-past-m", "lhs-int"],
+)
+def test_gmm_bad_input(make, exc, names):
+    args = make(*_ok())
+    with pytest.raises(exc, match=names):
+        fusedmoe.gmm(*args, backend="tiled")
+
+
+def test_unknown_backend_lists_valid_names():
+    x, w, gs = _ok()
+    with pytest.raises(ValueError, match="backend") as info:
+        fusedmoe.gmm(x, w, gs, backend="nope")
+    for name in backend_names():
+        assert repr(name) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "make, exc, names",
+    [
+        (lambda x, d, gs: (x, d[:-1], gs), ValueError, "dout"),
+        (lambda x, d, gs: (x, d[None], gs), ValueError, "dout"),
+        (lambda x, d, gs: (x, d, jnp.asarray([[2, 4]])), ValueError, "group_sizes"),
+        (lambda x, d, gs: (x, d, jnp.asarray([5, 4])), ValueError, "group_sizes"),
+        (lambda x, d, gs: (x, d, jnp.asarray([2.0, 4.0])), TypeError, "group_sizes"),
+    ],
+    ids=["rows", "dout-rank", "sizes-rank", "sizes-past-m", "sizes-float"],
+)
+def test_tgmm_bad_input(make, exc, names):
+    x, _, gs = _ok()
+    d = jnp.ones((6, 2))
+    with pytest.raises(exc, match=names):
+        fusedmoe.tgmm(*make(x, d, gs), backend="tiled")

@@ -420,3 +420,22 @@ def test_cli_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, capsys):
         cli.main(["convert", str(src), str(tmp_path / "out")])
     assert _listing(tmp_path) == before
     assert not any(name.startswith(".") for name in os.listdir(tmp_path))
+
+
+def test_export_refuses_semantics_the_family_lacks(tmp_path, capsys):
+    sigmoid = fusedmoe.MoE(fusedmoe.MoEConfig(num_experts=4, emb_dim=8, mlp_dim=4,
+                                              score_func="sigmoid"), rngs=nnx.Rngs(0))
+    with pytest.raises(hf.CheckpointError, match="cannot be exported as qwen3_moe.*score_func"):
+        hf.export_moe_layer(sigmoid, "qwen3_moe")
+    with pytest.raises(hf.CheckpointError, match="unsupported model_type 'llama'"):
+        hf.export_moe_layer(sigmoid, "llama")
+    plain = fusedmoe.MoE(sigmoid.config.replace(score_func="softmax"), rngs=nnx.Rngs(0))
+    assert "model.layers.0.mlp.gate.weight" in hf.export_moe_layer(plain, "qwen3_moe")
+    orbax_io.save_checkpoint(tmp_path / "native", plain)
+    argv = ["convert", str(tmp_path / "native"), str(tmp_path / "hf")]
+    assert cli.main(argv) == 2 and "records no model_type" in capsys.readouterr().err
+    assert cli.main([*argv, "--model-type", "mixtral"]) == 2
+    assert "norm_topk_prob=False (needs True)" in capsys.readouterr().err
+    assert cli.main([*argv, "--model-type", "olmoe"]) == 0
+    assert hf.SafetensorsDir(tmp_path / "hf").names("model.layers.0.mlp.experts.3.")
+    assert _listing(tmp_path) == ["hf", "native"]

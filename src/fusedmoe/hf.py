@@ -501,14 +501,53 @@ def load_moe_layer(
     return moe_from_state(cfg, state)
 
 
+_COMMON_FIXED = dict(router_bias=False, mlp_bias=False, routing_selection_bias=False,
+                    softmax_after_topk=False, score_func="softmax", n_routing_groups=1,
+                    routed_scaling_factor=1.0, shared_expert_gate=False, shared_mlp_dim=0)
+# The MoEConfig fields each family fixes (the others go into config.json).
+_FIXED: dict[str, dict[str, Any]] = {
+    "mixtral": dict(_COMMON_FIXED, norm_topk_prob=True),
+    "qwen2_moe": {k: v for k, v in _COMMON_FIXED.items()
+                  if k not in ("shared_expert_gate", "shared_mlp_dim")} | {
+                      "shared_expert_gate": True},
+    "qwen3_moe": dict(_COMMON_FIXED),
+    "olmoe": dict(_COMMON_FIXED),
+    "deepseek_v3": dict(router_bias=False, mlp_bias=False, routing_selection_bias=True,
+                        softmax_after_topk=False, score_func="sigmoid",
+                        shared_expert_gate=False),
+    "gpt_oss": dict(_COMMON_FIXED, router_bias=True, mlp_bias=True, softmax_after_topk=True,
+                    mlp_activations="clamped_swiglu"),
+}
+
+
+def check_exportable(cfg: MoEConfig, model_type: str) -> None:
+    """A clear error if a layer of ``cfg`` would compute something else as ``model_type``
+    (e.g. a sigmoid router exported as Mixtral, which always uses softmax)."""
+    family_of({"model_type": model_type}, "model_type")
+    bad = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in _FIXED[model_type].items()
+           if getattr(cfg, k) != v]
+    if model_type != "gpt_oss" and cfg.mlp_activations == "clamped_swiglu":
+        bad.append("mlp_activations='clamped_swiglu' (only gpt_oss has it)")
+    if model_type == "qwen2_moe" and cfg.shared_mlp_dim == 0:
+        bad.append("shared_experts=0 (qwen2_moe has a shared expert)")
+    if model_type == "deepseek_v3" and cfg.shared_mlp_dim % cfg.mlp_dim:
+        bad.append(f"shared mlp dim {cfg.shared_mlp_dim} (needs a multiple of mlp_dim)")
+    if bad:
+        raise CheckpointError(
+            f"{model_type}: this layer cannot be exported as {model_type}; it differs in "
+            + ", ".join(bad)
+        )
+
+
 def export_moe_layer(
     moe, model_type: str, *, layer: int = 0, packed: bool = False
 ) -> dict[str, np.ndarray]:
     """``moe``'s tensors under the HF names of decoder layer ``layer`` of ``model_type``
-    (per expert, as ``save_pretrained`` writes them, or v5 ``packed``)."""
+    (per expert, as ``save_pretrained`` writes them, or v5 ``packed``). Refuses a layer
+    whose routing or FFN ``model_type`` cannot express (:func:`check_exportable`)."""
     from fusedmoe.checkpoint.orbax_io import module_state
 
-    family_of({"model_type": model_type}, "model_type")
+    check_exportable(moe.config, model_type)
     return state_to_hf(module_state(moe), model_type, layer, packed=packed)
 
 

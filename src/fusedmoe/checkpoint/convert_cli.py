@@ -126,6 +126,7 @@ def _layer_index(key: str, args) -> int:
 def _orbax_to_hf(src: Path, dst: Path, args) -> Path:
     from fusedmoe import hf
     from fusedmoe.checkpoint.orbax_io import load_checkpoint
+    from fusedmoe.config import MoEConfig
 
     tree, meta = load_checkpoint(src)
     saved = meta.get("metadata", {})
@@ -146,8 +147,11 @@ def _orbax_to_hf(src: Path, dst: Path, args) -> Path:
         node = tree
         for part in [p for p in key.split("/") if p]:
             node = node[part]
+        hf.check_exportable(MoEConfig.from_dict(meta["configs"][key]), model_type)
         tensors.update(hf.state_to_hf(node, model_type, index, packed=args.packed))
     if not tensors:
         raise UsageError(f"--layer: none of {args.layer} is in {src}")
+    if saved.get("hf_config") is None:
+        print(f"note: {src} records no Hugging Face config.json; writing the tensors only")
     return hf.save_safetensors(dst, tensors, hf_config=saved.get("hf_config"),
                                overwrite=args.overwrite)

@@ -439,3 +439,20 @@ def test_export_refuses_semantics_the_family_lacks(tmp_path, capsys):
     assert cli.main([*argv, "--model-type", "olmoe"]) == 0
     assert hf.SafetensorsDir(tmp_path / "hf").names("model.layers.0.mlp.experts.3.")
     assert _listing(tmp_path) == ["hf", "native"]
+
+
+def test_hf_sharded_checkpoint(tmp_path):
+    """Tensors spread over several shards (as large models are) load the same."""
+    from safetensors.numpy import save_file
+
+    path, tensors = _write_hf(tmp_path, "gpt_oss")
+    whole = hf.load_moe_layer(path, 1, fused_moe_mlp=False)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "config.json").write_text((path / "config.json").read_text())
+    names = sorted(tensors)
+    for i, part in enumerate((names[::2], names[1::2])):
+        save_file({n: tensors[n] for n in part},
+                  str(sharded / f"model-0000{i + 1}-of-00002.safetensors"))
+    _assert_equal_dicts(orbax_io.module_state(hf.load_moe_layer(sharded, 1, fused_moe_mlp=False)),
+                        orbax_io.module_state(whole))

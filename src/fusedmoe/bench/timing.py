@@ -1,0 +1,108 @@
+"""Shared timing helpers for the benchmarks: warm up, block, repeat, median.
+
+Machines here are shared and noisy, so the useful number is a *ratio* of two
+programs measured side by side in one process. :func:`time_side_by_side`
+interleaves its candidates round-robin (a slow patch of the machine hits all of
+them alike) and :func:`ratio` compares two :class:`Timing` by their medians.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import jax
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock seconds of the timed calls (compilation and warm-up excluded)."""
+
+    times: tuple[float, ...]
+    first_call_s: float  # the first warm-up call: compilation + one run
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def min(self) -> float:
+        return min(self.times)
+
+    @property
+    def max(self) -> float:
+        return max(self.times)
+
+    @property
+    def iqr(self) -> tuple[float, float]:
+        """(25th, 75th) percentile; (min, max) below 4 samples."""
+        if len(self.times) < 4:
+            return self.min, self.max
+        q = statistics.quantiles(self.times, n=4)
+        return q[0], q[2]
+
+    def as_dict(self) -> dict:
+        return {
+            **asdict(self),
+            "median": self.median,
+            "min": self.min,
+            "max": self.max,
+            "iqr": list(self.iqr),
+        }
+
+
+def _call(fn: Callable, args: Sequence) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
+def time_fn(
+    fn: Callable, *args, warmup: int = 1, repeats: int = 5, max_total_s: float | None = None
+) -> Timing:
+    """Time ``fn(*args)``: ``warmup`` untimed calls (the first compiles), then
+    ``repeats`` timed calls, each ended by :func:`jax.block_until_ready`.
+
+    ``max_total_s``: stop repeating once the timed calls add up to this much
+    (at least one timed call is always made) so a very slow candidate cannot
+    hold a benchmark hostage.
+    """
+    return time_side_by_side({"fn": (fn, args)}, warmup, repeats, max_total_s)["fn"]
+
+
+def time_side_by_side(
+    candidates: dict[str, tuple[Callable, Sequence]],
+    warmup: int = 1,
+    repeats: int = 5,
+    max_total_s: float | None = None,
+) -> dict[str, Timing]:
+    """Time several ``name -> (fn, args)`` round-robin: repeat r runs every
+    candidate once before repeat r+1, so background load affects them alike.
+    ``max_total_s`` bounds each candidate's timed calls (see :func:`time_fn`);
+    a candidate past its bound drops out of later rounds."""
+    if warmup < 1 or repeats < 1:
+        raise ValueError(f"warmup and repeats must be >= 1, got {warmup} and {repeats}")
+    first: dict[str, float] = {}
+    for name, (fn, args) in candidates.items():
+        first[name] = _call(fn, args)
+        for _ in range(warmup - 1):
+            _call(fn, args)
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, (fn, args) in candidates.items():
+            if max_total_s is not None and times[name] and sum(times[name]) >= max_total_s:
+                continue
+            times[name].append(_call(fn, args))
+    return {name: Timing(tuple(times[name]), first[name]) for name in candidates}
+
+
+def ratio(candidate: Timing, reference: Timing) -> float:
+    """``median(candidate) / median(reference)``."""
+    return candidate.median / reference.median
+
+
+def dense_flops(m: int, k: int, n: int) -> int:
+    """FLOPs of one dense ``[m, k] @ [k, n]`` (a multiply and an add each)."""
+    return 2 * m * k * n

@@ -37,14 +37,14 @@ past that (the last ones in expert order) are dropped: they contribute zero to
 their token's output and gradient, exactly as the dense path's capacity does.
 The layer reports the number of dropped rows in ``aux["dropped_rows"]``.
 
-See docs/parallelism.md for the costs and the multi-host recipe. Run
-``python -m fusedmoe.parallel`` for the communication-bytes report.
+See docs/parallelism.md for the costs and the multi-host recipe, and
+:mod:`fusedmoe.parallel_report` (``python -m fusedmoe.parallel_report``) for the
+communication bytes, measured from compiled programs and on paper.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -76,8 +76,9 @@ def sizes(config: MoEConfig, mesh: Mesh) -> tuple[int, int, int]:
             axis_size(mesh, config.tensor_axis))
 
 
-def validate_mesh(config: MoEConfig, mesh: Any) -> None:
-    """Raise a ``ValueError`` naming the problem when ``mesh`` cannot run ``config``."""
+def validate_mesh(config: MoEConfig, mesh: Any, *, check_platform: bool = True) -> None:
+    """Raise a ``ValueError`` naming the problem when ``mesh`` cannot run ``config``
+    (``check_platform``: also whether the chosen exchange compiles on its devices)."""
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
     known = (config.data_axis, config.expert_axis, config.tensor_axis)
@@ -105,7 +106,8 @@ def validate_mesh(config: MoEConfig, mesh: Any) -> None:
             f"tensor axis {config.tensor_axis!r} of size {tp}"
         )
     native = _RAGGED_ALL_TO_ALL is jax.lax.ragged_all_to_all
-    if config.expert_all_to_all == "ragged" and _platform(mesh) == "cpu" and ep > 1 and native:
+    on_cpu = _platform(mesh) == "cpu"
+    if check_platform and config.expert_all_to_all == "ragged" and on_cpu and ep > 1 and native:
         raise ValueError(
             "expert_all_to_all='ragged': jax.lax.ragged_all_to_all is not implemented on "
             "XLA:CPU; use 'buckets' or 'auto' on CPU devices"
@@ -156,7 +158,7 @@ def shard_module(module, mesh: Mesh) -> None:
         var = getattr(owner, leaf, None) if owner is not None else None
         if var is None:
             continue
-        var.value = put(var.value, NamedSharding(mesh, spec))
+        var.set_value(put(var.get_value(), NamedSharding(mesh, spec)))
 
 
 def constrain_tokens(tokens: jax.Array, config: MoEConfig, mesh: Mesh) -> jax.Array:
@@ -207,7 +209,7 @@ def sparse_moe(
     The expert weights enter ``shard_map`` whole (fused ``wi`` as one array); each
     device sees its ``[G/ep, K, 2, N/tp]`` block.
     """
-    validate_mesh(config, mesh)
+    validate_mesh(config, mesh, check_platform=False)  # lowering works anywhere
     _check_tokens(tokens.shape[0], config, mesh)
     specs = param_specs(config, mesh)
     w_specs = experts.ExpertWeights(
@@ -381,207 +383,3 @@ def _ragged(srt, ffn, ex_axis, ep, g_local, cap):
     kept = jnp.arange(m, dtype=jnp.int32) - send_start[dest] < cap
     y_sorted = jnp.where(kept[:, None], y_sorted, 0)
     return y_sorted, jnp.sum(~kept).astype(jnp.int32)
-
-
-# ----------------------------------------------------------------------------- bytes
-
-COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "reduce-scatter",
-               "all-reduce", "collective-permute")
-_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1,
-                "pred": 1, "f64": 8, "s64": 8, "u64": 8}
-_SHAPE = re.compile(r"\b(f32|bf16|f16|s32|u32|s8|u8|pred|f64|s64|u64)\[([0-9,]*)\]")
-
-
-def _shape_bytes(text: str) -> int:
-    total = 0
-    for dtype, dims in _SHAPE.findall(text):
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        total += n * _DTYPE_BYTES[dtype]
-    return total
-
-
-def _group_size(line: str, default: int) -> int:
-    m = re.search(r"replica_groups=\{\{([0-9,]*)\}", line)
-    if m:
-        return len(m.group(1).split(","))
-    m = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)  # iota form [groups,size]
-    return int(m.group(2)) if m else default
-
-
-def collective_bytes(hlo_text: str, num_devices: int) -> dict[str, dict[str, int]]:
-    """Per collective kind in an optimized HLO module (one device's program): how many
-    ops, their operand bytes, and the bytes one device sends, by the usual model:
-    all-to-all ``S (n-1)/n``; all-gather ``S_in (n-1)``; reduce-scatter ``S_in (n-1)/n``;
-    all-reduce (ring) ``2 S (n-1)/n``; collective-permute ``S``."""
-    out = {k: {"ops": 0, "operand_bytes": 0, "sent_bytes": 0} for k in COLLECTIVES}
-    for line in hlo_text.splitlines():
-        m = re.match(r"\s*(?:ROOT )?[\w.\-]+ = (.+?) ([\w\-]+)(?:-start)?\((.*)$", line)
-        if not m:
-            continue
-        op = m.group(2)
-        if op.endswith("-start"):
-            op = op[: -len("-start")]
-        if op not in COLLECTIVES:
-            continue
-        # operand shapes: in the argument list before the first "), "
-        args = m.group(3).split("), ")[0]
-        operand = _shape_bytes(args)
-        n = _group_size(line, num_devices)
-        if op in ("all-to-all", "ragged-all-to-all", "reduce-scatter"):
-            sent = operand * (n - 1) // n
-        elif op == "all-gather":
-            sent = operand * (n - 1)
-        elif op == "all-reduce":
-            sent = 2 * operand * (n - 1) // n
-        else:
-            sent = operand
-        rec = out[op]
-        rec["ops"] += 1
-        rec["operand_bytes"] += operand
-        rec["sent_bytes"] += sent
-    return {k: v for k, v in out.items() if v["ops"]}
-
-
-def analytic_bytes(config: MoEConfig, tokens_per_device: int, ep: int, tp: int,
-                   kind: str = "buckets", dtype_bytes: int = 4) -> dict[str, int]:
-    """Bytes one device sends in one forward pass of the routed experts (the backward
-    pass repeats the same exchanges in reverse: double it for a training step).
-
-    ``tokens_per_device``: tokens each device routes (global tokens / (data*expert)).
-    Buckets send ``(ep-1)/ep`` of the ``ep*C`` bucket rows each way; ragged sends the
-    rows routed off-device, ``(ep-1)/ep`` of ``T*k`` under uniform routing.
-    The tensor-axis psum of the FFN2 partial sums is a ring all-reduce of the rows
-    the device's experts processed.
-    """
-    k_dim, rows = config.emb_dim, tokens_per_device * config.num_experts_per_tok
-    cap = capacity(rows, ep, config.expert_capacity_factor)
-    if ep == 1:
-        a2a, processed = 0, rows
-    elif kind == "buckets":
-        a2a = 2 * ep * cap * k_dim * dtype_bytes * (ep - 1) // ep
-        processed = ep * cap
-    else:
-        a2a = 2 * rows * k_dim * dtype_bytes * (ep - 1) // ep
-        processed = ep * cap
-    counts = (config.num_experts * 4 * (ep - 1) // ep) if ep > 1 else 0
-    psum = 2 * processed * k_dim * dtype_bytes * (tp - 1) // tp if tp > 1 else 0
-    return {"all_to_all": a2a, "counts": counts, "tensor_psum": psum,
-            "total": a2a + counts + psum}
-
-
-def expert_weight_bytes_per_device(config: MoEConfig, ep: int, tp: int,
-                                   dtype_bytes: int = 2) -> int:
-    """Routed-expert weight bytes each device holds: ``3 G K N / (ep tp)`` elements."""
-    return 3 * config.num_experts * config.emb_dim * config.mlp_dim * dtype_bytes // (ep * tp)
-
-
-PRESETS: dict[str, MoEConfig] = {
-    "mixtral-8x7b": MoEConfig(num_experts=8, num_experts_per_tok=2, emb_dim=4096,
-                              mlp_dim=14336, fused_moe_mlp=True),
-    "qwen3-30b-a3b": MoEConfig(num_experts=128, num_experts_per_tok=8, emb_dim=2048,
-                               mlp_dim=768, fused_moe_mlp=True),
-    "deepseek-v3": MoEConfig(num_experts=256, num_experts_per_tok=8, emb_dim=7168,
-                             mlp_dim=2048, fused_moe_mlp=True),
-}
-
-
-def compiled_bytes(config: MoEConfig, mesh: Mesh, tokens: int, *, backward: bool = False):
-    """Compile the routed-expert path for ``tokens`` global tokens on ``mesh``
-    (abstract inputs: nothing is allocated) and count its collectives."""
-    c = config
-    g, k_dim, n = c.num_experts, c.emb_dim, c.mlp_dim
-    specs = param_specs(c, mesh)
-    dt = c.compute_dtype
-    sds = lambda shape, spec, dtype=dt: jax.ShapeDtypeStruct(  # noqa: E731
-        shape, dtype, sharding=NamedSharding(mesh, spec))
-    tok = token_spec(c, mesh)
-    x = sds((tokens, k_dim), tok)
-    chosen = sds((tokens, c.num_experts_per_tok), tok, jnp.int32)
-    comb = sds((tokens, c.num_experts_per_tok), tok, jnp.float32)
-    if c.fused_moe_mlp:
-        w = experts.ExpertWeights(wo=sds((g, n, k_dim), specs["wo"]),
-                                  wi=sds((g, k_dim, 2, n), specs["wi"]))
-    else:
-        w = experts.ExpertWeights(wo=sds((g, n, k_dim), specs["wo"]),
-                                  wi_0=sds((g, k_dim, n), specs["wi_0"]),
-                                  wi_1=sds((g, k_dim, n), specs["wi_1"]))
-    act = partial(experts.gated_activation, kind=c.mlp_activations)
-
-    def fwd(x, chosen, comb, w):
-        return sparse_moe(x, chosen, comb, w, act, c, mesh)[0]
-
-    if backward:
-        def loss(x, comb, w, chosen):
-            return jnp.sum(fwd(x, chosen, comb, w))
-        fn = jax.jit(lambda x, chosen, comb, w: jax.grad(loss, argnums=(0, 1, 2))(
-            x, comb, w, chosen))
-    else:
-        fn = jax.jit(fwd)
-    hlo = fn.lower(x, chosen, comb, w).compile().as_text()
-    return collective_bytes(hlo, mesh.size)
-
-
-def _fmt(b: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(b) < 1024 or unit == "TiB":
-            return f"{b:.1f} {unit}" if unit != "B" else f"{int(b)} B"
-        b /= 1024
-    return str(b)
-
-
-def report(tokens_per_device: int = 256, mesh_shape=(1, 8, 1), backward: bool = False) -> str:
-    """A markdown table: compiled vs analytic bytes per device per forward pass."""
-    dp, ep, tp = mesh_shape
-    devices = np.array(jax.devices()[: dp * ep * tp]).reshape(mesh_shape)
-    mesh = Mesh(devices, ("data", "expert", "tensor"))
-    lines = [
-        f"mesh (data, expert, tensor) = {mesh_shape} on {jax.devices()[0].platform}, "
-        f"{tokens_per_device} tokens per device, f32, "
-        f"{'forward+backward' if backward else 'forward'}, exchange=buckets",
-        "",
-        "| preset | all-to-all ops | compiled: a2a sent | all-reduce sent | other sent "
-        "| compiled total | analytic total | analytic ragged |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, cfg in PRESETS.items():
-        cfg = cfg.replace(expert_all_to_all="buckets")
-        got = compiled_bytes(cfg, mesh, tokens_per_device * dp * ep, backward=backward)
-        a2a = got.get("all-to-all", {"ops": 0, "sent_bytes": 0})
-        ar = got.get("all-reduce", {"sent_bytes": 0})["sent_bytes"]
-        other = sum(v["sent_bytes"] for k, v in got.items() if k not in ("all-to-all",
-                                                                          "all-reduce"))
-        total = sum(v["sent_bytes"] for v in got.values())
-        mult = 2 if backward else 1
-        ana = analytic_bytes(cfg, tokens_per_device, ep, tp, "buckets")["total"] * mult
-        rag = analytic_bytes(cfg, tokens_per_device, ep, tp, "ragged")["total"] * mult
-        lines.append(
-            f"| {name} | {a2a['ops']} | {_fmt(a2a['sent_bytes'])} | {_fmt(ar)} | "
-            f"{_fmt(other)} | {_fmt(total)} | {_fmt(ana)} | {_fmt(rag)} |"
-        )
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import os
-
-    ap = argparse.ArgumentParser(prog="python -m fusedmoe.parallel",
-                                 description="communication bytes per device per step")
-    ap.add_argument("--tokens-per-device", type=int, default=256)
-    ap.add_argument("--mesh", default="1,8,1", help="data,expert,tensor sizes")
-    ap.add_argument("--backward", action="store_true", help="forward+backward")
-    args = ap.parse_args(argv)
-    shape = tuple(int(s) for s in args.mesh.split(","))
-    need = int(np.prod(shape))
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + f" --xla_force_host_platform_device_count={need}")
-    if jax.device_count() < need:
-        raise SystemExit(f"--mesh {args.mesh} needs {need} devices, have {jax.device_count()}")
-    print(report(args.tokens_per_device, shape, args.backward))
-
-
-if __name__ == "__main__":
-    main()

@@ -4,7 +4,7 @@ Run by tests/test_parallel.py in its own process (the main pytest process has
 one device). Prints one JSON object on the last line:
 ``{"cases": {name: {"errors": {part: max abs diff}, ...}}, "bad_meshes": {...}}``.
 
-    python tests/multidevice/check_parallel.py [--quick]
+    python tests/multidevice/check_parallel.py
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
-import common  # noqa: E402
 from fusedmoe import MoE, parallel  # noqa: E402
 
 
@@ -42,19 +42,37 @@ def global_concat_case(cases, fused_cfg):
     parallelism: sharding its last dim gives shard t the columns
     ``[t*2N/tp, (t+1)*2N/tp)``, which each shard splits into its own gate and up
     halves. Emulate that by handing the layer the equivalent per-shard weight."""
-    ref = common.step(common.layer(fused_cfg), *common.inputs())
-    for shape in [(2, 2, 2), (2, 4, 1)]:
-        mesh = common.make_mesh(shape)
-        model = common.layer(fused_cfg, mesh)
-        tp = shape[2]
-        wi = np.asarray(model.wi.value)
-        g, k, _, n = wi.shape
-        shard_view = (wi.reshape(g, k, 2 * n).reshape(g, k, tp, 2, n // tp)
-                      .transpose(0, 1, 3, 2, 4).reshape(g, k, 2, n))
-        model.wi.value = parallel.put(jnp.asarray(shard_view), model.wi.value.sharding)
-        got = common.step(model, *common.inputs(), mesh=mesh)
-        cases[f"global_concat_layout_tp{tp}_{shape}"] = {
-            "errors": {"out": common._err(ref[0], got[0])}, "expect_wrong": tp > 1}
+    ref, _ = common.layer(fused_cfg)(common.inputs()[0])
+    shape = (2, 2, 2)
+    mesh = common.make_mesh(shape)
+    model = common.layer(fused_cfg, mesh)
+    tp = shape[2]
+    wi = np.asarray(model.wi.get_value())
+    g, k, _, n = wi.shape
+    shard_view = (wi.reshape(g, k, 2 * n).reshape(g, k, tp, 2, n // tp)
+                  .transpose(0, 1, 3, 2, 4).reshape(g, k, 2, n))
+    model.wi.set_value(parallel.put(jnp.asarray(shard_view), model.wi.get_value().sharding))
+    out, _ = forward(model, mesh)
+    cases[f"global_concat_layout_{shape}"] = {
+        "errors": {"out": common._err(ref, out)}, "expect_wrong": True}
+
+
+def ragged_lowering():
+    """The real ``jax.lax.ragged_all_to_all`` path, forward and gradient, lowers
+    (XLA:CPU cannot compile it; GPU/TPU run it)."""
+    cfg = common.config(fused_moe_mlp=True, gmm_backend="ragged_dot")
+    mesh = common.make_mesh((2, 4, 1))
+    model = common.layer(cfg, mesh)
+    model.config = cfg.replace(expert_all_to_all="ragged")  # past the CPU check
+    graphdef, state = nnx.split(model)
+    x, r = common.inputs()
+
+    def loss(state, x):
+        out, _ = nnx.merge(graphdef, state)(x)
+        return jnp.sum(out * r)
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x).as_text()
+    return {"ragged_all_to_all_calls": text.count("ragged_all_to_all")}
 
 
 def bad_meshes(base):
@@ -75,24 +93,36 @@ def bad_meshes(base):
     return out
 
 
+def forward(model, mesh):
+    x, _ = common.inputs()
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))(state, x)
+
+
 def main() -> None:
     assert jax.device_count() == 8, jax.device_count()
-    quick = "--quick" in sys.argv
     cases = {}
-    meshes = common.MESHES[-2:] if quick else common.MESHES
+    # Every mesh, fused and unfused, on the ragged_dot grouped matmul (the quickest to
+    # compile on CPU); the CPU default backend ("tiled") on the mesh with all three axes.
+    plan = [("ragged_dot", shape) for shape in common.MESHES] + [("auto", (2, 2, 2))]
     for fused in (True, False):
-        cfg = common.config(fused_moe_mlp=fused)
-        ref = common.step(common.layer(cfg), *common.inputs())
-        for shape in meshes:
-            compare(cases, f"sparse_{'fused' if fused else 'unfused'}_{shape}", cfg, shape, ref)
+        refs = {}
+        for backend, shape in plan:
+            cfg = common.config(fused_moe_mlp=fused, gmm_backend=backend)
+            if backend not in refs:
+                refs[backend] = common.step(common.layer(cfg), *common.inputs())
+            name = f"sparse_{'fused' if fused else 'unfused'}_{backend}_{shape}"
+            compare(cases, name, cfg, shape, refs[backend])
         if fused:
             # ragged exchange: jax.lax.ragged_all_to_all is GPU/TPU only; its
             # semantics emulated with all_gather check the offset bookkeeping here.
+            cfg = common.config(fused_moe_mlp=True, gmm_backend="ragged_dot",
+                                expert_all_to_all="ragged")
             parallel._RAGGED_ALL_TO_ALL = parallel.emulated_ragged_all_to_all
             try:
                 for shape in [(2, 2, 2), (1, 8, 1)]:
-                    compare(cases, f"ragged_emulated_fused_{shape}",
-                            cfg.replace(expert_all_to_all="ragged"), shape, ref)
+                    compare(cases, f"ragged_emulated_fused_{shape}", cfg, shape,
+                            refs["ragged_dot"])
             finally:
                 parallel._RAGGED_ALL_TO_ALL = jax.lax.ragged_all_to_all
     # dense path with a mesh (plain sharding annotations)
@@ -100,15 +130,16 @@ def main() -> None:
     ref = common.step(common.layer(dense), *common.inputs())
     compare(cases, "dense_(2, 2, 2)", dense, (2, 2, 2), ref)
     # a capacity smaller than the worst case drops rows, and says how many
-    cfg = common.config(fused_moe_mlp=True, expert_capacity_factor=0.5)
+    cfg = common.config(fused_moe_mlp=True, expert_capacity_factor=0.5, gmm_backend="ragged_dot")
     mesh = common.make_mesh((1, 8, 1))
-    got = common.step(common.layer(cfg, mesh), *common.inputs(), mesh=mesh)
+    out, aux = forward(common.layer(cfg, mesh), mesh)
     cases["capacity_0.5_(1, 8, 1)"] = {
-        "errors": {}, "dropped_rows": int(got[1]["dropped_rows"]),
-        "finite": bool(np.isfinite(np.asarray(got[0])).all())}
+        "errors": {}, "dropped_rows": int(aux["dropped_rows"]),
+        "finite": bool(np.isfinite(np.asarray(out)).all())}
     global_concat_case(cases, common.config(fused_moe_mlp=True, mlp_bias=False,
-                                            shared_experts=0))
-    print(json.dumps({"cases": cases, "bad_meshes": bad_meshes(common.config())}))
+                                            shared_experts=0, gmm_backend="ragged_dot"))
+    print(json.dumps({"cases": cases, "bad_meshes": bad_meshes(common.config()),
+                      "ragged_lowering": ragged_lowering()}))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def layer(cfg: MoEConfig, mesh=None) -> MoE:
     for name, value in values.items():
         var = getattr(m, name, None)
         if var is not None:
-            var.value = value if mesh is None else parallel.put(value, var.value.sharding)
+            var.set_value(value if mesh is None else parallel.put(value, var.get_value().sharding))
     return m
 
 
@@ -81,7 +81,9 @@ def step(model: MoE, x, r, mesh=None):
 
 
 def max_errors(ref, got) -> dict[str, float]:
-    """Largest absolute difference per part: out, each aux loss, each gradient."""
+    """Per part (out, each aux loss, each gradient): the largest absolute difference,
+    divided by ``max(1, max |ref|)`` (an absolute error for values of order one, a
+    relative one for the larger gradient sums)."""
     out_r, aux_r, ds_r, dx_r = ref
     out_g, aux_g, ds_g, dx_g = got
     errs = {"out": _err(out_r, out_g), "d_x": _err(dx_r, dx_g)}
@@ -100,4 +102,6 @@ def _err(a, b) -> float:
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
         return float("inf")
-    return float(np.max(np.abs(a - b))) if a.size else 0.0
+    if not a.size:
+        return 0.0
+    return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(a)))))

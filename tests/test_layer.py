@@ -135,7 +135,8 @@ def test_dense_capacity_drops_pairs_past_capacity():
 ROUTING_VARIANTS = {
     "softmax": dict(),
     "softmax_norm_topk": dict(norm_topk_prob=True),
-    "softmax_after_topk_router_bias": dict(softmax_after_topk=True, router_bias=True),
+    "softmax_after_topk_router_bias": dict(softmax_after_topk=True, router_bias=True,
+                                           routed_scaling_factor=1.5),
     "sigmoid_deepseek": dict(
         num_experts=8, num_experts_per_tok=3, score_func="sigmoid", norm_topk_prob=True,
         routed_scaling_factor=2.5, routing_selection_bias=True, n_routing_groups=4,

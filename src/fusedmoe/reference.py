@@ -46,7 +46,7 @@ def route_token(logits, c: MoEConfig, selection_bias=None):
     e = len(logits)
     if c.softmax_after_topk:
         chosen = list(np.argsort(-logits, kind="stable")[: c.num_experts_per_tok])
-        return chosen, _softmax(logits[chosen])
+        return chosen, _softmax(logits[chosen]) * c.routed_scaling_factor
     scores = _softmax(logits) if c.score_func == "softmax" else _sigmoid(logits)
     select = scores + (0 if selection_bias is None else selection_bias)
     if c.n_routing_groups > 1:

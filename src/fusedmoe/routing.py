@@ -61,8 +61,9 @@ def route(
     """
     logits = logits.astype(jnp.float32)
     if softmax_after_topk:
+        # The k weights already sum to 1, so norm_topk_prob has nothing to do here.
         top_logits, experts = jax.lax.top_k(logits, k)
-        weights = jax.nn.softmax(top_logits, axis=-1)
+        weights = jax.nn.softmax(top_logits, axis=-1) * routed_scaling_factor
         return Routing(weights, experts.astype(jnp.int32), jax.nn.softmax(logits, axis=-1))
 
     scores = jax.nn.softmax(logits, axis=-1) if score_func == "softmax" else jax.nn.sigmoid(logits)

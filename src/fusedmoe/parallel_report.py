@@ -87,30 +87,45 @@ def collective_bytes(hlo_text: str, num_devices: int) -> dict[str, dict[str, int
 
 
 def analytic_bytes(config: MoEConfig, tokens_per_device: int, ep: int, tp: int,
-                   kind: str = "buckets", dtype_bytes: int = 4) -> dict[str, int]:
-    """Bytes one device sends in one forward pass of the routed experts (the backward
-    pass repeats the same exchanges in reverse: double it for a training step).
+                   kind: str = "buckets", dtype_bytes: int = 4, *, dp: int = 1,
+                   backward: bool = False) -> dict[str, int]:
+    """Bytes one device sends for the routed experts in one forward pass, or one
+    forward+backward pass (``backward``), by the cost model of :func:`collective_bytes`.
 
     ``tokens_per_device``: tokens each device routes (global tokens / (data*expert)).
-    Buckets send ``(ep-1)/ep`` of the ``ep*C`` bucket rows each way; ragged sends the
-    rows routed off-device, ``(ep-1)/ep`` of ``T*k`` under uniform routing.
-    The tensor-axis psum of the FFN2 partial sums is a ring all-reduce of the rows
-    the device's experts processed.
+    Forward: buckets send ``(ep-1)/ep`` of the ``ep*C`` bucket rows each way; ragged
+    sends the rows routed off-device, ``(ep-1)/ep`` of ``T*k`` under uniform routing;
+    the tensor-axis psum of the FFN2 partial sums is a ring all-reduce of the rows
+    the device's experts processed; a few int32 counts. Backward: both exchanges
+    and the psum again (their transposes), plus the sums of gradients of what is
+    replicated: the expert weights over ``data`` and the tokens (and combine
+    weights) over ``tensor``.
     """
-    k_dim, rows = config.emb_dim, tokens_per_device * config.num_experts_per_tok
-    cap = capacity(rows, ep, config.expert_capacity_factor)
+    c = config
+    k_dim, rows = c.emb_dim, tokens_per_device * c.num_experts_per_tok
+    cap = capacity(rows, ep, c.expert_capacity_factor)
+    ring = lambda size, n: 2 * size * (n - 1) // n  # noqa: E731 - all-reduce
     if ep == 1:
-        a2a, processed = 0, rows
+        a2a, processed, counts = 0, rows, 0
     elif kind == "buckets":
-        a2a = 2 * ep * cap * k_dim * dtype_bytes * (ep - 1) // ep
+        a2a = 2 * (ep * cap * k_dim * dtype_bytes * (ep - 1) // ep)
         processed = ep * cap
+        counts = c.num_experts * 4 * (ep - 1) // ep
     else:
-        a2a = 2 * rows * k_dim * dtype_bytes * (ep - 1) // ep
+        a2a = 2 * (rows * k_dim * dtype_bytes * (ep - 1) // ep)
         processed = ep * cap
-    counts = (config.num_experts * 4 * (ep - 1) // ep) if ep > 1 else 0
-    psum = 2 * processed * k_dim * dtype_bytes * (tp - 1) // tp if tp > 1 else 0
-    return {"all_to_all": a2a, "counts": counts, "tensor_psum": psum,
-            "total": a2a + counts + psum}
+        counts = c.num_experts * 4 * (ep - 1) // ep + 2 * (ep * ep * 4 * (ep - 1) // ep)
+    psum = ring(processed * k_dim * dtype_bytes, tp) if tp > 1 else 0
+    out = {"all_to_all": a2a, "counts": counts, "tensor_psum": psum}
+    if backward:
+        out["all_to_all"] *= 2
+        out["tensor_psum"] *= 2
+        w_local = 3 * (c.num_experts // ep) * k_dim * (c.mlp_dim // tp) * dtype_bytes
+        out["weight_grad_data_psum"] = ring(w_local, dp) if dp > 1 else 0
+        tokens_grad = tokens_per_device * (k_dim + c.num_experts_per_tok) * dtype_bytes
+        out["token_grad_tensor_psum"] = ring(tokens_grad, tp) if tp > 1 else 0
+    out["total"] = sum(out.values())
+    return out
 
 
 def expert_weight_bytes_per_device(config: MoEConfig, ep: int, tp: int,
@@ -174,7 +189,7 @@ def _fmt(b: float) -> str:
 
 
 def report(tokens_per_device: int = 256, mesh_shape=(1, 8, 1), backward: bool = False) -> str:
-    """A markdown table: compiled vs analytic bytes per device per forward pass."""
+    """A markdown table: compiled vs analytic bytes one device sends."""
     dp, ep, tp = mesh_shape
     devices = np.array(jax.devices()[: dp * ep * tp]).reshape(mesh_shape)
     mesh = Mesh(devices, ("data", "expert", "tensor"))
@@ -183,24 +198,25 @@ def report(tokens_per_device: int = 256, mesh_shape=(1, 8, 1), backward: bool = 
         f"{tokens_per_device} tokens per device, f32, "
         f"{'forward+backward' if backward else 'forward'}, exchange=buckets",
         "",
-        "| preset | all-to-all ops | compiled: a2a sent | all-reduce sent | other sent "
-        "| compiled total | analytic total | analytic ragged |",
-        "|---|---|---|---|---|---|---|---|",
+        "| preset | all-to-all ops | a2a sent | all-reduce ops | all-reduce sent | other sent "
+        "| compiled total | analytic total | exact match | analytic ragged |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, cfg in PRESETS.items():
         cfg = cfg.replace(expert_all_to_all="buckets")
         got = compiled_bytes(cfg, mesh, tokens_per_device * dp * ep, backward=backward)
-        a2a = got.get("all-to-all", {"ops": 0, "sent_bytes": 0})
-        ar = got.get("all-reduce", {"sent_bytes": 0})["sent_bytes"]
+        none = {"ops": 0, "sent_bytes": 0}
+        a2a, ar = got.get("all-to-all", none), got.get("all-reduce", none)
         other = sum(v["sent_bytes"] for k, v in got.items() if k not in ("all-to-all",
                                                                           "all-reduce"))
         total = sum(v["sent_bytes"] for v in got.values())
-        mult = 2 if backward else 1
-        ana = analytic_bytes(cfg, tokens_per_device, ep, tp, "buckets")["total"] * mult
-        rag = analytic_bytes(cfg, tokens_per_device, ep, tp, "ragged")["total"] * mult
+        kw = dict(dp=dp, backward=backward)
+        ana = analytic_bytes(cfg, tokens_per_device, ep, tp, "buckets", **kw)["total"]
+        rag = analytic_bytes(cfg, tokens_per_device, ep, tp, "ragged", **kw)["total"]
         lines.append(
-            f"| {name} | {a2a['ops']} | {_fmt(a2a['sent_bytes'])} | {_fmt(ar)} | "
-            f"{_fmt(other)} | {_fmt(total)} | {_fmt(ana)} | {_fmt(rag)} |"
+            f"| {name} | {a2a['ops']} | {_fmt(a2a['sent_bytes'])} | {ar['ops']} | "
+            f"{_fmt(ar['sent_bytes'])} | {_fmt(other)} | {_fmt(total)} | {_fmt(ana)} | "
+            f"{'yes' if ana == total else f'no ({total - ana:+d} B)'} | {_fmt(rag)} |"
         )
     return "\n".join(lines)
 
@@ -216,7 +232,8 @@ def scaling(preset: str = "deepseek-v3", devices=(8, 64, 256), tokens_per_device
         f"{8 * dtype_bytes}-bit activations and weights; ep = devices, one forward pass",
         "",
         "| devices | experts/device | expert weights/device | ragged sent | ragged recv buffer "
-        f"(worst case) | buckets sent (worst case) | buckets sent (capacity {capacity_factor}) |",
+        f"(worst case / capacity {capacity_factor}) | buckets sent (worst case) "
+        f"| buckets sent (capacity {capacity_factor}) |",
         "|---|---|---|---|---|---|---|",
     ]
     for ep in devices:
@@ -229,7 +246,8 @@ def scaling(preset: str = "deepseek-v3", devices=(8, 64, 256), tokens_per_device
         lines.append(
             f"| {ep} | {base.num_experts // ep} | "
             f"{_fmt(expert_weight_bytes_per_device(base, ep, 1, dtype_bytes))} | "
-            f"{_fmt(rag['total'])} | {_fmt(ep * rows * row_bytes)} | "
+            f"{_fmt(rag['total'])} | {_fmt(ep * rows * row_bytes)} / "
+            f"{_fmt(ep * capacity(rows, ep, capacity_factor) * row_bytes)} | "
             f"{_fmt(worst['total'])} | {_fmt(capped['total'])} |"
         )
     return "\n".join(lines)

@@ -102,3 +102,16 @@ def test_python_dash_m_entry_point():
     assert result.returncode == 0
     for command in ("bench", "check"):
         assert command in result.stdout
+
+
+@pytest.mark.hf
+def test_bench_peer_column_times_the_transformers_block(tmp_path):
+    pytest.importorskip("transformers")
+    out_json = tmp_path / "rows.json"
+    args = [a for a in TINY_BENCH if a != "--no-peer"] + ["--json", str(out_json)]
+    assert main(args) == 0
+    rows = json.loads(out_json.read_text())["rows"]
+    for r in rows:
+        assert "peer_skipped" not in r, r.get("peer_skipped")
+        assert r["peer"].startswith("transformers mixtral")
+        assert r["peer_median_s"] > 0 and r["peer_ratio_to_dense"] > 0

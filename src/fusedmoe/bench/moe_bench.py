@@ -256,7 +256,7 @@ def _layer_fns(config, tokens: int):
     return jax.jit(forward), jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (state, x)
 
 
-def run_plan(plan: BenchPlan, peer_fn=None) -> list[dict[str, Any]]:
+def run_plan(plan: BenchPlan) -> list[dict[str, Any]]:
     """Measure every (preset, dtype, backend, layout, pass) row of ``plan``."""
     import gc
 
@@ -317,9 +317,45 @@ def run_plan(plan: BenchPlan, peer_fn=None) -> list[dict[str, Any]]:
                     del layer_args, fwd, both
                     gc.collect()
                     progress.advance(task)
+            if plan.peer:
+                progress.update(task, description=f"{preset_name} {dtype}: transformers peer")
+                _add_peer(rows, preset, base, tokens, dense, plan.repeats)
             _add_speedups(rows)
             jax.clear_caches()
     return rows
+
+
+def _add_peer(rows, preset, config, tokens: int, dense, repeats: int) -> None:
+    """Time the transformers block of ``preset.family`` on the same weights and input and
+    put it on the matching rows (``peer_*`` fields)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from fusedmoe.bench import peer
+    from fusedmoe.check import TOLERANCE
+    from fusedmoe.layer import MoE
+
+    reason = peer.unavailable_reason(preset.family)
+    if reason is None:
+        layer = MoE(config.replace(fused_moe_mlp=True), rngs=nnx.Rngs(0))
+        x = jax.random.normal(jax.random.key(1), (1, tokens, config.emb_dim),
+                              config.compute_dtype)
+        result = peer.time_peer(layer, preset.family, np.asarray(x, np.float32),
+                                np.asarray(layer(x)[0], np.float32), repeats,
+                                TOLERANCE[config.dtype] * 10)
+        del layer
+    else:
+        result = {"skipped": reason}
+    for r in rows:
+        if r["preset"] != preset.name or r["dtype"] != config.dtype:
+            continue
+        if "skipped" in result:
+            r["peer_skipped"] = result["skipped"]
+        else:
+            r["peer"] = f"transformers {preset.family} ({result['implementation']})"
+            r["peer_median_s"] = result[r["pass"]]
+            r["peer_ratio_to_dense"] = result[r["pass"]] / dense[r["pass"]]["median_s"]
 
 
 def _add_speedups(rows: list[dict[str, Any]]) -> None:
@@ -353,7 +389,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     table = Table(title="fusedmoe bench: MoE layer vs the dense GEMMs of equal FLOPs "
                         "(ratio = layer time / dense time, same process)")
     columns = ("preset", "dtype", "backend", "layout", "pass", "median (min-max)",
-               "GFLOP/s", "x dense", "fused speed-up", "gmm ops", "XLA GFLOP",
+               "GFLOP/s", "x dense", "fused speed-up", "peer x dense", "gmm ops", "XLA GFLOP",
                "XLA bytes", "peak mem")
     for col in columns:
         table.add_column(col, justify="left" if col in columns[:5] else "right")
@@ -369,6 +405,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f"{r['achieved_flops_per_s'] / 1e9:.0f}",
             f"{r['ratio_to_dense']:.2f}",
             f"{r['fused_speedup']:.2f}x" if "fused_speedup" in r else "",
+            f"{r['peer_ratio_to_dense']:.2f}" if "peer_ratio_to_dense" in r else "-",
             str(r["grouped_matmuls"]),
             "-" if r["xla_flops"] is None else f"{r['xla_flops'] / 1e9:.1f}",
             _fmt_bytes(r["xla_bytes"]),

@@ -16,18 +16,39 @@ import argparse
 import os
 
 
-def sample_next(logits, key, temperature: float, top_k: int):
-    """One token id from ``logits [V]``: argmax when ``temperature == 0``."""
+def sample_next(logits, key, temperature, top_k: int, greedy: bool | None = None):
+    """One token id from ``logits [V]``: argmax when ``greedy`` (default:
+    ``temperature == 0``, which then must be a Python number)."""
     import jax
     import jax.numpy as jnp
 
-    if temperature == 0:
+    if greedy is None:
+        greedy = temperature == 0
+    if greedy:
         return jnp.argmax(logits).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
     if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][-1]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     return jax.random.categorical(key, logits).astype(jnp.int32)
+
+
+def _next_token(graphdef, state, tokens, length, key, temperature, *, greedy, top_k):
+    from flax import nnx
+
+    logits, _ = nnx.merge(graphdef, state)(tokens[None])
+    return sample_next(logits[0, length - 1], key, temperature, top_k, greedy)
+
+
+_JITTED = {}
+
+
+def _jitted_next_token():
+    import jax
+
+    if "f" not in _JITTED:  # one jitted function: compiled once per model shape and mode
+        _JITTED["f"] = jax.jit(_next_token, static_argnames=("graphdef", "greedy", "top_k"))
+    return _JITTED["f"]
 
 
 def generate_tokens(model, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.0,
@@ -41,12 +62,8 @@ def generate_tokens(model, prompt: list[int], max_new_tokens: int, *, temperatur
 
     window = model.config.max_seq_len
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def next_token(state, tokens, length, key):
-        logits, _ = nnx.merge(graphdef, state)(tokens[None])
-        return sample_next(logits[0, length - 1], key, temperature, top_k)
-
+    next_token = _jitted_next_token()
+    greedy = temperature == 0
     history = list(prompt) or [ord("\n")]
     key = jax.random.key(seed)
     new: list[int] = []
@@ -56,7 +73,8 @@ def generate_tokens(model, prompt: list[int], max_new_tokens: int, *, temperatur
         buf = np.zeros((window,), np.int32)
         buf[: len(context)] = context
         key, sub = jax.random.split(key)
-        token = int(next_token(state, jnp.asarray(buf), len(context), sub))
+        token = int(next_token(graphdef, state, jnp.asarray(buf), len(context), sub,
+                               np.float32(temperature), greedy=greedy, top_k=top_k))
         history.append(token)
         new.append(token)
     return new

@@ -415,6 +415,8 @@ def restore(out: str, step: int | None = None, *, params_only: bool = False,
     """Restore ``(state, config, step)`` from the latest (or given) finalized
     checkpoint in ``out``. ``fused`` converts the state to that layout (and the
     returned config says so); ``None`` keeps the checkpoint's."""
+    import jax
+    import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
     meta = read_meta(out, step)
@@ -432,6 +434,9 @@ def restore(out: str, step: int | None = None, *, params_only: bool = False,
     state = {"params": restored["params"]}
     if not params_only:
         state["opt_state"] = restored["opt_state"]
+    # Orbax returns arrays committed to a device, jitted functions return
+    # uncommitted ones; the compiled step is keyed on that, so match a fresh run.
+    state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state)
     if fused is not None and fused != config.fused:
         from fusedmoe.checkpoint.fusion import fuse_state, unfuse_state
 

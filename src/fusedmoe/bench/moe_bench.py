@@ -21,7 +21,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from typing import Any
 
 from fusedmoe.bench.presets import DEFAULT_PRESETS, PRESETS
@@ -123,20 +122,6 @@ def run(args) -> int:
 
 
 # ----------------------------------------------------------------------------- timing
-
-
-def time_call(fn, *args, repeats: int) -> dict[str, float]:
-    """Warm up (compile) once, then ``repeats`` timed calls: median, min, max seconds."""
-    import jax
-    import numpy as np
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return {"median_s": float(np.median(times)), "min_s": min(times), "max_s": max(times)}
 
 
 def _xla_costs(jitted, *args) -> dict[str, float | None]:
@@ -256,6 +241,53 @@ def _layer_fns(config, tokens: int):
     return jax.jit(forward), jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (state, x)
 
 
+def _measure_job(plan: BenchPlan, preset, base, tokens: int, progress, task):
+    """Rows of one (preset, dtype): the dense GEMMs and every runnable (backend, layout),
+    timed round-robin per pass (:func:`time_side_by_side`) so load hits them alike.
+    Returns (rows, dense median seconds per pass)."""
+    from fusedmoe.bench.timing import time_side_by_side
+
+    flops = expert_flops(base, tokens)
+    common = dict(preset=preset.name, dtype=base.dtype, tokens=tokens,
+                  rows=tokens * base.num_experts_per_tok, experts=base.num_experts,
+                  top_k=base.num_experts_per_tok, emb_dim=base.emb_dim, mlp_dim=base.mlp_dim)
+    rows, layers = [], {}
+    for backend in plan.backends:
+        reason = _skip_reason(backend, base, tokens)
+        for layout in ("unfused", "fused"):
+            if reason is not None:
+                rows += [{**common, "backend": backend, "layout": layout, "pass": p,
+                          "skipped": reason} for p in PASSES]
+                continue
+            config = base.replace(gmm_backend=backend, fused_moe_mlp=layout == "fused")
+            layers[backend, layout] = (config, *_layer_fns(config, tokens))
+    dense_fwd, dense_both, dense_args = _dense_fns(base, tokens, base.compute_dtype)
+    dense = {}
+    for index, pass_name in enumerate(PASSES):
+        progress.update(task, description=f"{preset.name} {base.dtype}: {pass_name}")
+        candidates = {"dense": ((dense_fwd, dense_both)[index], dense_args)}
+        for key, (_, fwd, both, args) in layers.items():
+            candidates[key] = ((fwd, both)[index], args)
+        timings = time_side_by_side(candidates, repeats=plan.repeats)
+        dense[pass_name] = timings.pop("dense").median
+        for (backend, layout), timing in timings.items():
+            config, fwd, both, args = layers[backend, layout]
+            fn = (fwd, both)[index]
+            pass_flops = flops * (1 if pass_name == "forward" else 3)
+            rows.append({
+                **common, "backend": backend, "layout": layout, "pass": pass_name,
+                "median_s": timing.median, "min_s": timing.min, "max_s": timing.max,
+                "dense_median_s": dense[pass_name],
+                "ratio_to_dense": timing.median / dense[pass_name],
+                "expert_flops": pass_flops,
+                "achieved_flops_per_s": pass_flops / timing.median,
+                "grouped_matmuls": count_grouped_matmuls(config, pass_name == "forward"),
+                **_xla_costs(fn, *args),
+            })
+        progress.advance(task)
+    return rows, dense
+
+
 def run_plan(plan: BenchPlan) -> list[dict[str, Any]]:
     """Measure every (preset, dtype, backend, layout, pass) row of ``plan``."""
     import gc
@@ -267,60 +299,20 @@ def run_plan(plan: BenchPlan) -> list[dict[str, Any]]:
 
     rows: list[dict[str, Any]] = []
     jobs = [(p, d) for p in plan.presets for d in plan.dtypes]
-    per_job = len(plan.backends) * 2 + 1
     with Progress(transient=True) as progress:
-        task = progress.add_task("fusedmoe bench", total=len(jobs) * per_job)
+        task = progress.add_task("fusedmoe bench", total=len(jobs) * (len(PASSES) + plan.peer))
         for preset_name, dtype in jobs:
             preset = PRESETS[preset_name]
             tokens = plan.tokens or preset.tokens
             base = MoEConfig(**preset.config, dtype=dtype, weight_dtype=dtype)
-            progress.update(task, description=f"{preset_name} {dtype}: dense GEMMs")
-            dense_fwd, dense_both, dense_args = _dense_fns(base, tokens, base.compute_dtype)
-            dense = {
-                "forward": time_call(dense_fwd, *dense_args, repeats=plan.repeats),
-                "forward+backward": time_call(dense_both, *dense_args, repeats=plan.repeats),
-            }
-            del dense_args
-            progress.advance(task)
-            flops = expert_flops(base, tokens)
-            common = dict(preset=preset_name, dtype=dtype, tokens=tokens,
-                          rows=tokens * base.num_experts_per_tok, experts=base.num_experts,
-                          top_k=base.num_experts_per_tok, emb_dim=base.emb_dim,
-                          mlp_dim=base.mlp_dim)
-            for backend in plan.backends:
-                reason = _skip_reason(backend, base, tokens)
-                for fused in (False, True):
-                    layout = "fused" if fused else "unfused"
-                    progress.update(task, description=f"{preset_name} {dtype}: {backend} {layout}")
-                    if reason is not None:
-                        for pass_name in PASSES:
-                            rows.append({**common, "backend": backend, "layout": layout,
-                                         "pass": pass_name, "skipped": reason})
-                        progress.advance(task)
-                        continue
-                    config = base.replace(gmm_backend=backend, fused_moe_mlp=fused)
-                    fwd, both, layer_args = _layer_fns(config, tokens)
-                    for pass_name, fn in (("forward", fwd), ("forward+backward", both)):
-                        stats = time_call(fn, *layer_args, repeats=plan.repeats)
-                        pass_flops = flops * (1 if pass_name == "forward" else 3)
-                        rows.append({
-                            **common, "backend": backend, "layout": layout, "pass": pass_name,
-                            **stats,
-                            "dense_median_s": dense[pass_name]["median_s"],
-                            "ratio_to_dense": stats["median_s"] / dense[pass_name]["median_s"],
-                            "expert_flops": pass_flops,
-                            "achieved_flops_per_s": pass_flops / stats["median_s"],
-                            "grouped_matmuls": count_grouped_matmuls(
-                                config, pass_name == "forward"),
-                            **_xla_costs(fn, *layer_args),
-                        })
-                    del layer_args, fwd, both
-                    gc.collect()
-                    progress.advance(task)
+            job_rows, dense = _measure_job(plan, preset, base, tokens, progress, task)
+            gc.collect()
             if plan.peer:
                 progress.update(task, description=f"{preset_name} {dtype}: transformers peer")
-                _add_peer(rows, preset, base, tokens, dense, plan.repeats)
-            _add_speedups(rows)
+                _add_peer(job_rows, preset, base, tokens, dense, plan.repeats)
+                progress.advance(task)
+            _add_speedups(job_rows)
+            rows += job_rows
             jax.clear_caches()
     return rows
 
@@ -355,7 +347,7 @@ def _add_peer(rows, preset, config, tokens: int, dense, repeats: int) -> None:
         else:
             r["peer"] = f"transformers {preset.family} ({result['implementation']})"
             r["peer_median_s"] = result[r["pass"]]
-            r["peer_ratio_to_dense"] = result[r["pass"]] / dense[r["pass"]]["median_s"]
+            r["peer_ratio_to_dense"] = result[r["pass"]] / dense[r["pass"]]
 
 
 def _add_speedups(rows: list[dict[str, Any]]) -> None:

@@ -1,7 +1,9 @@
-"""The ``fusedmoe`` command line: one subcommand per module, loaded lazily.
+"""The ``fusedmoe`` command line: one subcommand per module.
 
 Each subcommand lives in its own module that defines
-``add_arguments(parser)`` and ``run(args) -> int``. Bad options end with a
+``add_arguments(parser)`` and ``run(args) -> int``; the table below maps
+names to modules. Subcommand modules import jax and friends inside ``run``
+where they can, so ``--help`` stays quick. Bad options end with a
 one-line error naming the option and the valid values, exit code 2, no
 traceback (:class:`UsageError`).
 """
@@ -36,8 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue  # not built yet in this checkout
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name)
-        # Only the chosen subcommand's module is imported (see main), but every
-        # parser needs its arguments for --help; modules import jax lazily.
+        # Every parser needs its arguments for --help, so each module is imported.
         module = importlib.import_module(module_name)
         module.add_arguments(p)
     return parser

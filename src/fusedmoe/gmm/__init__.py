@@ -9,8 +9,9 @@ zeros (the semantics of :func:`jax.lax.ragged_dot`).
 "transposed" product ``out[g] = lhs_g.T @ dout_g``, i.e. the weight gradient of
 ``gmm``.
 
-Backends live in ``fusedmoe.gmm.<name>`` and register themselves in
-:mod:`fusedmoe.gmm.registry`.
+Backends live in ``fusedmoe/gmm/<name>.py``, one file each, listed by name in
+``fusedmoe/gmm/registry.py``. (``fusedmoe.gmm`` the attribute is the function;
+reach a backend module with ``from fusedmoe.gmm import tiled``.)
 """
 
 from fusedmoe.gmm.api import gmm, tgmm

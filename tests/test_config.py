@@ -88,3 +88,12 @@ def test_unknown_field_lists_valid_ones():
 def test_override_needs_equals():
     with pytest.raises(ValueError, match="key=value"):
         MoEConfig.from_overrides(["fused_moe_mlp"])
+
+
+def test_every_field_is_documented():
+    import dataclasses
+    import pathlib
+
+    doc = (pathlib.Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    missing = [f.name for f in dataclasses.fields(MoEConfig) if f"`{f.name}`" not in doc]
+    assert not missing, f"docs/configuration.md lacks {missing}"

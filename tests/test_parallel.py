@@ -123,6 +123,16 @@ def test_ragged_exchange_lowers_with_gradient(runs):
 
 
 @pytest.mark.multidevice
+def test_each_device_routes_its_own_tokens(runs):
+    """The compiled layer gathers no tokens or router scores: its collectives are the
+    exchange (all-to-all) and the aux losses' scalar all-reduces."""
+    got = runs["check"]["layer_collectives"]
+    assert set(got) <= {"all-to-all", "all-reduce"}, got
+    assert got["all-to-all"]["ops"] == 3  # counts, rows out, results back
+    assert got.get("all-reduce", {"sent_bytes": 0})["sent_bytes"] < 1024
+
+
+@pytest.mark.multidevice
 def test_dense_path_with_mesh(runs):
     _assert_close(runs["check"]["cases"]["dense_(2, 2, 2)"], "dense")
 

@@ -133,7 +133,8 @@ class MoE(nnx.Module):
         if self.mesh is not None:
             tokens = parallel.constrain_tokens(tokens, c, self.mesh)
         logits = self.gate(tokens)
-        chosen = routing.route(
+        route = routing.route if self.mesh is None else parallel.route_fn(c, self.mesh)
+        chosen = route(
             logits, k=c.num_experts_per_tok, score_func=c.score_func,
             softmax_after_topk=c.softmax_after_topk, norm_topk_prob=c.norm_topk_prob,
             routed_scaling_factor=c.routed_scaling_factor,

@@ -55,7 +55,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fusedmoe import dispatch, experts
+from fusedmoe import dispatch, experts, routing
 from fusedmoe.config import MoEConfig
 
 # ----------------------------------------------------------------------------- mesh
@@ -140,7 +140,10 @@ def param_specs(config: MoEConfig, mesh: Mesh) -> dict[str, P]:
 
 def put(value: jax.Array, sharding: NamedSharding) -> jax.Array:
     """``value`` (the same on every process) placed with ``sharding``, which may span
-    devices of other processes."""
+    devices of other processes. Inside ``jit`` (sharded initialisation) it is a
+    sharding constraint."""
+    if isinstance(value, jax.core.Tracer):
+        return jax.lax.with_sharding_constraint(value, sharding)
     if sharding.is_fully_addressable:
         return jax.device_put(value, sharding)
     host = np.asarray(value)
@@ -174,6 +177,28 @@ def _check_tokens(num_tokens: int, config: MoEConfig, mesh: Mesh) -> None:
             f"x: batch*seq={num_tokens} tokens do not split evenly over the data x expert "
             f"axes ({dp} x {ep} = {dp * ep} devices); use a multiple of {dp * ep}"
         )
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+def route_fn(config: MoEConfig, mesh: Mesh) -> Callable[..., routing.Routing]:
+    """:func:`fusedmoe.routing.route` run per device on its own tokens (``shard_map``
+    over data and expert). Routing is per token, so this is exact; left to the
+    SPMD partitioner, ``top_k`` on row-sharded scores all-gathers every token's
+    scores to every device first."""
+    tok = token_spec(config, mesh)
+    out = routing.Routing(tok, tok, tok)
+
+    def route(logits, *, selection_bias=None, **kwargs):
+        if selection_bias is None:
+            return jax.shard_map(lambda lg: routing.route(lg, **kwargs), mesh=mesh,
+                                 in_specs=(tok,), out_specs=out)(logits)
+        return jax.shard_map(
+            lambda lg, bias: routing.route(lg, selection_bias=bias, **kwargs), mesh=mesh,
+            in_specs=(tok, P()), out_specs=out)(logits, selection_bias)
+
+    return route
 
 
 # ----------------------------------------------------------------------------- sparse path

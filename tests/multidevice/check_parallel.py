@@ -75,6 +75,23 @@ def ragged_lowering():
     return {"ragged_all_to_all_calls": text.count("ragged_all_to_all")}
 
 
+def layer_collectives():
+    """Collectives of the whole compiled sparse layer (router, routing, aux losses,
+    experts) on (2, 4, 1): the token exchange and a few scalar all-reduces, no
+    all-gather of tokens or router scores."""
+    from fusedmoe.parallel_report import collective_bytes
+
+    cfg = common.config(fused_moe_mlp=True, gmm_backend="ragged_dot", shared_experts=0,
+                        score_func="sigmoid", n_routing_groups=4, topk_routing_group=2,
+                        routing_selection_bias=True)
+    mesh = common.make_mesh((2, 4, 1))
+    graphdef, state = nnx.split(common.layer(cfg, mesh))
+    x = common.inputs()[0].reshape(8, 4, 16)  # batch over all 8 devices, so the
+    # output's [B, S, K] reshape needs no resharding either
+    fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    return collective_bytes(fn.lower(state, x).compile().as_text(), 8)
+
+
 def bad_meshes(base):
     devices = np.array(jax.devices())
     attempts = {
@@ -139,7 +156,8 @@ def main() -> None:
     global_concat_case(cases, common.config(fused_moe_mlp=True, mlp_bias=False,
                                             shared_experts=0, gmm_backend="ragged_dot"))
     print(json.dumps({"cases": cases, "bad_meshes": bad_meshes(common.config()),
-                      "ragged_lowering": ragged_lowering()}))
+                      "ragged_lowering": ragged_lowering(),
+                      "layer_collectives": layer_collectives()}))
 
 
 if __name__ == "__main__":

@@ -9,19 +9,17 @@ import jax
 import numpy as np
 import pytest
 
-from fusedmoe.cli import main
-from fusedmoe.generate import generate
-from fusedmoe.train import (
+from fusedmoe.checkpoint.training import (
     INCOMPLETE_DIR,
-    TrainConfig,
-    batch_at,
     convert_checkpoint,
     convert_state,
     finalized_steps,
-    read_metrics,
     restore,
-    train,
 )
+from fusedmoe.cli import main
+from fusedmoe.data import batch_at
+from fusedmoe.generate import generate
+from fusedmoe.train import TrainConfig, read_metrics, train
 
 # every 10 steps a checkpoint, all five kept so other tests can start from them
 TINY = TrainConfig.preset("tiny", keep_checkpoints=5)

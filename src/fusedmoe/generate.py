@@ -84,8 +84,8 @@ def load_model(run_dir: str, step: int | None = None):
     """``(model, config, step)`` from the latest (or given) finalized checkpoint."""
     from flax import nnx
 
+    from fusedmoe.checkpoint.training import restore
     from fusedmoe.model import MoEModel
-    from fusedmoe.train import restore
 
     state, config, step = restore(run_dir, step, params_only=True)
     model = nnx.eval_shape(lambda: MoEModel(config.model, rngs=nnx.Rngs(0)))
@@ -119,8 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fusedmoe.checkpoint.training import finalized_steps
     from fusedmoe.cli import UsageError
-    from fusedmoe.train import finalized_steps
 
     if not os.path.isdir(args.run_dir):
         raise UsageError(f"run_dir: got {args.run_dir!r}, expected an existing run directory")

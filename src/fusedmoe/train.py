@@ -12,16 +12,17 @@ Python API::
     result.losses          # one float per step run
 
 Everything that makes a run reproducible is a pure function of the config: the
-batch of step ``s`` is drawn from ``numpy.random.default_rng([seed, s])``, the
-parameters from ``seed``, so a run resumed from its step-``s`` checkpoint takes
-the same steps as one that was never stopped (bitwise, on CPU).
+batch of step ``s`` is drawn from ``numpy.random.default_rng([seed, s])`` (see
+:mod:`fusedmoe.data`), the parameters from ``seed``, so a run resumed from its
+step-``s`` checkpoint takes the same steps as one that was never stopped
+(bitwise, on CPU).
 
 Written to ``--out DIR``:
 
 - ``checkpoints/<step>/``: orbax checkpoints (``params``, ``opt_state``,
   ``meta``), written to a temporary directory and renamed when complete; the
   last ``keep_checkpoints`` are kept. Only finalized checkpoints are ever
-  restored (see :func:`finalized_steps`).
+  restored (see :mod:`fusedmoe.checkpoint.training`).
 - ``metrics.jsonl``: one JSON object per step (``step``, ``loss``, ``ce_loss``,
   ``aux_loss``, ``lr``, ``grad_norm``, ``step_time_s``, ``tokens_per_s``,
   ``expert_load``).
@@ -36,19 +37,25 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
-from importlib import resources
 from typing import Any
 
 import numpy as np
 
+from fusedmoe.checkpoint.training import (
+    INCOMPLETE_DIR,
+    checkpoint_manager,
+    finalized_steps,
+    read_meta,
+    restore,
+    save_checkpoint,
+    set_aside_incomplete,
+)
 from fusedmoe.config import MoEConfig
+from fusedmoe.data import batch_at
 from fusedmoe.model import ModelConfig
 
-CHECKPOINT_DIR = "checkpoints"
-INCOMPLETE_DIR = "checkpoints.incomplete"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PNG = "loss_curve.png"
-META_VERSION = 1
 
 
 # ---------------------------------------------------------------------- config
@@ -176,37 +183,6 @@ PRESETS: dict[str, TrainConfig] = {
 DEFAULT_PRESET = "small"
 
 
-# ---------------------------------------------------------------------- data
-_CORPUS: np.ndarray | None = None
-
-
-def corpus() -> np.ndarray:
-    """The shipped text as a ``uint8`` array (files in name order, blank line between)."""
-    global _CORPUS
-    if _CORPUS is None:
-        files = sorted(
-            (f for f in resources.files("fusedmoe").joinpath("data").iterdir()
-             if f.name.endswith(".txt")),
-            key=lambda f: f.name,
-        )
-        if not files:
-            raise FileNotFoundError("fusedmoe/data/*.txt: no training text shipped")
-        data = b"\n\n".join(f.read_bytes() for f in files)
-        _CORPUS = np.frombuffer(data, dtype=np.uint8)
-    return _CORPUS
-
-
-def batch_at(seed: int, step: int, batch_size: int, seq_len: int,
-             data: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(inputs, targets)``, each ``[batch_size, seq_len]`` int32: a pure function of
-    ``(seed, step)`` — the random windows of the corpus step ``step`` trains on."""
-    data = corpus() if data is None else data
-    rng = np.random.default_rng([seed, step])
-    starts = rng.integers(0, len(data) - seq_len - 1, size=batch_size)
-    windows = data[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32)
-    return windows[:, :-1], windows[:, 1:]
-
-
 # ---------------------------------------------------------------------- model + optimizer
 def make_schedule(c: TrainConfig):
     import optax
@@ -318,169 +294,6 @@ class Trainer:
         return jax.eval_shape(self._init_fn, jax.random.key(0))
 
 
-def map_param_trees(opt_state: Any, fn: Callable[[Mapping], Any]) -> Any:
-    """Apply ``fn`` to every parameter-shaped tree inside an optax state: every
-    mapping (optax keeps ``mu``/``nu`` as trees shaped like the params) reached
-    through tuples and named tuples; other leaves are kept."""
-    if isinstance(opt_state, Mapping):
-        return fn(opt_state)
-    if isinstance(opt_state, tuple):
-        items = [map_param_trees(x, fn) for x in opt_state]
-        return type(opt_state)(*items) if hasattr(opt_state, "_fields") else tuple(items)
-    if isinstance(opt_state, list):
-        return [map_param_trees(x, fn) for x in opt_state]
-    return opt_state
-
-
-def convert_state(state: Mapping[str, Any], fused: bool) -> dict[str, Any]:
-    """A train state (``params`` and ``opt_state``) in the fused or unfused layout:
-    :func:`fusedmoe.checkpoint.fusion.fuse_state` / ``unfuse_state`` on the
-    parameters and on the optimizer's parameter-shaped trees (Adam's mu, nu)."""
-    from fusedmoe.checkpoint.fusion import fuse_state, unfuse_state
-
-    fn = fuse_state if fused else unfuse_state
-    return {"params": fn(state["params"]),
-            "opt_state": map_param_trees(state["opt_state"], fn)}
-
-
-# ---------------------------------------------------------------------- checkpoints
-def _manager(out: str, keep: int):
-    import orbax.checkpoint as ocp
-
-    return ocp.CheckpointManager(
-        os.path.abspath(os.path.join(out, CHECKPOINT_DIR)),
-        item_names=("params", "opt_state", "meta"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-    )
-
-
-def _is_finalized(step_dir: str) -> bool:
-    # Orbax writes a step into "<step>.orbax-checkpoint-tmp-*" and renames it when
-    # complete, and its step listing skips those. A bare "<step>" directory that a
-    # crash (or a copy, or a non-atomic filesystem) left behind is listed though;
-    # only the commit timestamp orbax records at finalization proves completeness.
-    try:
-        with open(os.path.join(step_dir, "_CHECKPOINT_METADATA")) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return bool(meta.get("commit_timestamp_nsecs")) and all(
-        os.path.isdir(os.path.join(step_dir, item)) for item in ("params", "opt_state", "meta")
-    )
-
-
-def finalized_steps(out: str) -> list[int]:
-    """Steps in ``out/checkpoints`` that were completely written, ascending."""
-    root = os.path.join(out, CHECKPOINT_DIR)
-    if not os.path.isdir(root):
-        return []
-    steps = []
-    for name in os.listdir(root):
-        if name.isdigit() and _is_finalized(os.path.join(root, name)):
-            steps.append(int(name))
-    return sorted(steps)
-
-
-def _set_aside_incomplete(out: str) -> list[str]:
-    """Move step directories that are not finalized out of orbax's way."""
-    root = os.path.join(out, CHECKPOINT_DIR)
-    moved = []
-    if not os.path.isdir(root):
-        return moved
-    for name in sorted(os.listdir(root)):
-        path = os.path.join(root, name)
-        if os.path.isdir(path) and not (name.isdigit() and _is_finalized(path)):
-            dest = os.path.join(out, INCOMPLETE_DIR, f"{name}.{time.time_ns()}")
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            os.replace(path, dest)
-            moved.append(name)
-    return moved
-
-
-def read_meta(out: str, step: int | None = None) -> dict[str, Any]:
-    """The ``meta`` item (step, config) of the latest (or given) finalized checkpoint."""
-    steps = finalized_steps(out)
-    if not steps:
-        raise FileNotFoundError(f"{out}: no finalized checkpoint in {CHECKPOINT_DIR}/")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise FileNotFoundError(f"{out}: no finalized checkpoint for step {step}; have {steps}")
-    path = os.path.join(out, CHECKPOINT_DIR, str(step), "meta", "metadata")
-    with open(path) as f:
-        return json.load(f)
-
-
-def restore(out: str, step: int | None = None, *, params_only: bool = False,
-            fused: bool | None = None) -> tuple[dict[str, Any], TrainConfig, int]:
-    """Restore ``(state, config, step)`` from the latest (or given) finalized
-    checkpoint in ``out``. ``fused`` converts the state to that layout (and the
-    returned config says so); ``None`` keeps the checkpoint's."""
-    import jax
-    import jax.numpy as jnp
-    import orbax.checkpoint as ocp
-
-    meta = read_meta(out, step)
-    step = int(meta["step"])
-    config = TrainConfig.from_dict(meta["config"])
-    trainer_abstract = get_trainer(config).abstract_state()
-    targets = {"params": ocp.args.StandardRestore(trainer_abstract["params"])}
-    if not params_only:
-        targets["opt_state"] = ocp.args.StandardRestore(trainer_abstract["opt_state"])
-    mngr = _manager(out, config.keep_checkpoints)
-    try:
-        restored = mngr.restore(step, args=ocp.args.Composite(**targets))
-    finally:
-        mngr.close()
-    state = {"params": restored["params"]}
-    if not params_only:
-        state["opt_state"] = restored["opt_state"]
-    # Orbax returns arrays committed to a device, jitted functions return
-    # uncommitted ones; the compiled step is keyed on that, so match a fresh run.
-    state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state)
-    if fused is not None and fused != config.fused:
-        from fusedmoe.checkpoint.fusion import fuse_state, unfuse_state
-
-        if params_only:
-            state = {"params": (fuse_state if fused else unfuse_state)(state["params"])}
-        else:
-            state = convert_state(state, fused)
-        config = config.with_layout(fused=fused)
-    return state, config, step
-
-
-def save_checkpoint(out: str, state: Mapping[str, Any], config: TrainConfig, step: int,
-                    mngr=None) -> None:
-    """Write ``state`` as checkpoint ``step`` of ``out`` (atomically: orbax writes a
-    temporary directory and renames it)."""
-    import orbax.checkpoint as ocp
-
-    own = mngr is None
-    mngr = _manager(out, config.keep_checkpoints) if own else mngr
-    meta = {"version": META_VERSION, "step": step, "config": config.to_dict()}
-    mngr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state["params"]),
-        opt_state=ocp.args.StandardSave(state["opt_state"]),
-        meta=ocp.args.JsonSave(meta),
-    ), force=True)
-    if own:
-        mngr.wait_until_finished()
-        mngr.close()
-
-
-def convert_checkpoint(src: str, dst: str, fused: bool, step: int | None = None) -> int:
-    """Write the latest (or given) checkpoint of run ``src`` into run directory
-    ``dst`` in the fused or unfused layout (with ``src``'s metrics up to that
-    step), so ``train(..., out=dst, resume=True)`` continues it. Returns the step."""
-    if os.path.exists(os.path.join(dst, CHECKPOINT_DIR)):
-        raise FileExistsError(f"{dst}: already holds checkpoints")
-    state, config, step = restore(src, step, fused=fused)
-    os.makedirs(dst, exist_ok=True)
-    save_checkpoint(dst, state, config, step)
-    rows = [r for r in read_metrics(src) if r["step"] <= step]
-    _write_metrics(dst, rows)
-    return step
-
-
 # ---------------------------------------------------------------------- metrics
 def read_metrics(out: str) -> list[dict[str, Any]]:
     """The rows of ``out/metrics.jsonl`` (a torn last line is skipped)."""
@@ -496,7 +309,8 @@ def read_metrics(out: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _write_metrics(out: str, rows: list[dict[str, Any]]) -> None:
+def write_metrics(out: str, rows: list[dict[str, Any]]) -> None:
+    """Replace ``out/metrics.jsonl`` with ``rows`` (atomically)."""
     path = os.path.join(out, METRICS_FILE)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -582,7 +396,7 @@ def train(config: TrainConfig, out: str | None = None, *, resume: bool = False,
     if out is not None:
         os.makedirs(out, exist_ok=True)
         if resume:
-            moved = _set_aside_incomplete(out)
+            moved = set_aside_incomplete(out)
             if moved and verbose:
                 print(f"set aside incomplete checkpoint(s) {moved} in {INCOMPLETE_DIR}/")
             if finalized_steps(out):
@@ -601,7 +415,7 @@ def train(config: TrainConfig, out: str | None = None, *, resume: bool = False,
         elif finalized_steps(out) or read_metrics(out):
             raise FileExistsError(
                 f"{out}: already holds a run; resume it or choose another directory")
-        _write_metrics(out, rows)
+        write_metrics(out, rows)
 
     trainer = get_trainer(config)
     # lr of step s (counting from 1) is lrs[s - 1]
@@ -609,7 +423,7 @@ def train(config: TrainConfig, out: str | None = None, *, resume: bool = False,
     if state is None:
         state = trainer.init_state(config.seed)
     params, opt_state = state["params"], state["opt_state"]
-    mngr = _manager(out, config.keep_checkpoints) if out is not None else None
+    mngr = checkpoint_manager(out, config.keep_checkpoints) if out is not None else None
     metrics_file = None
     if out is not None:
         metrics_file = open(os.path.join(out, METRICS_FILE), "a")  # noqa: SIM115

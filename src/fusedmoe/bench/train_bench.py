@@ -27,13 +27,9 @@ def compare(config, steps: int | None = None, out: str | None = None, *, warmup:
     ``losses`` of each."""
     import jax
 
-    from fusedmoe.train import (
-        batch_at,
-        convert_state,
-        get_trainer,
-        make_schedule,
-        plot_losses,
-    )
+    from fusedmoe.checkpoint.training import convert_state
+    from fusedmoe.data import batch_at
+    from fusedmoe.train import get_trainer, make_schedule, plot_losses
 
     steps = steps or config.steps
     if steps <= warmup:

@@ -133,6 +133,14 @@ def test_each_device_routes_its_own_tokens(runs):
 
 
 @pytest.mark.multidevice
+def test_sharded_initialisation_under_jit(runs):
+    got = runs["check"]["jit_init"]
+    assert got["wi_spec"] == ["expert", None, None, "tensor"], got
+    assert got["wo_spec"] == ["expert", "tensor", None], got
+    assert got["max_diff"] < 1e-6
+
+
+@pytest.mark.multidevice
 def test_dense_path_with_mesh(runs):
     _assert_close(runs["check"]["cases"]["dense_(2, 2, 2)"], "dense")
 

@@ -155,7 +155,19 @@ def main() -> None:
         "finite": bool(np.isfinite(np.asarray(out)).all())}
     global_concat_case(cases, common.config(fused_moe_mlp=True, mlp_bias=False,
                                             shared_experts=0, gmm_backend="ragged_dot"))
-    print(json.dumps({"cases": cases, "bad_meshes": bad_meshes(common.config()),
+    # sharded initialisation: the constructor under jit places each shard directly
+    mesh = common.make_mesh((2, 2, 2))
+    cfg = common.config(fused_moe_mlp=True)
+    jitted = nnx.jit(lambda: MoE(cfg, rngs=nnx.Rngs(0), mesh=mesh))()
+    eager = MoE(cfg, rngs=nnx.Rngs(0), mesh=mesh)
+    def spec(a):
+        entries = list(a.sharding.spec)
+        return entries + [None] * (a.ndim - len(entries))
+
+    jit_init = {"wi_spec": spec(jitted.wi.get_value()), "wo_spec": spec(jitted.wo.get_value()),
+                "max_diff": common._err(eager.wi.get_value(), jitted.wi.get_value())}
+    print(json.dumps({"cases": cases, "jit_init": jit_init,
+                      "bad_meshes": bad_meshes(common.config()),
                       "ragged_lowering": ragged_lowering(),
                       "layer_collectives": layer_collectives()}))
 

@@ -17,7 +17,7 @@ from fusedmoe.checkpoint.training import (
     restore,
 )
 from fusedmoe.cli import main
-from fusedmoe.data import batch_at
+from fusedmoe.corpus import batch_at
 from fusedmoe.generate import generate
 from fusedmoe.train import TrainConfig, read_metrics, train
 

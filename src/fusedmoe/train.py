@@ -13,7 +13,7 @@ Python API::
 
 Everything that makes a run reproducible is a pure function of the config: the
 batch of step ``s`` is drawn from ``numpy.random.default_rng([seed, s])`` (see
-:mod:`fusedmoe.data`), the parameters from ``seed``, so a run resumed from its
+:mod:`fusedmoe.corpus`), the parameters from ``seed``, so a run resumed from its
 step-``s`` checkpoint takes the same steps as one that was never stopped
 (bitwise, on CPU).
 
@@ -51,7 +51,7 @@ from fusedmoe.checkpoint.training import (
     set_aside_incomplete,
 )
 from fusedmoe.config import MoEConfig
-from fusedmoe.data import batch_at
+from fusedmoe.corpus import batch_at
 from fusedmoe.model import ModelConfig
 
 METRICS_FILE = "metrics.jsonl"

@@ -28,7 +28,7 @@ def compare(config, steps: int | None = None, out: str | None = None, *, warmup:
     import jax
 
     from fusedmoe.checkpoint.training import convert_state
-    from fusedmoe.data import batch_at
+    from fusedmoe.corpus import batch_at
     from fusedmoe.train import get_trainer, make_schedule, plot_losses
 
     steps = steps or config.steps

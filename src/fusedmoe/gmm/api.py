@@ -13,7 +13,11 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _check_float(name: str, x) -> None:
+def _check_operand(name: str, x, dims: str) -> None:
+    """``x`` must be a floating-point array of rank ``len(dims)``; ``dims`` like "[M, K]"."""
+    rank = dims.count(",") + 1
+    if getattr(x, "ndim", None) != rank:
+        raise ValueError(f"{name}: expected rank {rank} {dims}, got shape {getattr(x, 'shape', x)}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
 
@@ -65,14 +69,8 @@ def gmm(
     Returns:
       ``[M, N]``. Differentiable in ``lhs`` and ``rhs``.
     """
-    if getattr(lhs, "ndim", None) != 2:
-        raise ValueError(f"lhs: expected rank 2 [M, K], got shape {getattr(lhs, 'shape', lhs)}")
-    if getattr(rhs, "ndim", None) != 3:
-        raise ValueError(
-            f"rhs: expected rank 3 [G, K, N], got shape {getattr(rhs, 'shape', rhs)}"
-        )
-    _check_float("lhs", lhs)
-    _check_float("rhs", rhs)
+    _check_operand("lhs", lhs, "[M, K]")
+    _check_operand("rhs", rhs, "[G, K, N]")
     if lhs.shape[1] != rhs.shape[1]:
         raise ValueError(
             f"rhs: contracting dim K={rhs.shape[1]} does not match lhs K={lhs.shape[1]} "
@@ -102,14 +100,8 @@ def tgmm(
       ``[G, K, N]``: the weight gradient of :func:`gmm`, every group at once.
       Groups with no rows give zeros.
     """
-    if getattr(lhs, "ndim", None) != 2:
-        raise ValueError(f"lhs: expected rank 2 [M, K], got shape {getattr(lhs, 'shape', lhs)}")
-    if getattr(dout, "ndim", None) != 2:
-        raise ValueError(
-            f"dout: expected rank 2 [M, N], got shape {getattr(dout, 'shape', dout)}"
-        )
-    _check_float("lhs", lhs)
-    _check_float("dout", dout)
+    _check_operand("lhs", lhs, "[M, K]")
+    _check_operand("dout", dout, "[M, N]")
     if lhs.shape[0] != dout.shape[0]:
         raise ValueError(
             f"dout: expected {lhs.shape[0]} rows like lhs, got shape {tuple(dout.shape)}"

@@ -167,6 +167,21 @@ def test_tiled_every_tile_class():
     assert_close(out, ref_tgmm(as64(x), as64(c), np.asarray(sizes)), jnp.float32)
 
 
+def test_tiled_16bit_in_and_out():
+    # 16-bit floats are sliced and updated as uint16 bits inside the loops:
+    # values, dtypes and the zero rows/groups must come back unchanged.
+    sizes = [0, 70, 3, 0, 20]
+    x, w, c, gs = make_inputs(sum(sizes) + 4, 5, 6, sizes, jnp.bfloat16, seed=7)
+    check_all("tiled", x, w, c, gs, jnp.bfloat16)
+    dw = fusedmoe.tgmm(x, c, gs, backend="tiled")
+    assert dw.dtype == jnp.bfloat16
+    assert_close(dw, ref_tgmm(as64(x), as64(c), np.asarray(sizes)), jnp.bfloat16)
+    assert not np.any(np.asarray(dw, np.float32)[[0, 3]])
+    out = fusedmoe.gmm(x.astype(jnp.float16), w.astype(jnp.float16), gs, backend="tiled")
+    assert out.dtype == jnp.float16
+    assert_close(out, ref_gmm(as64(x), as64(w), np.asarray(sizes)), jnp.bfloat16)
+
+
 def test_tiled_last_group_ends_at_m():
     # The tail tile would run past M: it is clamped and must not clobber rows.
     sizes = [19, 3]

@@ -18,6 +18,12 @@ Structure of every product (see :mod:`fusedmoe.gmm._tiles` for the schedule):
 Each output row is written exactly once with a full-K dot accumulated in f32,
 so the forward output buffer is allocated in the output dtype directly.
 
+16-bit floats (bf16, f16) are sliced and updated as ``uint16`` bits and
+viewed as floats only at the dots: XLA:CPU otherwise upcasts every bf16
+dynamic slice/update to f32, converting the whole weight and output (see
+:func:`_bits`). ``tgmm`` writes each group's gradient in the output dtype
+directly (no f32 ``[G, K, N]`` and cast).
+
 The gradient is a custom VJP: dX is the same loop against the weight with its
 N axis contracted (no transposed copy of the weight), dW is :func:`tgmm`, one
 grouped transposed product that accumulates each group's ``[K, N]`` in a loop
@@ -45,6 +51,25 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _bits(x):
+    """View a 16-bit float array (bf16, f16) as ``uint16``; others unchanged.
+
+    XLA:CPU upcasts bf16 ``dynamic-slice`` / ``dynamic-update-slice`` to f32:
+    the optimized HLO converted the *whole* ``[G, K, N]`` weight and ``lhs`` to
+    f32 before the loop, and converted the whole output to f32 and back around
+    every tile's update. Integer slices and updates are left alone, so the
+    loops slice and update the bits and only the dot operands are viewed as
+    floats again (a bitcast: no data moves)."""
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
+        return jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return x
+
+
+def _unbits(x, dtype):
+    """Inverse of :func:`_bits`: view ``x`` as ``dtype`` again."""
+    return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
+
+
 def _dot(x, w, contract_w_axis: int):
     """``x [T, K] @ w [K, N]`` (axis 0) or ``x [T, N] @ w.T`` (axis 1), f32."""
     return jax.lax.dot_general(
@@ -58,6 +83,9 @@ def _rows_times_weight(lhs, rhs, group_sizes, out_dtype, contract_rhs_axis: int)
     rhs ``[G, K, N]`` used as ``rhs[g].T``). Returns ``[M, N or K]`` in
     ``out_dtype``; rows past ``sum(group_sizes)`` are zero."""
     m = lhs.shape[0]
+    lhs_dtype, rhs_dtype = lhs.dtype, rhs.dtype
+    lhs, rhs = _bits(lhs), _bits(rhs)  # sliced as bits (see _bits)
+    out_bits = _bits(jnp.zeros((), out_dtype)).dtype
     n_out = rhs.shape[2] if contract_rhs_axis == 1 else rhs.shape[1]
     classes = size_classes(m, ROW_CLASSES)
     starts, ends = group_offsets(group_sizes)
@@ -68,8 +96,9 @@ def _rows_times_weight(lhs, rhs, group_sizes, out_dtype, contract_rhs_axis: int)
         # A tile of c rows wholly inside the group: compute and overwrite.
         def body(_, carry):
             row, out = carry
-            y = _dot(jax.lax.dynamic_slice_in_dim(lhs, row, c), w, w_axis)
-            out = jax.lax.dynamic_update_slice_in_dim(out, y.astype(out_dtype), row, 0)
+            x = _unbits(jax.lax.dynamic_slice_in_dim(lhs, row, c), lhs_dtype)
+            y = _bits(_dot(x, w, w_axis).astype(out_dtype))
+            out = jax.lax.dynamic_update_slice_in_dim(out, y, row, 0)
             return row + c, out
 
         return body
@@ -81,18 +110,19 @@ def _rows_times_weight(lhs, rhs, group_sizes, out_dtype, contract_rhs_axis: int)
         def body(_, carry):
             row, out = carry
             at = jnp.minimum(row, m - c)
-            y = _dot(jax.lax.dynamic_slice_in_dim(lhs, at, c), w, w_axis)
+            x = _unbits(jax.lax.dynamic_slice_in_dim(lhs, at, c), lhs_dtype)
+            y = _bits(_dot(x, w, w_axis).astype(out_dtype))
             rows = at + jnp.arange(c)
             keep = ((rows >= row) & (rows < end))[:, None]
             old = jax.lax.dynamic_slice_in_dim(out, at, c)
-            new = jnp.where(keep, y.astype(out_dtype), old)
+            new = jnp.where(keep, y, old)
             return row + c, jax.lax.dynamic_update_slice_in_dim(out, new, at, 0)
 
         return body
 
     def group_body(i, out):
         g = order[i]
-        w = rhs[g]  # the one copy of this group's weight
+        w = _unbits(rhs[g], rhs_dtype)  # the one copy of this group's weight
         counts = tile_counts(group_sizes[g], classes)
         carry = (starts[g], out)
         for c, q in zip(classes[:-1], counts[:-1]):
@@ -100,20 +130,24 @@ def _rows_times_weight(lhs, rhs, group_sizes, out_dtype, contract_rhs_axis: int)
         carry = jax.lax.fori_loop(0, counts[-1], partial_tile(classes[-1], w, ends[g]), carry)
         return carry[1]
 
-    out = jnp.zeros((m, n_out), out_dtype)
-    return jax.lax.fori_loop(0, count, group_body, out)
+    out = jnp.zeros((m, n_out), out_bits)
+    return _unbits(jax.lax.fori_loop(0, count, group_body, out), out_dtype)
 
 
-def _tgmm_f32(lhs, dout, group_sizes):
+def _rows_t_times_rows(lhs, dout, group_sizes, out_dtype):
     """``out[g] = lhs[rows of g].T @ dout[rows of g]``: lhs ``[M, K]``, dout
-    ``[M, N]`` -> ``[G, K, N]`` f32 (zeros for empty groups).
+    ``[M, N]`` -> ``[G, K, N]`` in ``out_dtype`` (zeros for empty groups).
 
-    Per group, the rank-c updates of row chunks are summed in a ``[K, N]``
-    carry and written into the output once (no read-modify-write of the big
-    ``[G, K, N]`` per chunk). The last chunk's rows past the group are zeroed
-    in ``lhs`` so they add nothing."""
+    Per group, the rank-c updates of row chunks are summed in a ``[K, N]`` f32
+    carry and written into the output once, cast to ``out_dtype`` (no
+    read-modify-write of the big ``[G, K, N]`` per chunk, and no f32
+    ``[G, K, N]`` cast afterwards). The last chunk's rows past the group are
+    zeroed in ``lhs`` so they add nothing."""
     m, k = lhs.shape
     n = dout.shape[1]
+    lhs_dtype, dout_dtype = lhs.dtype, dout.dtype
+    lhs, dout = _bits(lhs), _bits(dout)  # sliced as bits (see _bits)
+    out_bits = _bits(jnp.zeros((), out_dtype)).dtype
     classes = size_classes(m, CONTRACT_CLASSES)
     starts, ends = group_offsets(group_sizes)
     order, count = nonempty_groups(group_sizes)
@@ -122,8 +156,8 @@ def _tgmm_f32(lhs, dout, group_sizes):
         def body(_, carry):
             row, acc = carry
             at = jnp.minimum(row, m - c) if masked else row
-            x = jax.lax.dynamic_slice_in_dim(lhs, at, c)
-            d = jax.lax.dynamic_slice_in_dim(dout, at, c)
+            x = _unbits(jax.lax.dynamic_slice_in_dim(lhs, at, c), lhs_dtype)
+            d = _unbits(jax.lax.dynamic_slice_in_dim(dout, at, c), dout_dtype)
             if masked:
                 rows = at + jnp.arange(c)
                 x = jnp.where(((rows >= row) & (rows < end))[:, None], x, jnp.zeros_like(x))
@@ -141,10 +175,10 @@ def _tgmm_f32(lhs, dout, group_sizes):
         for c, q in zip(classes[:-1], counts[:-1]):
             carry = jax.lax.fori_loop(0, q, chunk(c, ends[g], False), carry)
         carry = jax.lax.fori_loop(0, counts[-1], chunk(classes[-1], ends[g], True), carry)
-        return jax.lax.dynamic_update_index_in_dim(out, carry[1], g, 0)
+        return jax.lax.dynamic_update_index_in_dim(out, _bits(carry[1].astype(out_dtype)), g, 0)
 
-    out = jnp.zeros((group_sizes.shape[0], k, n), jnp.float32)
-    return jax.lax.fori_loop(0, count, group_body, out)
+    out = jnp.zeros((group_sizes.shape[0], k, n), out_bits)
+    return _unbits(jax.lax.fori_loop(0, count, group_body, out), out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -159,7 +193,7 @@ def _gmm_fwd(lhs, rhs, group_sizes, out_dtype):
 def _gmm_bwd(out_dtype, residuals, dout):
     lhs, rhs, group_sizes = residuals
     dlhs = _rows_times_weight(dout, rhs, group_sizes, lhs.dtype, 2)
-    drhs = _tgmm_f32(lhs, dout, group_sizes).astype(rhs.dtype)
+    drhs = _rows_t_times_rows(lhs, dout, group_sizes, rhs.dtype)
     return dlhs, drhs, None
 
 
@@ -168,7 +202,7 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _tgmm(lhs, dout, group_sizes, out_dtype):
-    return _tgmm_f32(lhs, dout, group_sizes).astype(out_dtype)
+    return _rows_t_times_rows(lhs, dout, group_sizes, out_dtype)
 
 
 def _tgmm_fwd(lhs, dout, group_sizes, out_dtype):

@@ -149,6 +149,9 @@ def test_dense_path_with_mesh(runs):
 def test_capacity_overflow_drops_and_reports(runs):
     case = runs["check"]["cases"]["capacity_0.5_(1, 8, 1)"]
     assert case["dropped_rows"] > 0 and case["finite"]
+    ragged = runs["check"]["cases"]["capacity_0.5_ragged_vs_buckets"]
+    _assert_close(ragged, "ragged vs buckets at capacity 0.5")
+    assert ragged["dropped_rows"] == case["dropped_rows"]
 
 
 @pytest.mark.multidevice

@@ -153,6 +153,16 @@ def main() -> None:
     cases["capacity_0.5_(1, 8, 1)"] = {
         "errors": {}, "dropped_rows": int(aux["dropped_rows"]),
         "finite": bool(np.isfinite(np.asarray(out)).all())}
+    # the ragged exchange drops the same rows as the buckets
+    parallel._RAGGED_ALL_TO_ALL = parallel.emulated_ragged_all_to_all
+    try:
+        rag_out, rag_aux = forward(
+            common.layer(cfg.replace(expert_all_to_all="ragged"), mesh), mesh)
+    finally:
+        parallel._RAGGED_ALL_TO_ALL = jax.lax.ragged_all_to_all
+    cases["capacity_0.5_ragged_vs_buckets"] = {
+        "errors": {"out": common._err(out, rag_out)},
+        "dropped_rows": int(rag_aux["dropped_rows"])}
     global_concat_case(cases, common.config(fused_moe_mlp=True, mlp_bias=False,
                                             shared_experts=0, gmm_backend="ragged_dot"))
     # sharded initialisation: the constructor under jit places each shard directly

@@ -167,6 +167,16 @@ def test_tiled_every_tile_class():
     assert_close(out, ref_tgmm(as64(x), as64(c), np.asarray(sizes)), jnp.float32)
 
 
+def test_tiled_tgmm_chunks_and_rest():
+    # dW: whole 512-row chunks plus one rest dot (a group of exactly 512 rows
+    # has no rest; 600 has both; 5 rows only a rest clamped at the end of lhs).
+    sizes = [600, 0, 512, 37, 5]
+    x, w, c, gs = make_inputs(sum(sizes), 3, 4, sizes, seed=8)
+    check_all("tiled", x, w, c, gs, jnp.float32)
+    out = jax.jit(lambda x, c, gs: fusedmoe.tgmm(x, c, gs, backend="tiled"))(x, c, gs)
+    assert_close(out, ref_tgmm(as64(x), as64(c), np.asarray(sizes)), jnp.float32)
+
+
 def test_tiled_16bit_in_and_out():
     # 16-bit floats are sliced and updated as uint16 bits inside the loops:
     # values, dtypes and the zero rows/groups must come back unchanged.

@@ -21,10 +21,26 @@ import jax.numpy as jnp
 # 64+ rows runs at dense-GEMM speed, 16 rows at ~1.15x, 8 rows at ~1.2x.
 ROW_CLASSES = (256, 64, 16, 8)
 
-# Row chunks for the transposed product (tgmm, dW), which *contracts* over rows:
-# every chunk is a rank-c update of a [K, N] accumulator, so chunks must be
-# long for the update to be compute bound rather than accumulator-bandwidth bound.
-CONTRACT_CLASSES = (512, 128, 32, 8)
+# Row chunks for the transposed product (tgmm, dW), which *contracts* over
+# rows: each chunk is a rank-c update of a [K, N] f32 accumulator, whose memory
+# traffic (~24 MB per update at K=1024, N=2048) costs as much as ~250 rows of
+# FLOPs on the 2-core CPU. So a group is cut into whole chunks of this many
+# rows plus ONE dot for the rest, of the smallest of ``remainder_classes`` that
+# holds it (extra rows are zeroed: cheaper FLOPs than a second update).
+CONTRACT_CHUNK = 512
+
+
+def remainder_classes(chunk_rows: int) -> tuple[int, ...]:
+    """Sizes for the one dot over a group's last ``< chunk_rows`` rows,
+    ascending: 8, then ``2^j`` and ``3 * 2^(j-1)`` (16, 24, 32, 48, 64, 96,
+    ...) below ``chunk_rows``, then ``chunk_rows`` itself. So the dot computes
+    at most 1.5x the rows it keeps (or 8 rows)."""
+    classes = [8]
+    power = 16
+    while power < chunk_rows:
+        classes += [power, power * 3 // 2]
+        power *= 2
+    return (*[c for c in classes if c < chunk_rows], chunk_rows)
 
 
 def size_classes(num_rows: int, classes: tuple[int, ...]) -> tuple[int, ...]:

@@ -114,6 +114,8 @@ def test_dense_capacity_drops_pairs_past_capacity():
     dropless = MoE(config.replace(capacity_factor=-1.0), rngs=nnx.Rngs(0))(x)[0]
     # capacity = ceil(16 * 2 / 4 * 0.5) = 4 rows per expert < 8 on average: some drop.
     assert not np.allclose(out, dropless, atol=1e-6)
+    counts = np.asarray(aux["tokens_per_expert"])
+    assert int(aux["dropped_rows"]) == int(np.maximum(counts - 4, 0).sum()) > 0
     # Reference: keep each expert's first 4 (token, slot) pairs, slot 0 of all tokens first.
     state = nnx.state(layer).to_pure_dict()
     tokens = np.asarray(x, np.float64)[0]

@@ -52,7 +52,8 @@ class MoE(nnx.Module):
 
     ``MoE(config, rngs=nnx.Rngs(0))(x [B, S, K]) -> (out [B, S, K], aux)`` where
     ``aux`` has ``load_balance_loss``, ``router_z_loss``, ``aux_loss`` (the two,
-    weighted as configured) and ``tokens_per_expert [G]``.
+    weighted as configured), ``tokens_per_expert [G]`` and ``dropped_rows`` (the
+    (token, slot) rows dropped for capacity: dense path or ``expert_capacity_factor``).
     """
 
     def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs, mesh=None):
@@ -141,7 +142,7 @@ class MoE(nnx.Module):
             selection_bias=self._param("selection_bias"),
             n_groups=c.n_routing_groups, top_groups=c.topk_routing_group,
         )
-        dropped = None
+        dropped = jnp.zeros((), jnp.int32)
         if c.sparse_matmul and self.mesh is not None:
             out, dropped = parallel.sparse_moe(
                 tokens, chosen.experts, chosen.weights, self.expert_weights(),
@@ -150,12 +151,11 @@ class MoE(nnx.Module):
         elif c.sparse_matmul:
             out = self._sparse(tokens, chosen)
         else:
-            out = self._dense(tokens, chosen)
+            out, dropped = self._dense(tokens, chosen)
         if c.shared_mlp_dim:
             out = out + self._shared(tokens)
         aux = self._aux(logits, chosen)
-        if dropped is not None:
-            aux["dropped_rows"] = dropped  # past expert_capacity_factor; 0 by default
+        aux["dropped_rows"] = dropped  # (token, slot) rows past a capacity; 0 when dropless
         return out.reshape(b, s, k).astype(x.dtype), aux
 
     def expert_weights(self) -> experts.ExpertWeights:
@@ -196,7 +196,8 @@ class MoE(nnx.Module):
             y = y + self.wo_bias[...][:, None].astype(dt)
         sum_dtype = jnp.float32 if c.float32_weight_sum else dt
         out = jnp.einsum("tec,eck->tk", combine.astype(sum_dtype), y.astype(sum_dtype))
-        return out.astype(dt)
+        dropped = chosen.experts.size - jnp.sum(dispatch_mask, dtype=jnp.int32)
+        return out.astype(dt), dropped
 
     def _shared(self, tokens):
         dt = self.config.compute_dtype

@@ -8,15 +8,15 @@ Two things differ from calling the kernel directly:
   size and the output sliced back (a no-op at aligned sizes);
 - it leaves rows past ``sum(group_sizes)`` unwritten (garbage, NaN in interpret
   mode), where ``gmm`` promises zeros; so the forward and both backward
-  products are masked, under our own custom VJP.
+  products are masked, under our own custom VJP (:mod:`fusedmoe.gmm._vjp`).
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
+
+from fusedmoe.gmm._vjp import differentiable_pair
 
 _TILE = 128
 
@@ -95,47 +95,7 @@ def _kernel_tgmm(lhs, dout, group_sizes):
     return out[:, :k, :n]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _gmm(lhs, rhs, group_sizes, out_dtype):
-    return _kernel_gmm(lhs, rhs, group_sizes, False).astype(out_dtype)
-
-
-def _gmm_fwd(lhs, rhs, group_sizes, out_dtype):
-    return _gmm(lhs, rhs, group_sizes, out_dtype), (lhs, rhs, group_sizes)
-
-
-def _gmm_bwd(out_dtype, residuals, dout):
-    lhs, rhs, group_sizes = residuals
-    dlhs = _kernel_gmm(dout, rhs, group_sizes, True).astype(lhs.dtype)
-    drhs = _kernel_tgmm(lhs, dout, group_sizes).astype(rhs.dtype)
-    return dlhs, drhs, None
-
-
-_gmm.defvjp(_gmm_fwd, _gmm_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _tgmm(lhs, dout, group_sizes, out_dtype):
-    return _kernel_tgmm(lhs, dout, group_sizes).astype(out_dtype)
-
-
-def _tgmm_fwd(lhs, dout, group_sizes, out_dtype):
-    return _tgmm(lhs, dout, group_sizes, out_dtype), (lhs, dout, group_sizes)
-
-
-def _tgmm_bwd(out_dtype, residuals, dw):
-    lhs, dout, group_sizes = residuals
-    dlhs = _kernel_gmm(dout, dw, group_sizes, True).astype(lhs.dtype)
-    ddout = _kernel_gmm(lhs, dw, group_sizes, False).astype(dout.dtype)
-    return dlhs, ddout, None
-
-
-_tgmm.defvjp(_tgmm_fwd, _tgmm_bwd)
-
-
-def gmm(lhs, rhs, group_sizes, out_dtype):
-    return _gmm(lhs, rhs, group_sizes, out_dtype)
-
-
-def tgmm(lhs, dout, group_sizes, out_dtype):
-    return _tgmm(lhs, dout, group_sizes, out_dtype)
+gmm, tgmm = differentiable_pair(
+    lambda lhs, rhs, gs, dt, transpose: _kernel_gmm(lhs, rhs, gs, transpose).astype(dt),
+    lambda lhs, dout, gs, dt: _kernel_tgmm(lhs, dout, gs).astype(dt),
+)

@@ -24,16 +24,14 @@ dynamic slice/update to f32, converting the whole weight and output (see
 :func:`_bits`). ``tgmm`` writes each group's gradient in the output dtype
 directly (no f32 ``[G, K, N]`` and cast).
 
-The gradient is a custom VJP: dX is the same loop against the weight with its
-N axis contracted (no transposed copy of the weight), dW is :func:`tgmm`, one
-grouped transposed product that sums each group's ``[K, N]`` over as few dots
-as possible (whole 512-row chunks plus one dot of a size class for the rest)
-and writes it once.
+The gradient is a custom VJP (:mod:`fusedmoe.gmm._vjp`): dX is the same loop
+against the weight with its N axis contracted (no transposed copy of the
+weight), dW is :func:`tgmm`, one grouped transposed product that sums each
+group's ``[K, N]`` over as few dots as possible (whole 512-row chunks plus one
+dot of a size class for the rest) and writes it once.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +45,7 @@ from fusedmoe.gmm._tiles import (
     size_classes,
     tile_counts,
 )
+from fusedmoe.gmm._vjp import differentiable_pair
 
 
 def unavailable_reason() -> str | None:
@@ -79,11 +78,12 @@ def _dot(x, w, contract_w_axis: int):
     )
 
 
-def _rows_times_weight(lhs, rhs, group_sizes, out_dtype, contract_rhs_axis: int):
-    """``out[rows of g] = lhs[rows of g] @ rhs[g]`` contracting ``rhs`` axis 1
-    (gmm: lhs ``[M, K]``, rhs ``[G, K, N]``) or axis 2 (dX: lhs ``[M, N]``,
-    rhs ``[G, K, N]`` used as ``rhs[g].T``). Returns ``[M, N or K]`` in
+def _rows_times_weight(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool):
+    """``out[rows of g] = lhs[rows of g] @ rhs[g]`` (gmm: lhs ``[M, K]``, rhs
+    ``[G, K, N]``), or ``@ rhs[g].T`` with ``transpose_rhs`` (dX: lhs ``[M, N]``,
+    contracting ``rhs`` axis 2; no transposed copy). Returns ``[M, N or K]`` in
     ``out_dtype``; rows past ``sum(group_sizes)`` are zero."""
+    contract_rhs_axis = 2 if transpose_rhs else 1
     m = lhs.shape[0]
     lhs_dtype, rhs_dtype = lhs.dtype, rhs.dtype
     lhs, rhs = _bits(lhs), _bits(rhs)  # sliced as bits (see _bits)
@@ -205,50 +205,5 @@ def _rows_t_times_rows(lhs, dout, group_sizes, out_dtype):
     return _unbits(jax.lax.fori_loop(0, count, group_body, out), out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _gmm(lhs, rhs, group_sizes, out_dtype):
-    return _rows_times_weight(lhs, rhs, group_sizes, out_dtype, 1)
-
-
-def _gmm_fwd(lhs, rhs, group_sizes, out_dtype):
-    return _gmm(lhs, rhs, group_sizes, out_dtype), (lhs, rhs, group_sizes)
-
-
-def _gmm_bwd(out_dtype, residuals, dout):
-    lhs, rhs, group_sizes = residuals
-    dlhs = _rows_times_weight(dout, rhs, group_sizes, lhs.dtype, 2)
-    drhs = _rows_t_times_rows(lhs, dout, group_sizes, rhs.dtype)
-    return dlhs, drhs, None
-
-
-_gmm.defvjp(_gmm_fwd, _gmm_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _tgmm(lhs, dout, group_sizes, out_dtype):
-    return _rows_t_times_rows(lhs, dout, group_sizes, out_dtype)
-
-
-def _tgmm_fwd(lhs, dout, group_sizes, out_dtype):
-    return _tgmm(lhs, dout, group_sizes, out_dtype), (lhs, dout, group_sizes)
-
-
-def _tgmm_bwd(out_dtype, residuals, dw):
-    # d/dlhs (lhs_g.T @ dout_g) = dout_g @ dw[g].T ; d/ddout = lhs_g @ dw[g].
-    lhs, dout, group_sizes = residuals
-    dlhs = _rows_times_weight(dout, dw, group_sizes, lhs.dtype, 2)
-    ddout = _rows_times_weight(lhs, dw, group_sizes, dout.dtype, 1)
-    return dlhs, ddout, None
-
-
-_tgmm.defvjp(_tgmm_fwd, _tgmm_bwd)
-
-
-def gmm(lhs, rhs, group_sizes, out_dtype):
-    """``[M, K] x [G, K, N] -> [M, N]`` in ``out_dtype`` (validated inputs)."""
-    return _gmm(lhs, rhs, group_sizes, out_dtype)
-
-
-def tgmm(lhs, dout, group_sizes, out_dtype):
-    """``[M, K], [M, N] -> [G, K, N]`` in ``out_dtype`` (validated inputs)."""
-    return _tgmm(lhs, dout, group_sizes, out_dtype)
+# gmm: [M, K] x [G, K, N] -> [M, N]; tgmm: [M, K], [M, N] -> [G, K, N] (validated inputs).
+gmm, tgmm = differentiable_pair(_rows_times_weight, _rows_t_times_rows)

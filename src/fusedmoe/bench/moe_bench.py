@@ -438,40 +438,56 @@ def write_json(path: str, rows: list[dict[str, Any]], plan: BenchPlan) -> None:
 
 
 def write_plot(path: str, rows: list[dict[str, Any]]) -> None:
-    """One panel per (preset, dtype): bars of time / dense time, fused vs unfused per
-    backend and pass, with the dense limit at 1."""
+    """A grid of panels, one per (preset, dtype): bars of time / dense time for
+    unfused, fused and the transformers peer, per backend and pass, with the
+    dense GEMM limit at 1."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     measured = [r for r in rows if "median_s" in r]
-    panels = sorted({(r["preset"], r["dtype"]) for r in measured})
-    if not panels:
+    presets = list(dict.fromkeys(r["preset"] for r in measured))
+    dtypes = list(dict.fromkeys(r["dtype"] for r in measured))
+    if not measured:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
-    for ax, (preset, dtype) in zip(axes[0], panels):
+    fig, axes = plt.subplots(len(presets), len(dtypes), squeeze=False,
+                             figsize=(5 * len(dtypes), 3.4 * len(presets)))
+    bars = (("unfused", "#9aa7b8"), ("fused", "#2b6cb0"), ("peer", "#e07b39"))
+    for (i, preset), (j, dtype) in ((a, b) for a in enumerate(presets)
+                                    for b in enumerate(dtypes)):
+        ax = axes[i][j]
         sub = [r for r in measured if r["preset"] == preset and r["dtype"] == dtype]
-        groups = sorted({(r["backend"], r["pass"]) for r in sub})
-        for i, (backend, pass_name) in enumerate(groups):
-            for j, layout in enumerate(("unfused", "fused")):
-                match = [r for r in sub if (r["backend"], r["pass"], r["layout"])
-                         == (backend, pass_name, layout)]
-                if match:
-                    ax.bar(i + (j - 0.5) * 0.38, match[0]["ratio_to_dense"], width=0.38,
-                           color=("#9aa7b8", "#2b6cb0")[j], label=layout if i == 0 else None)
-        ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="dense GEMM limit")
+        groups = sorted(dict.fromkeys((r["backend"], r["pass"]) for r in sub),
+                        key=lambda g: (PASSES.index(g[1]), g[0]))
+        labelled, peer_shown = set(), set()
+        for x, (backend, pass_name) in enumerate(groups):
+            match = {r["layout"]: r for r in sub if (r["backend"], r["pass"])
+                     == (backend, pass_name)}
+            values = {layout: match[layout]["ratio_to_dense"] for layout in match}
+            peer = next((r.get("peer_ratio_to_dense") for r in match.values()), None)
+            if peer is not None and pass_name not in peer_shown:  # once per pass
+                values["peer"] = peer
+                peer_shown.add(pass_name)
+            for b, (name, color) in enumerate(bars):
+                if name in values:
+                    label = "transformers (torch)" if name == "peer" else name
+                    ax.bar(x + (b - 1) * 0.27, values[name], width=0.27, color=color,
+                           label=None if name in labelled else label)
+                    labelled.add(name)
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="dense GEMMs")
         ax.set_xticks(range(len(groups)),
-                      [f"{b}\n{'fwd' if p == 'forward' else 'fwd+bwd'}" for b, p in groups])
-        ax.set_title(f"{preset} ({dtype})")
-        ax.set_ylabel("time / dense GEMMs of equal FLOPs")
-        ax.legend(fontsize=8)
+                      [f"{b} {'fwd' if p == 'forward' else 'fwd+bwd'}" for b, p in groups],
+                      fontsize=8)
+        ax.set_title(f"{preset} ({dtype})", fontsize=10)
+        ax.set_ylabel("time / dense GEMMs", fontsize=8)
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bench-", suffix=".png")
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=100, format="png")
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

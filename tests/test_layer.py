@@ -11,6 +11,7 @@ from flax import nnx
 
 from fusedmoe import MoE, MoEConfig
 from fusedmoe.gmm import available_backends
+from fusedmoe.gmm.api import count_grouped_matmuls
 from fusedmoe.reference import activation, moe_forward, route_token
 
 SMALL = dict(num_experts=4, num_experts_per_tok=2, emb_dim=8, mlp_dim=16)
@@ -222,21 +223,6 @@ def test_gradients_match_dense_path_and_finite_differences():
 # --------------------------------------------------------------------------- structure
 
 
-def _count_grouped_matmuls(fn, *args) -> int:
-    jaxpr = jax.make_jaxpr(fn)(*args)
-
-    def count(jpr) -> int:
-        n = 0
-        for eqn in jpr.eqns:
-            if eqn.primitive.name in ("ragged_dot", "ragged_dot_general"):
-                n += 1
-            for sub in jax.core.jaxprs_in_params(eqn.params):
-                n += count(sub)
-        return n
-
-    return count(jaxpr.jaxpr)
-
-
 @pytest.mark.parametrize("fused, forward, both", [(True, 2, 6), (False, 3, 9)])
 def test_grouped_matmul_count(fused, forward, both):
     config = MoEConfig(**SMALL, gmm_backend="ragged_dot", fused_moe_mlp=fused)
@@ -247,8 +233,8 @@ def test_grouped_matmul_count(fused, forward, both):
     def fwd(state, x):
         return nnx.merge(graphdef, state)(x)[0].sum()
 
-    assert _count_grouped_matmuls(fwd, state, x) == forward
-    assert _count_grouped_matmuls(jax.grad(fwd, argnums=(0, 1)), state, x) == both
+    assert count_grouped_matmuls(fwd, state, x) == forward
+    assert count_grouped_matmuls(jax.grad(fwd, argnums=(0, 1)), state, x) == both
 
 
 def test_fused_weight_is_not_copied_or_concatenated():

@@ -170,12 +170,13 @@ def _skip_reason(backend: str, config, tokens: int) -> str | None:
     return None
 
 
-def count_grouped_matmuls(config, forward_only: bool) -> int:
+def layer_grouped_matmuls(config, forward_only: bool) -> int:
     """Grouped-matmul operations in the program (counted on a tiny layer with the
     same flags and the ragged_dot backend, whose ops are visible in the jaxpr)."""
     import jax
     from flax import nnx
 
+    from fusedmoe.gmm.api import count_grouped_matmuls
     from fusedmoe.layer import MoE
 
     small = config.replace(
@@ -187,13 +188,7 @@ def count_grouped_matmuls(config, forward_only: bool) -> int:
     fn = lambda s, x: nnx.merge(graphdef, s)(x)[0].sum()
     if not forward_only:
         fn = jax.grad(fn, argnums=(0, 1))
-    jaxpr = jax.make_jaxpr(fn)(state, x)
-
-    def count(jpr) -> int:
-        n = sum(e.primitive.name in ("ragged_dot", "ragged_dot_general") for e in jpr.eqns)
-        return n + sum(count(sub) for e in jpr.eqns for sub in jax.core.jaxprs_in_params(e.params))
-
-    return count(jaxpr.jaxpr)
+    return count_grouped_matmuls(fn, state, x)
 
 
 def _dense_fns(config, tokens: int, dtype):
@@ -282,7 +277,7 @@ def _measure_job(plan: BenchPlan, preset, base, tokens: int, progress, task):
                 "ratio_to_dense": timing.median / dense[pass_name],
                 "expert_flops": pass_flops,
                 "achieved_flops_per_s": pass_flops / timing.median,
-                "grouped_matmuls": count_grouped_matmuls(config, pass_name == "forward"),
+                "grouped_matmuls": layer_grouped_matmuls(config, pass_name == "forward"),
                 **_xla_costs(compiled),
             })
         progress.advance(task)

@@ -114,3 +114,30 @@ def tgmm(
     group_sizes = validate_group_sizes(group_sizes, num_groups, lhs.shape[0])
     out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs.dtype, dout.dtype))
     return resolve_backend(backend).tgmm(lhs, dout, group_sizes, out_dtype)
+
+
+def count_grouped_matmuls(fn, *args) -> int:
+    """How many ``ragged_dot`` operations the program of ``fn(*args)`` runs, nested
+    jaxprs (jit, custom VJP, loops) included. Counts the grouped matmuls of a
+    program built with the ``ragged_dot`` backend, whose operations stay visible."""
+
+    def sub_jaxprs(value):
+        # Params hold jaxprs, closed jaxprs, or tuples of them. Duck-typed: the
+        # classes moved between jax versions (0.12 merged ClosedJaxpr into Jaxpr).
+        if hasattr(value, "eqns"):
+            yield value
+        elif hasattr(getattr(value, "jaxpr", None), "eqns"):
+            yield value.jaxpr
+        elif isinstance(value, list | tuple):
+            for item in value:
+                yield from sub_jaxprs(item)
+
+    def count(jaxpr) -> int:
+        total = 0
+        for eqn in jaxpr.eqns:
+            total += eqn.primitive.name in ("ragged_dot", "ragged_dot_general")
+            for value in eqn.params.values():
+                total += sum(count(sub) for sub in sub_jaxprs(value))
+        return total
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)

@@ -129,6 +129,14 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
     return value
 
 
+def check_ints_at_least(config: Any, names: tuple[str, ...], minimum: int) -> None:
+    """Each field in ``names`` of ``config`` must be an int (not a bool) >= ``minimum``."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
 def _check_type(config: MoEConfig) -> None:
     expected = {"int": int, "float": (int, float), "bool": bool, "str": str}
     for f in dataclasses.fields(config):

@@ -559,7 +559,7 @@ def save_safetensors(
     atomically: into a temporary directory next to ``path``, renamed at the end."""
     from safetensors.numpy import save_file
 
-    from fusedmoe.checkpoint.orbax_io import atomic_directory
+    from fusedmoe.atomic import atomic_directory
 
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     encoded = json.dumps(dict(hf_config), indent=2, sort_keys=True) if hf_config else None

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fusedmoe.config import FLOAT_DTYPES, MoEConfig
+from fusedmoe.config import FLOAT_DTYPES, MoEConfig, check_ints_at_least
 from fusedmoe.experts import dense_ffn, gated_activation
 
 
@@ -91,14 +91,8 @@ class ModelConfig:
 def _validate(c: ModelConfig) -> None:
     if not isinstance(c.moe, MoEConfig):
         raise TypeError(f"moe: expected a MoEConfig, got {type(c.moe).__name__}")
-    for name in ("vocab_size", "num_layers", "num_heads", "max_seq_len"):
-        value = getattr(c, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-    for name in ("n_dense_layers", "dense_mlp_dim"):
-        value = getattr(c, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
+    check_ints_at_least(c, ("vocab_size", "num_layers", "num_heads", "max_seq_len"), 1)
+    check_ints_at_least(c, ("n_dense_layers", "dense_mlp_dim"), 0)
     if c.n_dense_layers > c.num_layers:
         raise ValueError(
             f"n_dense_layers: {c.n_dense_layers} is more than num_layers={c.num_layers}"

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from fusedmoe.atomic import atomic_file
 from fusedmoe.checkpoint.training import (
     INCOMPLETE_DIR,
     checkpoint_manager,
@@ -50,7 +51,7 @@ from fusedmoe.checkpoint.training import (
     save_checkpoint,
     set_aside_incomplete,
 )
-from fusedmoe.config import MoEConfig
+from fusedmoe.config import MoEConfig, check_ints_at_least
 from fusedmoe.corpus import batch_at
 from fusedmoe.model import ModelConfig
 
@@ -134,14 +135,10 @@ class TrainConfig:
 def _validate_train(c: TrainConfig) -> None:
     if not isinstance(c.model, ModelConfig):
         raise TypeError(f"model: expected a ModelConfig, got {type(c.model).__name__}")
-    for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "keep_checkpoints"):
-        v = getattr(c, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-    for name in ("seed", "warmup_steps"):
-        v = getattr(c, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+    check_ints_at_least(
+        c, ("steps", "batch_size", "seq_len", "checkpoint_every", "keep_checkpoints"), 1
+    )
+    check_ints_at_least(c, ("seed", "warmup_steps"), 0)
     if c.seq_len > c.model.max_seq_len:
         raise ValueError(f"seq_len: {c.seq_len} exceeds model.max_seq_len={c.model.max_seq_len}")
     if c.model.vocab_size < 256:
@@ -311,12 +308,9 @@ def read_metrics(out: str) -> list[dict[str, Any]]:
 
 def write_metrics(out: str, rows: list[dict[str, Any]]) -> None:
     """Replace ``out/metrics.jsonl`` with ``rows`` (atomically)."""
-    path = os.path.join(out, METRICS_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_file(os.path.join(out, METRICS_FILE)) as tmp, open(tmp, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
 
 
 def plot_losses(curves: Mapping[str, tuple[list[int], list[float]]], path: str,
@@ -337,10 +331,11 @@ def plot_losses(curves: Mapping[str, tuple[list[int], list[float]]], path: str,
     if len(curves) > 1:
         ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
 
 
 # ---------------------------------------------------------------------- training

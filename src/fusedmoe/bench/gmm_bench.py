@@ -23,10 +23,10 @@ benchmarked only when asked for and at ``--quick`` sizes (interpret mode).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
+
+from fusedmoe.atomic import write_json
 
 DEFAULT_BACKENDS = "tiled,ragged_dot,tokamax"
 DTYPES = {"f32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
@@ -317,20 +317,6 @@ def skipped_lines(rows: list[dict]) -> list[str]:
             if r["groups"] not in gs:
                 gs.append(r["groups"])
     return [f"skipped {b} (G={','.join(map(str, gs))}): {why}" for (b, why), gs in seen.items()]
-
-
-def write_json(path: str, payload) -> None:
-    """Write atomically: a temporary file in the same directory, then rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".gmm_bench.", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def run(args) -> int:

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
-import tempfile
 from typing import Any
 
 from fusedmoe.bench.presets import DEFAULT_PRESETS, PRESETS
@@ -420,17 +418,11 @@ def _environment() -> dict[str, Any]:
 
 
 def write_json(path: str, rows: list[dict[str, Any]], plan: BenchPlan) -> None:
-    """Write atomically: a temporary file in the same directory, then rename."""
-    payload = {"environment": _environment(), "plan": dataclasses.asdict(plan), "rows": rows}
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bench-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write atomically (:func:`fusedmoe.atomic.write_json`)."""
+    from fusedmoe.atomic import write_json as write_json_atomic
+
+    write_json_atomic(path, {"environment": _environment(), "plan": dataclasses.asdict(plan),
+                             "rows": rows})
 
 
 def write_plot(path: str, rows: list[dict[str, Any]]) -> None:
@@ -441,6 +433,8 @@ def write_plot(path: str, rows: list[dict[str, Any]]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from fusedmoe.atomic import atomic_file
 
     measured = [r for r in rows if "median_s" in r]
     presets = list(dict.fromkeys(r["preset"] for r in measured))
@@ -479,15 +473,9 @@ def write_plot(path: str, rows: list[dict[str, Any]]) -> None:
         ax.set_ylabel("time / dense GEMMs", fontsize=8)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bench-", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
 

@@ -11,7 +11,6 @@ run also shows that the two layouts learn the same thing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from typing import Any
@@ -27,6 +26,7 @@ def compare(config, steps: int | None = None, out: str | None = None, *, warmup:
     ``losses`` of each."""
     import jax
 
+    from fusedmoe.atomic import write_json
     from fusedmoe.checkpoint.training import convert_state
     from fusedmoe.corpus import batch_at
     from fusedmoe.train import get_trainer, make_schedule, plot_losses
@@ -78,10 +78,7 @@ def compare(config, steps: int | None = None, out: str | None = None, *, warmup:
         plot_losses({k: (x, v) for k, v in losses.items()},
                     os.path.join(out, "compare_loss.png"),
                     title=f"{config.preset_name}: fused vs unfused")
-        tmp = os.path.join(out, "compare.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, os.path.join(out, "compare.json"))
+        write_json(os.path.join(out, "compare.json"), result)
     if verbose:
         print(f"{config.preset_name} preset, backend {result['backend']} on "
               f"{result['platform']}, {config.tokens_per_step} tokens/step, median of "

@@ -19,17 +19,15 @@ and leaves nothing behind.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fusedmoe.atomic import atomic_directory
 from fusedmoe.checkpoint.fusion import fuse_state, unfuse_state
 from fusedmoe.config import MoEConfig
 
@@ -85,32 +83,6 @@ def module_state(module) -> dict[str, Any]:
     from flax import nnx
 
     return _to_numpy_tree(nnx.state(module).to_pure_dict())
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to ``path``; on success rename it to
-    ``path`` (replacing an existing one only with ``overwrite``); on failure remove it.
-    """
-    path = Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists; pass overwrite=True to replace it")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path.parent}: parent directory does not exist")
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- save / load

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import platform
 import sys
@@ -171,16 +172,22 @@ def _skip_reason(backend: str, config, tokens: int) -> str | None:
 def layer_grouped_matmuls(config, forward_only: bool) -> int:
     """Grouped-matmul operations in the program (counted on a tiny layer with the
     same flags and the ragged_dot backend, whose ops are visible in the jaxpr)."""
+    small = config.replace(
+        emb_dim=8, mlp_dim=8, shared_expert_mlp_dim=0, gmm_backend="ragged_dot",
+        dtype="float32", weight_dtype="float32",
+    )
+    return _count_on_small_layer(small, forward_only)
+
+
+@functools.cache
+def _count_on_small_layer(small, forward_only: bool) -> int:
+    # Cached: every dtype and backend of a preset maps to the same small layer.
     import jax
     from flax import nnx
 
     from fusedmoe.gmm.api import count_grouped_matmuls
     from fusedmoe.layer import MoE
 
-    small = config.replace(
-        emb_dim=8, mlp_dim=8, shared_expert_mlp_dim=0, gmm_backend="ragged_dot",
-        dtype="float32", weight_dtype="float32",
-    )
     graphdef, state = nnx.split(MoE(small, rngs=nnx.Rngs(0)))
     x = jax.numpy.ones((1, 4, 8))
     fn = lambda s, x: nnx.merge(graphdef, s)(x)[0].sum()

@@ -1,5 +1,3 @@
-import sys
+from fusedmoe.cli import entry
 
-from fusedmoe.cli import main
-
-sys.exit(main())
+entry()

@@ -59,5 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":  # pragma: no cover
+def entry() -> None:
+    """The console script and ``python -m fusedmoe``: restart once with
+    huge-page malloc (see :mod:`fusedmoe.hugepages`), then :func:`main`."""
+    from fusedmoe.hugepages import reexec_with_hugepages
+
+    reexec_with_hugepages(sys.argv[1:])
     sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()

@@ -324,11 +324,14 @@ def run(args) -> int:
     import jax
     from rich.console import Console
 
+    from fusedmoe import hugepages
+
     console = Console(width=max(Console().width, 100))
     console.print(
         f"bench-gmm on {jax.default_backend()} ({jax.devices()[0].device_kind}): "
         f"M={opts['m']} K={opts['k']} N={opts['n']} G={opts['groups']} "
-        f"dtypes={opts['dtypes']} repeats={opts['repeats']}"
+        f"dtypes={opts['dtypes']} repeats={opts['repeats']} "
+        f"huge-page malloc={hugepages.status()}"
     )
 
     def log(row):
@@ -347,7 +350,8 @@ def run(args) -> int:
     if opts["json"]:
         write_json(
             opts["json"],
-            {"command": " ".join(sys.argv), "jax": jax.__version__, "rows": rows},
+            {"command": " ".join(sys.argv), "jax": jax.__version__,
+             "hugepage_malloc": hugepages.status(), "rows": rows},
         )
         console.print(f"wrote {opts['json']}")
     return 0

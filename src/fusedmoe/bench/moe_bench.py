@@ -379,8 +379,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from fusedmoe import hugepages
+
     table = Table(title="fusedmoe bench: MoE layer vs the dense GEMMs of equal FLOPs "
-                        "(ratio = layer time / dense time, same process)")
+                        "(ratio = layer time / dense time, same process; "
+                        f"huge-page malloc {hugepages.status()})")
     columns = ("preset", "dtype", "backend", "layout", "pass", "median (min-max)",
                "GFLOP/s", "x dense", "fused speed-up", "peer x dense", "gmm ops", "XLA GFLOP",
                "XLA bytes", "peak mem")
@@ -416,11 +419,14 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def _environment() -> dict[str, Any]:
     import jax
 
+    from fusedmoe import hugepages
+
     return {
         "jax": jax.__version__, "platform": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
         "python": platform.python_version(), "machine": platform.machine(),
         "command": " ".join(["fusedmoe", *sys.argv[1:]]),
+        "hugepage_malloc": hugepages.status(),
     }
 
 

@@ -350,7 +350,7 @@ def run(args) -> int:
     if opts["json"]:
         write_json(
             opts["json"],
-            {"command": " ".join(sys.argv), "jax": jax.__version__,
+            {"command": " ".join(["fusedmoe", *sys.argv[1:]]), "jax": jax.__version__,
              "hugepage_malloc": hugepages.status(), "rows": rows},
         )
         console.print(f"wrote {opts['json']}")

@@ -6,7 +6,7 @@ every 4 KiB page faults on first touch. A grouped matmul writes far larger
 buffers than the dense GEMM it is compared with: the weight gradient is
 ``[G, K, N]`` (512 MiB at the benchmark's G=64) where the dense one is
 ``[K, N]``. On the 2-core benchmark machine, writing a fresh 512 MiB array
-took 150-190 ms with 4 KiB pages and 47 ms with 2 MiB pages, so the page
+took 130-190 ms with 4 KiB pages and 47-53 ms with 2 MiB pages, so the page
 faults, not the arithmetic, dominated the backward pass.
 
 glibc asks the kernel for huge pages on its ``mmap``-ed chunks when the

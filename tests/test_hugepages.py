@@ -39,6 +39,15 @@ def test_no_restart_when_opted_out_or_already_named():
     assert hugepages.should_reexec({}) == AVAILABLE
 
 
+def test_restart_keeps_the_command_line_and_interpreter_flags():
+    code = ("import os, sys; from fusedmoe import hugepages; hugepages.reexec_with_hugepages(); "
+            "print(os.environ.get('GLIBC_TUNABLES'), sys.flags.utf8_mode, sys.argv[1:])")
+    out = subprocess.run([sys.executable, "-X", "utf8", "-c", code, "a", "b"], env=clean_env(),
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    tunables = hugepages.TUNABLE if AVAILABLE else "None"
+    assert out.split("\n")[0] == f"{tunables} 1 ['a', 'b']", out
+
+
 FAULTS = """
 import resource, jax, jax.numpy as jnp
 x = jnp.ones((64, 1024, 1024), jnp.float32)  # 256 MiB

@@ -64,7 +64,7 @@ def entry() -> None:
     huge-page malloc (see :mod:`fusedmoe.hugepages`), then :func:`main`."""
     from fusedmoe.hugepages import reexec_with_hugepages
 
-    reexec_with_hugepages(sys.argv[1:])
+    reexec_with_hugepages()
     sys.exit(main())
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "FUSEDMOE_HUGEPAGES"  # "0" keeps the process exactly as it was started
@@ -106,8 +106,9 @@ def should_reexec(environ: Mapping[str, str] | None = None) -> bool:
     return unavailable_reason() is None
 
 
-def reexec_with_hugepages(argv: Sequence[str]) -> None:
-    """Restart this process as ``python -m fusedmoe *argv`` with the tunable set.
+def reexec_with_hugepages() -> None:
+    """Restart this process with the tunable set: the same interpreter and
+    command line (``sys.orig_argv``, interpreter flags included).
 
     Returns (doing nothing) when it is already set, opted out, or unavailable;
     otherwise does not return. Call it first thing, before anything is printed
@@ -117,4 +118,4 @@ def reexec_with_hugepages(argv: Sequence[str]) -> None:
     env = environ_with_hugepages(os.environ)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "fusedmoe", *argv], env)
+    os.execve(sys.executable, sys.orig_argv, env)

@@ -27,15 +27,17 @@ def test_bench_tiny_writes_json_and_plot(tmp_path, capsys):
     for r in rows:
         for field in ("median_s", "min_s", "max_s", "dense_median_s", "ratio_to_dense",
                       "achieved_flops_per_s", "grouped_matmuls", "xla_flops", "xla_bytes",
-                      "peak_bytes", "expert_flops"):
+                      "peak_bytes", "expert_flops", "ratio_to_dense_paired", "times_s"):
             assert field in r, field
         assert r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert min(r["times_s"]) == r["min_s"] and max(r["times_s"]) == r["max_s"]
         assert r["ratio_to_dense"] == pytest.approx(r["median_s"] / r["dense_median_s"])
     counts = {(r["layout"], r["pass"]): r["grouped_matmuls"] for r in rows}
     assert counts[("fused", "forward")] == 2 and counts[("unfused", "forward")] == 3
     assert counts[("fused", "forward+backward")] == 6
     assert counts[("unfused", "forward+backward")] == 9
-    assert all("fused_speedup" in r for r in rows if r["layout"] == "fused")
+    assert all("fused_speedup" in r and "fused_speedup_paired" in r
+               for r in rows if r["layout"] == "fused")
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "x dense" in capsys.readouterr().out
 

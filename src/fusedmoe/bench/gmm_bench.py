@@ -214,7 +214,7 @@ def run_cases(opts: dict, log=print) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
 
-    from fusedmoe.bench.timing import dense_flops, time_side_by_side
+    from fusedmoe.bench.timing import dense_flops, paired_ratio, time_side_by_side
 
     platform = jax.default_backend()
     m, k, n = opts["m"], opts["k"], opts["n"]
@@ -273,6 +273,7 @@ def run_cases(opts: dict, log=print) -> list[dict]:
                                 dense_min_s=ref.min,
                                 ratio=t.median / ref.median,
                                 ratio_min=t.min / ref.min,
+                                ratio_paired=paired_ratio(t, ref),
                                 gflops=flops / t.median / 1e9,
                                 dense_gflops=flops / ref.median / 1e9,
                             )
@@ -292,7 +293,8 @@ def render_table(rows: list[dict]):
     from rich.table import Table
 
     table = Table(title="grouped matmul vs dense GEMM of equal FLOPs (ratio = time / dense)")
-    for col in ("backend", "mode", "dtype", "G", "dist", "ms", "dense ms", "ratio", "min ratio"):
+    for col in ("backend", "mode", "dtype", "G", "dist", "ms", "dense ms", "ratio", "min ratio",
+                "paired ratio"):
         table.add_column(col, justify="left" if col in ("backend", "mode", "dist") else "right")
     for r in rows:
         if r["skipped"]:
@@ -304,6 +306,7 @@ def render_table(rows: list[dict]):
             f"{r['dense_median_s'] * 1e3:.1f}",
             f"{r['ratio']:.2f}x",
             f"{r['ratio_min']:.2f}x",
+            f"{r['ratio_paired']:.2f}x" if "ratio_paired" in r else "-",
         )
     return table
 

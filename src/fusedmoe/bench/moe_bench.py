@@ -244,7 +244,7 @@ def _measure_job(plan: BenchPlan, preset, base, tokens: int, progress, task):
     """Rows of one (preset, dtype): the dense GEMMs and every runnable (backend, layout),
     timed round-robin per pass (:func:`time_side_by_side`) so load hits them alike.
     Returns (rows, dense median seconds per pass)."""
-    from fusedmoe.bench.timing import time_side_by_side
+    from fusedmoe.bench.timing import paired_ratio, time_side_by_side
 
     flops = expert_flops(base, tokens)
     common = dict(preset=preset.name, dtype=base.dtype, tokens=tokens,
@@ -270,7 +270,8 @@ def _measure_job(plan: BenchPlan, preset, base, tokens: int, progress, task):
         for key, (_, fwd, both, args) in layers.items():
             candidates[key] = ((fwd, both)[index].lower(*args).compile(), args)
         timings = time_side_by_side(candidates, repeats=plan.repeats)
-        dense[pass_name] = timings.pop("dense").median
+        dense_timing = timings.pop("dense")
+        dense[pass_name] = dense_timing.median
         for (backend, layout), timing in timings.items():
             config = layers[backend, layout][0]
             compiled = candidates[backend, layout][0]
@@ -280,6 +281,8 @@ def _measure_job(plan: BenchPlan, preset, base, tokens: int, progress, task):
                 "median_s": timing.median, "min_s": timing.min, "max_s": timing.max,
                 "dense_median_s": dense[pass_name],
                 "ratio_to_dense": timing.median / dense[pass_name],
+                "ratio_to_dense_paired": paired_ratio(timing, dense_timing),
+                "times_s": list(timing.times),
                 "expert_flops": pass_flops,
                 "achieved_flops_per_s": pass_flops / timing.median,
                 "grouped_matmuls": layer_grouped_matmuls(config, pass_name == "forward"),
@@ -352,7 +355,10 @@ def _add_peer(rows, preset, config, tokens: int, dense, repeats: int) -> None:
 
 
 def _add_speedups(rows: list[dict[str, Any]]) -> None:
-    """fused_speedup = unfused time / fused time, on the fused rows."""
+    """fused_speedup = unfused time / fused time, on the fused rows; also
+    paired round by round (the two were timed in the same rounds)."""
+    import statistics
+
     index = {(r["preset"], r["dtype"], r["backend"], r["layout"], r["pass"]): r
              for r in rows if "median_s" in r}
     for key, row in index.items():
@@ -360,6 +366,8 @@ def _add_speedups(rows: list[dict[str, Any]]) -> None:
             unfused = index.get((*key[:3], "unfused", key[4]))
             if unfused:
                 row["fused_speedup"] = unfused["median_s"] / row["median_s"]
+                pairs = zip(unfused["times_s"], row["times_s"])
+                row["fused_speedup_paired"] = statistics.median(u / f for u, f in pairs)
 
 
 # ----------------------------------------------------------------------------- output

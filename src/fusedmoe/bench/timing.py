@@ -3,7 +3,8 @@
 Machines here are shared and noisy, so the useful number is a *ratio* of two
 programs measured side by side in one process. :func:`time_side_by_side`
 interleaves its candidates round-robin (a slow patch of the machine hits all of
-them alike) and :func:`ratio` compares two :class:`Timing` by their medians.
+them alike) and :func:`ratio` compares two :class:`Timing` by their medians;
+:func:`paired_ratio` compares them round by round.
 """
 
 from __future__ import annotations
@@ -101,6 +102,16 @@ def time_side_by_side(
 def ratio(candidate: Timing, reference: Timing) -> float:
     """``median(candidate) / median(reference)``."""
     return candidate.median / reference.median
+
+
+def paired_ratio(candidate: Timing, reference: Timing) -> float:
+    """The median over rounds of ``candidate[r] / reference[r]``, over the
+    rounds both ran (a candidate past its time budget drops out of the later
+    ones). Each pair was timed seconds apart, so a slow patch of the machine
+    that spans a round cancels in its ratio, where it can shift one median
+    and not the other."""
+    pairs = list(zip(candidate.times, reference.times))
+    return statistics.median(c / r for c, r in pairs)
 
 
 def dense_flops(m: int, k: int, n: int) -> int:

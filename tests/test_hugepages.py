@@ -48,6 +48,14 @@ def test_restart_keeps_the_command_line_and_interpreter_flags():
     assert out.split("\n")[0] == f"{tunables} 1 ['a', 'b']", out
 
 
+def test_compaction_stall_counter_and_note():
+    stalls = hugepages.compaction_stalls()
+    assert stalls is None or stalls >= 0
+    assert hugepages.stalls_since(None) is None
+    assert hugepages.stall_note(0) is None and hugepages.stall_note(None) is None
+    assert "3 times" in hugepages.stall_note(3) and hugepages.OPT_OUT in hugepages.stall_note(3)
+
+
 FAULTS = """
 import resource, jax, jax.numpy as jnp
 x = jnp.ones((64, 1024, 1024), jnp.float32)  # 256 MiB
@@ -83,7 +91,10 @@ def test_command_restarts_itself_with_huge_pages(tmp_path, opt_out):
          "--repeats", "1", "--json", str(out)],
         env=env, capture_output=True, text=True, timeout=300, check=True,
     )
-    status = json.loads(out.read_text())["hugepage_malloc"]
+    payload = json.loads(out.read_text())
+    status = payload["hugepage_malloc"]
+    stalls = payload["compaction_stalls_during_run"]
+    assert stalls is None or stalls >= 0
     if opt_out:
         assert status == f"off ({hugepages.OPT_OUT}=0)"
     elif AVAILABLE:

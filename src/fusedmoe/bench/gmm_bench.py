@@ -346,15 +346,20 @@ def run(args) -> int:
             highlight=False,
         )
 
+    stalls_before = hugepages.compaction_stalls()
     rows = run_cases(opts, log)
+    stalls = hugepages.stalls_since(stalls_before)
     console.print(render_table(rows))
+    if note := hugepages.stall_note(stalls):
+        console.print(note, highlight=False)
     for line in skipped_lines(rows):
         console.print(line, highlight=False)
     if opts["json"]:
         write_json(
             opts["json"],
             {"command": " ".join(["fusedmoe", *sys.argv[1:]]), "jax": jax.__version__,
-             "hugepage_malloc": hugepages.status(), "rows": rows},
+             "hugepage_malloc": hugepages.status(), "compaction_stalls_during_run": stalls,
+             "rows": rows},
         )
         console.print(f"wrote {opts['json']}")
     return 0

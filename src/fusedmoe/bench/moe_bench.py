@@ -110,11 +110,17 @@ def plan_from_args(args) -> BenchPlan:
 
 
 def run(args) -> int:
+    from fusedmoe import hugepages
+
     plan = plan_from_args(args)
+    stalls_before = hugepages.compaction_stalls()
     rows = run_plan(plan)
+    stalls = hugepages.stalls_since(stalls_before)
     print_table(rows)
+    if note := hugepages.stall_note(stalls):
+        print(note)
     if plan.json_path:
-        write_json(plan.json_path, rows, plan)
+        write_json(plan.json_path, rows, plan, compaction_stalls=stalls)
     if plan.plot_path:
         write_plot(plan.plot_path, rows)
     return 0
@@ -438,11 +444,13 @@ def _environment() -> dict[str, Any]:
     }
 
 
-def write_json(path: str, rows: list[dict[str, Any]], plan: BenchPlan) -> None:
+def write_json(path: str, rows: list[dict[str, Any]], plan: BenchPlan,
+               compaction_stalls: int | None = None) -> None:
     """Write atomically (:func:`fusedmoe.atomic.write_json`)."""
     from fusedmoe.atomic import write_json as write_json_atomic
 
-    write_json_atomic(path, {"environment": _environment(), "plan": dataclasses.asdict(plan),
+    environment = {**_environment(), "compaction_stalls_during_run": compaction_stalls}
+    write_json_atomic(path, {"environment": environment, "plan": dataclasses.asdict(plan),
                              "rows": rows})
 
 

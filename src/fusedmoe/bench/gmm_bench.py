@@ -273,7 +273,7 @@ def run_cases(opts: dict, log=print) -> list[dict]:
                                 dense_min_s=ref.min,
                                 ratio=t.median / ref.median,
                                 ratio_min=t.min / ref.min,
-                                ratio_paired=paired_ratio(t, ref),
+                                ratio_paired=paired_ratio(t.times, ref.times),
                                 gflops=flops / t.median / 1e9,
                                 dense_gflops=flops / ref.median / 1e9,
                             )

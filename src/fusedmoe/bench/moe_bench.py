@@ -287,7 +287,7 @@ def _measure_job(plan: BenchPlan, preset, base, tokens: int, progress, task):
                 "median_s": timing.median, "min_s": timing.min, "max_s": timing.max,
                 "dense_median_s": dense[pass_name],
                 "ratio_to_dense": timing.median / dense[pass_name],
-                "ratio_to_dense_paired": paired_ratio(timing, dense_timing),
+                "ratio_to_dense_paired": paired_ratio(timing.times, dense_timing.times),
                 "times_s": list(timing.times),
                 "expert_flops": pass_flops,
                 "achieved_flops_per_s": pass_flops / timing.median,
@@ -363,7 +363,7 @@ def _add_peer(rows, preset, config, tokens: int, dense, repeats: int) -> None:
 def _add_speedups(rows: list[dict[str, Any]]) -> None:
     """fused_speedup = unfused time / fused time, on the fused rows; also
     paired round by round (the two were timed in the same rounds)."""
-    import statistics
+    from fusedmoe.bench.timing import paired_ratio
 
     index = {(r["preset"], r["dtype"], r["backend"], r["layout"], r["pass"]): r
              for r in rows if "median_s" in r}
@@ -372,8 +372,7 @@ def _add_speedups(rows: list[dict[str, Any]]) -> None:
             unfused = index.get((*key[:3], "unfused", key[4]))
             if unfused:
                 row["fused_speedup"] = unfused["median_s"] / row["median_s"]
-                pairs = zip(unfused["times_s"], row["times_s"])
-                row["fused_speedup_paired"] = statistics.median(u / f for u, f in pairs)
+                row["fused_speedup_paired"] = paired_ratio(unfused["times_s"], row["times_s"])
 
 
 # ----------------------------------------------------------------------------- output

@@ -104,14 +104,13 @@ def ratio(candidate: Timing, reference: Timing) -> float:
     return candidate.median / reference.median
 
 
-def paired_ratio(candidate: Timing, reference: Timing) -> float:
+def paired_ratio(candidate_times: Sequence[float], reference_times: Sequence[float]) -> float:
     """The median over rounds of ``candidate[r] / reference[r]``, over the
     rounds both ran (a candidate past its time budget drops out of the later
     ones). Each pair was timed seconds apart, so a slow patch of the machine
     that spans a round cancels in its ratio, where it can shift one median
     and not the other."""
-    pairs = list(zip(candidate.times, reference.times))
-    return statistics.median(c / r for c, r in pairs)
+    return statistics.median(c / r for c, r in zip(candidate_times, reference_times))
 
 
 def dense_flops(m: int, k: int, n: int) -> int:

@@ -138,14 +138,21 @@ def fused_to_unfused(t: Mapping[str, np.ndarray]) -> Arrays:
     return _unfused(wi[:, :, 0], wi[:, :, 1], t["wo"], biases)
 
 
+def _join_gate_up(t: Mapping[str, np.ndarray], join, wi: str = "wi", wo: str = "wo") -> Arrays:
+    """Writes a layout that holds gate and up in one tensor from ``fusedmoe_unfused``:
+    ``t[wi] = join(wi_0, wi_1)`` (and the same for the biases, as ``{wi}_bias``),
+    ``t[wo]`` (and ``{wo}_bias``) copied."""
+    bias = _check_unfused(t)
+    out = {wi: join(t["wi_0"], t["wi_1"]), wo: _c(t["wo"])}
+    if bias:
+        out[f"{wi}_bias"] = join(t["wi_0_bias"], t["wi_1_bias"])
+        out[f"{wo}_bias"] = _c(t["wo_bias"])
+    return out
+
+
 def unfused_to_fused(t: Mapping[str, np.ndarray]) -> Arrays:
     """Reads ``fusedmoe_unfused``, writes ``fusedmoe_fused`` (``wi = stack([wi_0, wi_1], -2)``)."""
-    bias = _check_unfused(t)
-    out = {"wi": np.stack([t["wi_0"], t["wi_1"]], axis=-2), "wo": _c(t["wo"])}
-    if bias:
-        out["wi_bias"] = np.stack([t["wi_0_bias"], t["wi_1_bias"]], axis=-2)
-        out["wo_bias"] = _c(t["wo_bias"])
-    return out
+    return _join_gate_up(t, lambda gate, up: np.stack([gate, up], axis=-2))
 
 
 def _identity_unfused(layout: Layout) -> Callable[[Mapping[str, np.ndarray]], Arrays]:
@@ -281,14 +288,8 @@ def gpt_oss_to_unfused(t: Mapping[str, np.ndarray]) -> Arrays:
 
 def unfused_to_gpt_oss(t: Mapping[str, np.ndarray]) -> Arrays:
     """Reads ``fusedmoe_unfused``, writes ``gpt_oss``."""
-    bias = _check_unfused(t)
-    out = {"gate_up_proj": _interleave(np.asarray(t["wi_0"]), np.asarray(t["wi_1"])),
-           "down_proj": _c(t["wo"])}
-    if bias:
-        out["gate_up_proj_bias"] = _interleave(np.asarray(t["wi_0_bias"]),
-                                               np.asarray(t["wi_1_bias"]))
-        out["down_proj_bias"] = _c(t["wo_bias"])
-    return out
+    return _join_gate_up(t, lambda gate, up: _interleave(np.asarray(gate), np.asarray(up)),
+                         wi="gate_up_proj", wo="down_proj")
 
 
 # ----------------------------------------------------------------------------- MaxText prefused
@@ -313,12 +314,7 @@ def maxtext_prefused_to_unfused(t: Mapping[str, np.ndarray]) -> Arrays:
 
 def unfused_to_maxtext_prefused(t: Mapping[str, np.ndarray]) -> Arrays:
     """Reads ``fusedmoe_unfused``, writes ``maxtext_prefused``."""
-    bias = _check_unfused(t)
-    out = {"wi": np.concatenate([t["wi_0"], t["wi_1"]], axis=-1), "wo": _c(t["wo"])}
-    if bias:
-        out["wi_bias"] = np.concatenate([t["wi_0_bias"], t["wi_1_bias"]], axis=-1)
-        out["wo_bias"] = _c(t["wo_bias"])
-    return out
+    return _join_gate_up(t, lambda gate, up: np.concatenate([gate, up], axis=-1))
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -234,15 +234,21 @@ def _packed_biases(t, layout, g, n, k, split):
     return (*split(gub), db)
 
 
+def _get_gate_up(t, layout: Layout, name: str, axis: int, dims: str) -> tuple[np.ndarray, int]:
+    """The rank-3 tensor ``name`` holding gate and up along ``axis`` (``dims``
+    names its axes for errors, e.g. ``"[G,K,2N]"``), and N; an odd 2N is an error."""
+    packed = _get(t, name, layout, 3)
+    if packed.shape[axis] % 2:
+        raise ValueError(f"{layout.value}: tensor {name!r} {dims} has odd 2N: {packed.shape}")
+    return packed, packed.shape[axis] // 2
+
+
 def hf_packed_to_unfused(t: Mapping[str, np.ndarray]) -> Arrays:
     """Reads ``hf_packed`` (transformers v5 ``experts.gate_up_proj [G,2N,K]``, first half
     gate; ``experts.down_proj [G,K,N]``), writes ``fusedmoe_unfused``."""
     layout = Layout.HF_PACKED
-    gu = _get(t, "gate_up_proj", layout, 3)
-    g, two_n, k = gu.shape
-    if two_n % 2:
-        raise ValueError(f"{layout.value}: tensor 'gate_up_proj' [G,2N,K] has odd 2N: {gu.shape}")
-    n = two_n // 2
+    gu, n = _get_gate_up(t, layout, "gate_up_proj", 1, "[G,2N,K]")
+    g, _, k = gu.shape
     dn = _get(t, "down_proj", layout, 3)
     _expect(layout, "down_proj", dn.shape, (g, k, n))
     biases = _packed_biases(t, layout, g, n, k, lambda b: (b[:, :n], b[:, n:]))
@@ -275,11 +281,8 @@ def gpt_oss_to_unfused(t: Mapping[str, np.ndarray]) -> Arrays:
     """Reads ``gpt_oss`` (``gate_up_proj [G,K,2N]`` interleaved: ``[..., ::2]`` gate,
     ``[..., 1::2]`` up; ``down_proj [G,N,K]``; biases), writes ``fusedmoe_unfused``."""
     layout = Layout.GPT_OSS
-    gu = _get(t, "gate_up_proj", layout, 3)
-    g, k, two_n = gu.shape
-    if two_n % 2:
-        raise ValueError(f"{layout.value}: tensor 'gate_up_proj' [G,K,2N] has odd 2N: {gu.shape}")
-    n = two_n // 2
+    gu, n = _get_gate_up(t, layout, "gate_up_proj", 2, "[G,K,2N]")
+    g, k, _ = gu.shape
     dn = _get(t, "down_proj", layout, 3)
     _expect(layout, "down_proj", dn.shape, (g, n, k))
     biases = _packed_biases(t, layout, g, n, k, lambda b: (b[:, ::2], b[:, 1::2]))
@@ -297,11 +300,8 @@ def maxtext_prefused_to_unfused(t: Mapping[str, np.ndarray]) -> Arrays:
     """Reads ``maxtext_prefused`` (``wi [G,K,2N]``, first half gate), writes
     ``fusedmoe_unfused``."""
     layout = Layout.MAXTEXT_PREFUSED
-    wi = _get(t, "wi", layout, 3)
-    g, k, two_n = wi.shape
-    if two_n % 2:
-        raise ValueError(f"{layout.value}: tensor 'wi' [G,K,2N] has odd 2N: {wi.shape}")
-    n = two_n // 2
+    wi, n = _get_gate_up(t, layout, "wi", 2, "[G,K,2N]")
+    g, k, _ = wi.shape
     _expect(layout, "wo", _get(t, "wo", layout, 3).shape, (g, n, k))
     biases = None
     if _optional_biases(t, layout, ("wi_bias", "wo_bias")):

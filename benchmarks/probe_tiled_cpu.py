@@ -1,0 +1,201 @@
+"""Probes behind the CPU numbers of ``docs/backends.md`` ("What limits `tiled` on CPU").
+
+Not a test and not the benchmark: four side-by-side measurements that explain
+why the ``tiled`` backend stops where it does on a CPU. Each prints, per
+candidate, the paired ratio to a dense GEMM of equal FLOPs timed round-robin
+in the same process (median over rounds of candidate/dense) and the ratio of
+the fastest runs.
+
+    python benchmarks/probe_tiled_cpu.py weight-size   # per-expert weight size
+    python benchmarks/probe_tiled_cpu.py fused-ffn1    # fused FFN1 schedules
+    python benchmarks/probe_tiled_cpu.py copy-free     # weight copy vs in place
+    python benchmarks/probe_tiled_cpu.py tile-size     # cost of a dot by its rows
+    python benchmarks/probe_tiled_cpu.py copy-free \\
+        --xla-flags=--xla_cpu_experimental_ynn_fusion_type=dot
+
+``--xla-flags`` sets ``XLA_FLAGS`` for this process (before jax is imported),
+to compare XLA:CPU's dot libraries: the dense reference runs under the same
+flags. Start Python with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` to match the
+``fusedmoe`` command's allocator (docs/backends.md, "Huge pages on CPU").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _routed_group_sizes(num_experts: int, top_k: int, tokens: int, seed: int = 0):
+    """Rows per expert when each token picks ``top_k`` distinct experts uniformly."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    picks = np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(tokens)])
+    return np.bincount(picks.ravel(), minlength=num_experts).astype(np.int32)
+
+
+def _column_loop(lhs, rhs, group_sizes, col: int, width: int):
+    """``out[rows of g] = lhs[rows of g] @ rhs[g][:, col:col + width]``, f32, the
+    weight columns sliced inside the loop over groups (one dot per 64 rows, the
+    last one masked). A probe kernel: ``tiled`` without its size classes."""
+    import jax
+    import jax.numpy as jnp
+
+    m, tile = lhs.shape[0], 64
+    ends = jnp.cumsum(group_sizes)
+    starts = ends - group_sizes
+
+    def group(g, out):
+        w = jax.lax.dynamic_slice(rhs, (g, 0, col), (1, rhs.shape[1], width))[0]
+
+        def rows(t, out):
+            row = starts[g] + t * tile
+            at = jnp.minimum(row, m - tile)
+            y = jax.lax.dynamic_slice_in_dim(lhs, at, tile) @ w
+            keep = ((at + jnp.arange(tile) >= row) & (at + jnp.arange(tile) < ends[g]))[:, None]
+            new = jnp.where(keep, y, jax.lax.dynamic_slice_in_dim(out, at, tile))
+            return jax.lax.dynamic_update_slice_in_dim(out, new, at, 0)
+
+        return jax.lax.fori_loop(0, (group_sizes[g] + tile - 1) // tile, rows, out)
+
+    return jax.lax.fori_loop(0, rhs.shape[0], group, jnp.zeros((m, width), jnp.float32))
+
+
+def _static_group_loops(lhs, rhs, group_sizes):
+    """One loop per group with a *static* weight index ``rhs[g]``: with
+    ``--xla_cpu_experimental_ynn_fusion_type=dot`` XLA fuses that slice into the
+    dot (a bitcast in the HLO: the weight is read in place, never copied)."""
+    import jax
+    import jax.numpy as jnp
+
+    m, tile = lhs.shape[0], 64
+    ends = jnp.cumsum(group_sizes)
+    starts = ends - group_sizes
+    out = jnp.zeros((m, rhs.shape[2]), jnp.float32)
+    for g in range(rhs.shape[0]):
+
+        def rows(t, out, g=g):
+            row = starts[g] + t * tile
+            at = jnp.minimum(row, m - tile)
+            y = jax.lax.dynamic_slice_in_dim(lhs, at, tile) @ rhs[g]
+            keep = ((at + jnp.arange(tile) >= row) & (at + jnp.arange(tile) < ends[g]))[:, None]
+            new = jnp.where(keep, y, jax.lax.dynamic_slice_in_dim(out, at, tile))
+            return jax.lax.dynamic_update_slice_in_dim(out, new, at, 0)
+
+        out = jax.lax.fori_loop(0, (group_sizes[g] + tile - 1) // tile, rows, out)
+    return out
+
+
+def _tile_loop(lhs, rhs, rows: int):
+    """Dots of ``rows`` rows, each against the next of the ``G`` weights
+    (cycling), covering ``lhs`` once: the cost of one tile size alone."""
+    import jax
+    import jax.numpy as jnp
+
+    def body(i, acc):
+        x = jax.lax.dynamic_slice_in_dim(lhs, i * rows, rows)
+        return acc + x @ rhs[i % rhs.shape[0]]
+
+    init = jnp.zeros((rows, rhs.shape[2]), jnp.float32)
+    return jax.lax.fori_loop(0, lhs.shape[0] // rows, body, init)
+
+
+def _candidates(probe: str):
+    """``name -> (fn, args)``, the dense reference under ``"dense"``."""
+    import jax
+    import jax.numpy as jnp
+
+    import fusedmoe
+
+    key = jax.random.PRNGKey(0)
+    tiled = jax.jit(lambda x, w, gs: fusedmoe.gmm(x, w, gs, backend="tiled"))
+    dense = jax.jit(lambda x, w: x @ w)
+    if probe == "copy-free":
+        groups, m, k, n = 64, 4096, 1024, 2048
+        gs = jnp.full((groups,), m // groups, jnp.int32)
+        x = jax.random.normal(key, (m, k))
+        w = jax.random.normal(key, (groups, k, n))
+        return {
+            "tiled (copies rhs[g])": (tiled, (x, w, gs)),
+            "static per-group loops": (jax.jit(_static_group_loops), (x, w, gs)),
+            "dense": (dense, (x, w[0])),
+        }
+    # Qwen3-30B-A3B: 1024 tokens, top-8 of 128 experts, emb 2048, expert mlp 768.
+    groups, k, n = 128, 2048, 768
+    gs = jnp.asarray(_routed_group_sizes(groups, 8, 1024))
+    x = jax.random.normal(key, (int(gs.sum()), k))
+    if probe == "tile-size":
+        out = {}
+        for width in (n, 2 * n):
+            w = jax.random.normal(key, (groups, k, width)) * 0.02
+            for rows in (8, 16, 64, 256):
+                loop = jax.jit(lambda x, w, rows=rows: _tile_loop(x, w, rows))
+                out[f"{rows}-row dots, N={width}"] = (loop, (x[:8192], w))
+            out[f"dense N={width}"] = (dense, (x, w[0]))
+        return out
+    if probe == "weight-size":
+        out = {}
+        for width in (n // 2, n, 2 * n):
+            w = jax.random.normal(key, (groups, k, width)) * 0.02
+            out[f"N={width}"] = (tiled, (x, w, gs))
+            out[f"dense N={width}"] = (dense, (x, w[0]))
+        return out
+    wi = jax.random.normal(key, (groups, k, 2 * n)) * 0.02  # [G, K, 2, N] viewed as [G, K, 2N]
+    gate, up = wi[:, :, :n], wi[:, :, n:]
+    return {
+        "fused: one loop on [G,K,2N]": (tiled, (x, wi, gs)),
+        "fused: two loops on its column halves": (
+            jax.jit(lambda x, w, gs: (_column_loop(x, w, gs, 0, n), _column_loop(x, w, gs, n, n))),
+            (x, wi, gs),
+        ),
+        "unfused: two loops on [G,K,N]": (
+            jax.jit(lambda x, a, b, gs: (tiled(x, a, gs), tiled(x, b, gs))),
+            (x, gate, up, gs),
+        ),
+        "dense": (dense, (x, wi[0])),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("probe", choices=("weight-size", "fused-ffn1", "copy-free", "tile-size"))
+    parser.add_argument("--rounds", type=int, default=9, help="timed rounds (default 9)")
+    parser.add_argument("--xla-flags", default=None, help="XLA_FLAGS for this process")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds: expected a positive count, got {args.rounds}")
+    if args.xla_flags is not None:
+        if "jax" in sys.modules:
+            parser.error("--xla-flags: jax is already imported in this process")
+        os.environ["XLA_FLAGS"] = args.xla_flags
+
+    from fusedmoe.bench.timing import paired_ratio, time_side_by_side
+
+    candidates = _candidates(args.probe)
+    timings = time_side_by_side(candidates, warmup=1, repeats=args.rounds)
+    print(
+        f"probe {args.probe}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, {args.rounds} rounds"
+    )
+    for name, timing in timings.items():
+        if name.startswith("dense"):
+            continue
+        ref = timings[_reference_of(name, timings)]
+        print(
+            f"  {name:40s} {timing.median * 1e3:7.1f} ms  "
+            f"paired {paired_ratio(timing.times, ref.times):.2f}x  "
+            f"min {timing.min / ref.min:.2f}x dense"
+        )
+    return 0
+
+
+def _reference_of(name: str, timings: dict) -> str:
+    """The dense reference of a candidate: ``dense N=..`` where the candidate
+    names its width (weight-size, tile-size), ``dense`` otherwise."""
+    width = name[name.index("N=") :] if "N=" in name else None
+    return f"dense {width}" if width and f"dense {width}" in timings else "dense"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,55 +35,56 @@ def _routed_group_sizes(num_experts: int, top_k: int, tokens: int, seed: int = 0
     return np.bincount(picks.ravel(), minlength=num_experts).astype(np.int32)
 
 
-def _column_loop(lhs, rhs, group_sizes, col: int, width: int):
-    """``out[rows of g] = lhs[rows of g] @ rhs[g][:, col:col + width]``, f32, the
-    weight columns sliced inside the loop over groups (one dot per 64 rows, the
-    last one masked). A probe kernel: ``tiled`` without its size classes."""
+def _masked_tiles(lhs, weight, start, end, out, tile: int = 64):
+    """``out[start:end] = lhs[start:end] @ weight()`` in dots of ``tile`` rows,
+    the last one masked (and kept inside ``lhs``). ``weight()`` is called
+    inside the loop body, so where its slice happens is the caller's choice."""
     import jax
     import jax.numpy as jnp
 
-    m, tile = lhs.shape[0], 64
+    m = lhs.shape[0]
+
+    def rows(t, out):
+        row = start + t * tile
+        at = jnp.minimum(row, m - tile)
+        y = jax.lax.dynamic_slice_in_dim(lhs, at, tile) @ weight()
+        keep = ((at + jnp.arange(tile) >= row) & (at + jnp.arange(tile) < end))[:, None]
+        new = jnp.where(keep, y, jax.lax.dynamic_slice_in_dim(out, at, tile))
+        return jax.lax.dynamic_update_slice_in_dim(out, new, at, 0)
+
+    return jax.lax.fori_loop(0, (end - start + tile - 1) // tile, rows, out)
+
+
+def _column_loop(lhs, rhs, group_sizes, col: int, width: int):
+    """``out[rows of g] = lhs[rows of g] @ rhs[g][:, col:col + width]``, f32, the
+    weight columns sliced once per group inside the loop over groups (one dot
+    per 64 rows). A probe kernel: ``tiled`` without its size classes."""
+    import jax
+    import jax.numpy as jnp
+
     ends = jnp.cumsum(group_sizes)
     starts = ends - group_sizes
 
     def group(g, out):
         w = jax.lax.dynamic_slice(rhs, (g, 0, col), (1, rhs.shape[1], width))[0]
+        return _masked_tiles(lhs, lambda: w, starts[g], ends[g], out)
 
-        def rows(t, out):
-            row = starts[g] + t * tile
-            at = jnp.minimum(row, m - tile)
-            y = jax.lax.dynamic_slice_in_dim(lhs, at, tile) @ w
-            keep = ((at + jnp.arange(tile) >= row) & (at + jnp.arange(tile) < ends[g]))[:, None]
-            new = jnp.where(keep, y, jax.lax.dynamic_slice_in_dim(out, at, tile))
-            return jax.lax.dynamic_update_slice_in_dim(out, new, at, 0)
-
-        return jax.lax.fori_loop(0, (group_sizes[g] + tile - 1) // tile, rows, out)
-
-    return jax.lax.fori_loop(0, rhs.shape[0], group, jnp.zeros((m, width), jnp.float32))
+    out = jnp.zeros((lhs.shape[0], width), jnp.float32)
+    return jax.lax.fori_loop(0, rhs.shape[0], group, out)
 
 
 def _static_group_loops(lhs, rhs, group_sizes):
-    """One loop per group with a *static* weight index ``rhs[g]``: with
-    ``--xla_cpu_experimental_ynn_fusion_type=dot`` XLA fuses that slice into the
-    dot (a bitcast in the HLO: the weight is read in place, never copied)."""
-    import jax
+    """One loop per group with a *static* weight index ``rhs[g]`` taken inside
+    the loop body: with ``--xla_cpu_experimental_ynn_fusion_type=dot`` XLA fuses
+    that slice into the dot (a bitcast in the HLO: the weight is read in place,
+    never copied)."""
     import jax.numpy as jnp
 
-    m, tile = lhs.shape[0], 64
     ends = jnp.cumsum(group_sizes)
     starts = ends - group_sizes
-    out = jnp.zeros((m, rhs.shape[2]), jnp.float32)
+    out = jnp.zeros((lhs.shape[0], rhs.shape[2]), jnp.float32)
     for g in range(rhs.shape[0]):
-
-        def rows(t, out, g=g):
-            row = starts[g] + t * tile
-            at = jnp.minimum(row, m - tile)
-            y = jax.lax.dynamic_slice_in_dim(lhs, at, tile) @ rhs[g]
-            keep = ((at + jnp.arange(tile) >= row) & (at + jnp.arange(tile) < ends[g]))[:, None]
-            new = jnp.where(keep, y, jax.lax.dynamic_slice_in_dim(out, at, tile))
-            return jax.lax.dynamic_update_slice_in_dim(out, new, at, 0)
-
-        out = jax.lax.fori_loop(0, (group_sizes[g] + tile - 1) // tile, rows, out)
+        out = _masked_tiles(lhs, lambda g=g: rhs[g], starts[g], ends[g], out)
     return out
 
 

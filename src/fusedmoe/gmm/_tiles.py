@@ -1,12 +1,22 @@
-"""Row-tile schedule for the ``"tiled"`` backend: which groups, which tile sizes.
+"""Row schedule for the ``"tiled"`` backend: which groups, which dot sizes.
 
 XLA needs static shapes, so a group of ``s`` rows cannot be one dot of ``s``
-rows. Instead its rows are cut into tiles from a few static *size classes*,
-largest first: ``s = q0*c0 + q1*c1 + ... + tail`` with each ``q_i`` for a
-smaller class at most ``c_{i-1} // c_i - 1``. Only the last class may run a
-partial (masked) tile, so the rows computed and thrown away per group are
-fewer than the smallest class, whatever the group size. Big tiles keep the
-dots large (efficient, multi-threaded); the small classes only mop up.
+rows. Instead each product cuts a group into whole *tiles* of a few fixed
+sizes and ONE dot over the rest, of the smallest of a few static *remainder
+classes* that holds it. That dot may run past the group; the rows outside it
+are masked. So a group ends with at most one small dot, whatever its size:
+
+- rows times the weight (gmm forward, dX): whole tiles of 256, then 64 rows,
+  then one dot of 8, 16, ..., 64 rows (at most 7 rows computed and dropped);
+- rows contracted into dW (tgmm): whole 512-row chunks, then one dot of
+  8, 16, 24, 32, 48, ..., 384, 512 rows (at most 1.5x the rows it keeps).
+
+Why one dot for the rest, and not a ladder of tiles (16, then 8 rows, as
+before): on the 2-core CPU a dot of few rows is bound by reading the weight,
+not by its FLOPs. At the Qwen3-30B-A3B expert shape (K=2048, N=768) a loop of
+16-row dots ran at 2.0x the dense GEMM's time per FLOP and 8-row dots at
+2.7x (5x at N=1536), where 64 rows cost 1.2-1.7x and 256 rows 1.0x
+(``benchmarks/probe_tiled_cpu.py tile-size``).
 
 Everything here is plain ``jax.numpy`` on the traced ``group_sizes``.
 """
@@ -16,37 +26,34 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# Row tiles for products whose output rows are the lhs rows (gmm forward, dX).
-# Measured on a 2-core AVX-512 CPU (K=1024, N=2048, f32): a loop of dots of
-# 64+ rows runs at dense-GEMM speed, 16 rows at ~1.15x, 8 rows at ~1.2x.
-ROW_CLASSES = (256, 64, 16, 8)
+# Whole tiles of products whose output rows are the lhs rows (gmm forward, dX),
+# largest first; the rest (fewer rows than the smallest) goes in one dot.
+ROW_TILES = (256, 64)
 
-# Row chunks for the transposed product (tgmm, dW), which *contracts* over
+# Whole chunks of the transposed product (tgmm, dW), which *contracts* over
 # rows: each chunk is a rank-c update of a [K, N] f32 accumulator, whose memory
 # traffic (~24 MB per update at K=1024, N=2048) costs as much as ~250 rows of
-# FLOPs on the 2-core CPU. So a group is cut into whole chunks of this many
-# rows plus ONE dot for the rest, of the smallest of ``remainder_classes`` that
-# holds it (extra rows are zeroed: cheaper FLOPs than a second update).
+# FLOPs on the 2-core CPU, so its chunks are larger.
 CONTRACT_CHUNK = 512
 
 
-def remainder_classes(chunk_rows: int) -> tuple[int, ...]:
-    """Sizes for the one dot over a group's last ``< chunk_rows`` rows,
-    ascending: 8, then ``2^j`` and ``3 * 2^(j-1)`` (16, 24, 32, 48, 64, 96,
-    ...) below ``chunk_rows``, then ``chunk_rows`` itself. So the dot computes
-    at most 1.5x the rows it keeps (or 8 rows)."""
-    classes = [8]
-    power = 16
-    while power < chunk_rows:
-        classes += [power, power * 3 // 2]
+def remainder_classes(limit: int, per_octave: int = 2) -> tuple[int, ...]:
+    """Sizes for the one dot over a group's last ``< limit`` rows, ascending:
+    8, 16, 24, then ``per_octave`` evenly spaced sizes in every octave from 32
+    (``per_octave=2``: 32, 48, 64, 96, ...; ``4``: 32, 40, 48, 56, 64, 80,
+    ...), the ones below ``limit``, then ``limit`` itself. So the dot computes
+    at most ``1 + 1/per_octave`` times the rows it keeps (or 8 rows)."""
+    classes = [8, 16, 24]
+    power = 32
+    while power < limit:
+        classes += [power + i * power // per_octave for i in range(per_octave)]
         power *= 2
-    return (*[c for c in classes if c < chunk_rows], chunk_rows)
+    return (*[c for c in classes if c < limit], limit)
 
 
-def size_classes(num_rows: int, classes: tuple[int, ...]) -> tuple[int, ...]:
-    """The classes that fit in ``num_rows`` (at least one: ``num_rows`` itself)."""
-    fit = tuple(c for c in classes if c <= num_rows)
-    return fit or (max(num_rows, 1),)
+def smallest_holding(classes: tuple[int, ...], rows: jax.Array) -> jax.Array:
+    """Index of the smallest of ``classes`` (ascending) that is ``>= rows``."""
+    return jnp.searchsorted(jnp.asarray(classes), rows)
 
 
 def group_offsets(group_sizes: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -62,19 +69,3 @@ def nonempty_groups(group_sizes: jax.Array) -> tuple[jax.Array, jax.Array]:
     empty = (group_sizes <= 0).astype(jnp.int32)
     order = jnp.argsort(empty, stable=True).astype(jnp.int32)
     return order, jnp.sum(1 - empty)
-
-
-def tile_counts(size: jax.Array, classes: tuple[int, ...]) -> list[jax.Array]:
-    """How many tiles of each class cover ``size`` rows (a traced scalar).
-
-    All classes but the last get whole tiles only; the last gets
-    ``ceil(rest / c_last)`` tiles, its final one partial.
-    """
-    counts = []
-    rest = size
-    for c in classes[:-1]:
-        q = rest // c
-        counts.append(q)
-        rest = rest - q * c
-    counts.append((rest + classes[-1] - 1) // classes[-1])
-    return counts

@@ -9,11 +9,11 @@ Structure of every product (see :mod:`fusedmoe.gmm._tiles` for the schedule):
   group's weight ``rhs[g]`` once: a dynamic index of ``[G, K, N]`` is a copy
   on XLA:CPU (a whole ``[K, N]``), so doing it per group rather than per row
   tile removes most of the cost of a naive tile loop at many groups;
-- inner loops over the group's rows in tiles of a few static size classes
-  (256, 64, 16, then 8 rows masked), so no tile straddles two groups and at
-  most 7 rows per group are computed and dropped. Whole tiles are written with
-  a plain ``dynamic_update_slice``; only the last, partial tile reads back
-  the rows it must keep.
+- inner loops over the group's rows: whole tiles of 256, then 64 rows,
+  written with a plain ``dynamic_update_slice``, then ONE dot over the rest,
+  of the smallest multiple of 8 rows that holds it; only that dot reads back
+  the rows it must keep. Small dots are bound by reading the weight on a CPU,
+  so a group never takes more than one.
 
 Each output row is written exactly once with a full-K dot accumulated in f32,
 so the forward output buffer is allocated in the output dtype directly.
@@ -38,12 +38,11 @@ import jax.numpy as jnp
 
 from fusedmoe.gmm._tiles import (
     CONTRACT_CHUNK,
-    ROW_CLASSES,
+    ROW_TILES,
     group_offsets,
     nonempty_groups,
     remainder_classes,
-    size_classes,
-    tile_counts,
+    smallest_holding,
 )
 from fusedmoe.gmm._vjp import differentiable_pair
 
@@ -82,33 +81,41 @@ def _rows_times_weight(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool):
     """``out[rows of g] = lhs[rows of g] @ rhs[g]`` (gmm: lhs ``[M, K]``, rhs
     ``[G, K, N]``), or ``@ rhs[g].T`` with ``transpose_rhs`` (dX: lhs ``[M, N]``,
     contracting ``rhs`` axis 2; no transposed copy). Returns ``[M, N or K]`` in
-    ``out_dtype``; rows past ``sum(group_sizes)`` are zero."""
+    ``out_dtype``; rows past ``sum(group_sizes)`` are zero.
+
+    Each group: whole tiles of each of ``ROW_TILES``, then ONE masked dot
+    over the rest, of the smallest remainder class that holds it (see
+    :mod:`fusedmoe.gmm._tiles`). That dot is one of a few 0-or-1-trip loops,
+    one per class: a ``lax.switch`` would pass the ``[M, N]`` output through
+    its branches, which XLA copied per group."""
     contract_rhs_axis = 2 if transpose_rhs else 1
     m = lhs.shape[0]
     lhs_dtype, rhs_dtype = lhs.dtype, rhs.dtype
     lhs, rhs = _bits(lhs), _bits(rhs)  # sliced as bits (see _bits)
     out_bits = _bits(jnp.zeros((), out_dtype)).dtype
     n_out = rhs.shape[2] if contract_rhs_axis == 1 else rhs.shape[1]
-    classes = size_classes(m, ROW_CLASSES)
+    whole_tiles = tuple(c for c in ROW_TILES if c <= m)
+    # Multiples of 8 below the smallest whole tile (or M itself, if smaller).
+    classes = remainder_classes(whole_tiles[-1] if whole_tiles else m, per_octave=4)
     starts, ends = group_offsets(group_sizes)
     order, count = nonempty_groups(group_sizes)
     w_axis = contract_rhs_axis - 1  # axis of rhs[g] that is contracted
 
-    def full_tile(c, w):
+    def whole_tile(c, w):
         # A tile of c rows wholly inside the group: compute and overwrite.
         def body(_, carry):
             row, out = carry
             x = _unbits(jax.lax.dynamic_slice_in_dim(lhs, row, c), lhs_dtype)
             y = _bits(_dot(x, w, w_axis).astype(out_dtype))
-            out = jax.lax.dynamic_update_slice_in_dim(out, y, row, 0)
-            return row + c, out
+            return row + c, jax.lax.dynamic_update_slice_in_dim(out, y, row, 0)
 
         return body
 
-    def partial_tile(c, w, end):
-        # The group's last tile: it may run past the group (or past M, where
-        # dynamic_slice would clamp): shift it back inside [0, M) and keep the
-        # old value of every row outside [row, end).
+    def rest_dot(c, w, end):
+        # The group's rows [row, end), fewer than c, in one dot of c rows. It
+        # may run past the group (or past M, where dynamic_slice would clamp):
+        # shift it back inside [0, M) and keep the old value of every row
+        # outside [row, end).
         def body(_, carry):
             row, out = carry
             at = jnp.minimum(row, m - c)
@@ -118,18 +125,21 @@ def _rows_times_weight(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool):
             keep = ((rows >= row) & (rows < end))[:, None]
             old = jax.lax.dynamic_slice_in_dim(out, at, c)
             new = jnp.where(keep, y, old)
-            return row + c, jax.lax.dynamic_update_slice_in_dim(out, new, at, 0)
+            return end, jax.lax.dynamic_update_slice_in_dim(out, new, at, 0)
 
         return body
 
     def group_body(i, out):
         g = order[i]
         w = _unbits(rhs[g], rhs_dtype)  # the one copy of this group's weight
-        counts = tile_counts(group_sizes[g], classes)
-        carry = (starts[g], out)
-        for c, q in zip(classes[:-1], counts[:-1]):
-            carry = jax.lax.fori_loop(0, q, full_tile(c, w), carry)
-        carry = jax.lax.fori_loop(0, counts[-1], partial_tile(classes[-1], w, ends[g]), carry)
+        carry, rest = (starts[g], out), group_sizes[g]
+        for c in whole_tiles:
+            carry = jax.lax.fori_loop(0, rest // c, whole_tile(c, w), carry)
+            rest = rest % c
+        which = smallest_holding(classes, rest)
+        for j, c in enumerate(classes):
+            trips = ((rest > 0) & (which == j)).astype(jnp.int32)
+            carry = jax.lax.fori_loop(0, trips, rest_dot(c, w, ends[g]), carry)
         return carry[1]
 
     out = jnp.zeros((m, n_out), out_bits)
@@ -194,7 +204,7 @@ def _rows_t_times_rows(lhs, dout, group_sizes, out_dtype):
         rest_start = starts[g] + whole * chunk_rows
         rest = ends[g] - rest_start
         # 0 (no rows left) or 1 + the index of the smallest class >= rest.
-        which = jnp.where(rest > 0, 1 + jnp.searchsorted(jnp.asarray(classes), rest), 0)
+        which = jnp.where(rest > 0, 1 + smallest_holding(classes, rest), 0)
         acc = jax.lax.switch(which, branches, rest_start, ends[g])
         acc = jax.lax.fori_loop(
             0, whole, lambda j, acc: acc + product(starts[g] + j * chunk_rows, chunk_rows), acc

@@ -158,9 +158,11 @@ def test_tgmm_gradients(backend):
 
 
 def test_tiled_every_tile_class():
-    # Sizes exercising the 256/64/16 whole tiles, the masked 8-row tail, a
-    # tail tile clamped at the end of lhs, and empty groups between.
-    sizes = [300, 0, 77, 1, 64, 0, 258]
+    # Whole 256- and 64-row tiles, then one masked rest dot: 300 = 256 + a
+    # 48-row dot for 44; 77 = 64 + 16 for 13; 1 row; exactly 64 (no rest);
+    # 330 = 256 + 64 + 16 for 10; 63 in the largest class (64); 258's rest dot
+    # of 8 rows runs into the 5 rows past the groups; empty groups between.
+    sizes = [300, 0, 77, 1, 64, 0, 330, 63, 258]
     x, w, c, gs = make_inputs(sum(sizes) + 5, 3, 4, sizes, seed=4)
     check_all("tiled", x, w, c, gs, jnp.float32)
     out = fusedmoe.tgmm(x, c, gs, backend="tiled")

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import fusedmoe
 from fusedmoe.gmm import available_backends, backend_names
+from fusedmoe.gmm._tiles import remainder_classes, smallest_holding
 
 # --------------------------------------------------------------------------- helpers
 
@@ -167,6 +168,24 @@ def test_tiled_every_tile_class():
     check_all("tiled", x, w, c, gs, jnp.float32)
     out = fusedmoe.tgmm(x, c, gs, backend="tiled")
     assert_close(out, ref_tgmm(as64(x), as64(c), np.asarray(sizes)), jnp.float32)
+
+
+@pytest.mark.parametrize(
+    ("limit", "per_octave", "bound"),
+    [(64, 4, lambda rest: rest + 7), (512, 2, lambda rest: max(rest + 7, rest * 3 // 2)),
+     (20, 4, None)],
+    ids=["rows-times-weight", "tgmm", "tiny-m"],
+)
+def test_rest_dot_size(limit, per_octave, bound):
+    # The one dot over a group's rest holds it, never exceeds the limit (M or
+    # the smallest whole tile) and wastes at most what the docs say.
+    classes = remainder_classes(limit, per_octave)
+    assert list(classes) == sorted(set(classes)) and classes[-1] == limit
+    rests = np.arange(1, limit + 1)
+    chosen = np.asarray(classes)[np.asarray(smallest_holding(classes, jnp.asarray(rests)))]
+    assert np.all(chosen >= rests)
+    if bound is not None:
+        assert np.all(chosen <= np.array([bound(int(r)) for r in rests]))
 
 
 def test_tiled_tgmm_chunks_and_rest():

@@ -9,7 +9,8 @@ are masked. So a group ends with at most one small dot, whatever its size:
 - rows times the weight (gmm forward, dX): whole tiles of 256, then 64 rows,
   then one dot of 8, 16, ..., 64 rows (at most 7 rows computed and dropped);
 - rows contracted into dW (tgmm): whole 512-row chunks, then one dot of
-  8, 16, 24, 32, 48, ..., 384, 512 rows (at most 1.5x the rows it keeps).
+  8, 16, 24, 32, 48, ..., 384, 512 rows (at most 1.5x the rows it keeps,
+  or 7 rows more).
 
 Why one dot for the rest, and not a ladder of tiles (16, then 8 rows, as
 before): on the 2-core CPU a dot of few rows is bound by reading the weight,
@@ -42,7 +43,7 @@ def remainder_classes(limit: int, per_octave: int = 2) -> tuple[int, ...]:
     8, 16, 24, then ``per_octave`` evenly spaced sizes in every octave from 32
     (``per_octave=2``: 32, 48, 64, 96, ...; ``4``: 32, 40, 48, 56, 64, 80,
     ...), the ones below ``limit``, then ``limit`` itself. So the dot computes
-    at most ``1 + 1/per_octave`` times the rows it keeps (or 8 rows)."""
+    at most ``1 + 1/per_octave`` times the rows it keeps, or 7 rows more."""
     classes = [8, 16, 24]
     power = 32
     while power < limit:

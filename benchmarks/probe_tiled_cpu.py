@@ -58,7 +58,7 @@ def _masked_tiles(lhs, weight, start, end, out, tile: int = 64):
 def _column_loop(lhs, rhs, group_sizes, col: int, width: int):
     """``out[rows of g] = lhs[rows of g] @ rhs[g][:, col:col + width]``, f32, the
     weight columns sliced once per group inside the loop over groups (one dot
-    per 64 rows). A probe kernel: ``tiled`` without its size classes."""
+    per 64 rows). A probe kernel: ``tiled`` with 64-row tiles only."""
     import jax
     import jax.numpy as jnp
 

@@ -64,3 +64,50 @@ def test_rounds_must_be_positive(probe, capsys):
     with pytest.raises(SystemExit):
         probe.main(["tile-size", "--rounds", "0"])
     assert "--rounds: expected a positive count, got 0" in capsys.readouterr().err
+
+
+PROFILE = Path(__file__).parents[1] / "benchmarks" / "profile_layer.py"
+
+
+@pytest.fixture(scope="module")
+def profile_layer():
+    spec = importlib.util.spec_from_file_location("profile_layer", PROFILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_exclusive_times_subtract_nested_events(profile_layer):
+    # A 10-unit loop holding a 4-unit dot and a 3-unit copy, then a lone 2-unit op.
+    events = [(0, 10, "while"), (1, 4, "dot"), (6, 3, "copy"), (12, 2, "add")]
+    assert profile_layer.exclusive_times(events) == {"while": 3, "dot": 4, "copy": 3, "add": 2}
+
+
+def test_hlo_kinds_reads_the_work_off_the_instruction(profile_layer):
+    hlo = "\n".join([
+        '  %ynn_fusion.3 = f32[64,2048]{1,0} fusion(%a, %b), kind=kCustom, '
+        'metadata={op_name="jit(loss)/transpose(jvp())/while/body/dot_general"}',
+        '  %dot_general.7 = f32[64,2048]{1,0} dot(%a, %b), metadata={op_name="jit(f)/dot_general"}',
+        "  %dynamic-slice_bitcast_fusion.1 = f32[2048,1536]{1,0} fusion(%w, %i), kind=kLoop",
+        "  %wrapped_dynamic-slice.2 = f32[8,16]{1,0} fusion(%x, %i), kind=kLoop",
+        "  %bitcast_dynamic-update-slice_fusion = f32[128,768,2048]{2,1,0} fusion(%o, %i, %u)",
+        "  %wrapped_broadcast.5 = f32[128,2048,1536]{2,1,0} fusion(%c), kind=kLoop",
+        "  %gather_bitcast_fusion = f32[8192,2048]{1,0} fusion(%s, %x), kind=kLoop",
+        "  %add.1 = f32[8]{0} add(%a, %b)",
+    ])
+    assert profile_layer.hlo_kinds(hlo) == {
+        "ynn_fusion.3": "dots, backward",
+        "dot_general.7": "dots, forward",
+        "dynamic-slice_bitcast_fusion.1": "weight slices",
+        "wrapped_dynamic-slice.2": "other",  # a few rows of lhs, not a weight
+        "bitcast_dynamic-update-slice_fusion": "slab writes",
+        "wrapped_broadcast.5": "fills",
+        "gather_bitcast_fusion": "gather/scatter",
+        "add.1": "other",
+    }
+
+
+def test_profile_layer_runs_on_the_tiny_preset(profile_layer, capsys):
+    assert profile_layer.main(["--preset", "tiny", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "wall (median)" in out and "dots, backward" in out

@@ -238,6 +238,18 @@ def test_auto_is_a_backend():
     check_all("auto", x, w, c, gs, jnp.float32, transform=lambda f: f)  # eager
 
 
+def test_package_is_the_function_and_still_a_package():
+    # fusedmoe.gmm is called as the function, and its backend modules stay importable.
+    import fusedmoe.gmm.tiled as tiled_module  # the form that failed when the function shadowed it
+
+    assert tiled_module is fusedmoe.gmm.tiled
+    x, w, _, gs = make_inputs(9, 3, 2, [4, 5])
+    want = fusedmoe.gmm.gmm(x, w, gs, backend="tiled")
+    np.testing.assert_array_equal(fusedmoe.gmm(x, w, gs, backend="tiled"), want)
+    jitted = jax.jit(fusedmoe.gmm, static_argnames="backend")
+    np.testing.assert_array_equal(jitted(x, w, gs, backend="tiled"), want)
+
+
 def test_preferred_element_type():
     x, w, _, gs = make_inputs(9, 3, 2, [4, 5], dtype=jnp.bfloat16)
     out = fusedmoe.gmm(x, w, gs, backend="tiled", preferred_element_type=jnp.float32)

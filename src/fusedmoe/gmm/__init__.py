@@ -10,11 +10,29 @@ zeros (the semantics of :func:`jax.lax.ragged_dot`).
 ``gmm``.
 
 Backends live in ``fusedmoe/gmm/<name>.py``, one file each, listed by name in
-``fusedmoe/gmm/registry.py``. (``fusedmoe.gmm`` the attribute is the function;
-reach a backend module with ``from fusedmoe.gmm import tiled``.)
+``fusedmoe/gmm/registry.py``.
+
+``fusedmoe.gmm`` is this package, and calling it calls :func:`gmm`: the API
+is ``fusedmoe.gmm(lhs, rhs, group_sizes)``, and ``fusedmoe.gmm.tiled`` or
+``import fusedmoe.gmm.tiled`` still reach a backend module. (Had the package
+exported the *function* under its own name, the function would shadow the
+package on ``fusedmoe`` and ``import fusedmoe.gmm.tiled as t`` would fail.)
 """
+
+import sys
+import types
 
 from fusedmoe.gmm.api import gmm, tgmm
 from fusedmoe.gmm.registry import available_backends, backend_names, resolve_backend
 
 __all__ = ["gmm", "tgmm", "available_backends", "backend_names", "resolve_backend"]
+
+
+class _CallablePackage(types.ModuleType):
+    """This package's module type: ``fusedmoe.gmm(...)`` is :func:`gmm`."""
+
+    def __call__(self, *args, **kwargs):
+        return gmm(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

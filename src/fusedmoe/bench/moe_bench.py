@@ -398,8 +398,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                         "(ratio = layer time / dense time, same process; "
                         f"huge-page malloc {hugepages.status()})")
     columns = ("preset", "dtype", "backend", "layout", "pass", "median (min-max)",
-               "GFLOP/s", "x dense", "fused speed-up", "peer x dense", "gmm ops", "XLA GFLOP",
-               "XLA bytes", "peak mem")
+               "GFLOP/s", "x dense (paired)", "fused speed-up (paired)", "peer x dense",
+               "gmm ops", "XLA GFLOP", "XLA bytes", "peak mem")
     for col in columns:
         table.add_column(col, justify="left" if col in columns[:5] else "right")
     shown_skips = set()
@@ -418,8 +418,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             *head,
             f"{r['median_s'] * 1e3:.1f} ms ({r['min_s'] * 1e3:.0f}-{r['max_s'] * 1e3:.0f})",
             f"{r['achieved_flops_per_s'] / 1e9:.0f}",
-            f"{r['ratio_to_dense']:.2f}",
-            f"{r['fused_speedup']:.2f}x" if "fused_speedup" in r else "",
+            f"{r['ratio_to_dense']:.2f} ({r['ratio_to_dense_paired']:.2f})",
+            (f"{r['fused_speedup']:.2f}x ({r['fused_speedup_paired']:.2f}x)"
+             if "fused_speedup" in r else ""),
             f"{r['peer_ratio_to_dense']:.2f}" if "peer_ratio_to_dense" in r else "-",
             str(r["grouped_matmuls"]),
             "-" if r["xla_flops"] is None else f"{r['xla_flops'] / 1e9:.1f}",

@@ -296,6 +296,19 @@ def test_hf_config_mapping():
     assert hf.moe_layer_indices(stepped) == [1]
 
 
+@pytest.mark.parametrize("model_type", list(HF_CONFIGS))
+def test_hf_config_for_is_read_back_as_the_same_layer(model_type):
+    source = _hf_config(model_type)
+    cfg = hf.moe_config(source)
+    layers = hf.moe_layer_indices(source)
+    written = hf.hf_config_for(cfg, model_type, layers)
+    assert hf.moe_config(written) == cfg
+    assert hf.moe_layer_indices(written) == layers
+    assert hf.moe_layer_indices(hf.hf_config_for(cfg, model_type, [2])) [-1] == 2
+    with pytest.raises(ValueError, match=r"layers: expected decoder layer indices >= 0, got \[\]"):
+        hf.hf_config_for(cfg, model_type, [])
+
+
 def test_hf_bad_input(tmp_path):
     path, _ = _write_hf(tmp_path, "qwen3_moe")
     with pytest.raises(hf.CheckpointError, match="layer 3 is past the model: num_hidden_layers=3"):
@@ -438,7 +451,13 @@ def test_export_refuses_semantics_the_family_lacks(tmp_path, capsys):
     assert "norm_topk_prob=False (needs True)" in capsys.readouterr().err
     assert cli.main([*argv, "--model-type", "olmoe"]) == 0
     assert hf.SafetensorsDir(tmp_path / "hf").names("model.layers.0.mlp.experts.3.")
+    assert "writing one that describes its MoE layers only" in capsys.readouterr().out
     assert _listing(tmp_path) == ["hf", "native"]
+    # The config.json written for the native layer reads back as that layer.
+    back = hf.load_moe_layer(tmp_path / "hf", 0, fused_moe_mlp=plain.config.fused_moe_mlp)
+    assert back.config == plain.config.replace(dtype=back.config.dtype)
+    for name, a in hf.export_moe_layer(back, "olmoe").items():
+        assert _bits_equal(a, hf.export_moe_layer(plain, "olmoe")[name]), name
 
 
 def test_hf_sharded_checkpoint(tmp_path):

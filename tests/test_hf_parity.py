@@ -200,3 +200,24 @@ def test_deepseek_bias_and_groups_are_exercised(family):
     ungrouped = hf.load_moe_layer(per_expert, layer, n_routing_groups=1, topk_routing_group=1)
     assert np.abs(np.asarray(no_bias(x)[0]) - base).max() > 1e-4
     assert np.abs(np.asarray(ungrouped(x)[0]) - base).max() > 1e-4
+
+
+# Fields of hf_config_for that place layers or note provenance, not the block itself.
+_PLACEMENT = {"fusedmoe_note", "num_hidden_layers", "mlp_only_layers", "decoder_sparse_step",
+              "first_k_dense_replace", "dtype"}
+
+
+def test_written_config_uses_transformers_names_and_values(family):
+    """The config.json written for a native layer names each MoE field as transformers'
+    config class does, with the value of the model the layer came from."""
+    model_type, model, per_expert, _, layer = family
+    moe = hf.load_moe_layer(per_expert, layer)
+    written = hf.hf_config_for(moe.config, model_type, [layer])
+    tc = model.config
+    missing = [k for k in written if k not in _PLACEMENT and not hasattr(tc, k)]
+    # DeepSeek-V3's released config.json has these two; transformers' class does not declare them.
+    assert missing == (["scoring_func", "topk_method"] if model_type == "deepseek_v3" else [])
+    for key, value in written.items():
+        if key not in _PLACEMENT and hasattr(tc, key):
+            assert getattr(tc, key) == value, key
+    assert layer in hf.moe_layer_indices(written)

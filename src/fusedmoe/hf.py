@@ -230,6 +230,53 @@ def moe_config(
     return MoEConfig(**values)
 
 
+_HF_ACTIVATION = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+
+
+def hf_config_for(cfg: MoEConfig, model_type: str, layers: list[int]) -> dict[str, Any]:
+    """A ``config.json`` (as a dict) that describes MoE layers of ``cfg`` at decoder
+    layers ``layers`` of a ``model_type`` model: the inverse of :func:`moe_config`,
+    which reads it back as ``cfg``'s routing and FFN.
+
+    It holds the fields of the MoE blocks only (no attention, vocabulary or norms):
+    enough for :func:`load_moe_layers` and ``fusedmoe convert``, and a start for a
+    whole model's config. The layer fields place ``layers`` among the MoE layers:
+    ``num_hidden_layers`` ends at the last one; Qwen lists the others in
+    ``mlp_only_layers``, DeepSeek-V3 starts its MoE layers at the first one.
+    Refuses what ``model_type`` cannot express (:func:`check_exportable`)."""
+    check_exportable(cfg, model_type)
+    if not layers or any(not isinstance(i, int) or i < 0 for i in layers):
+        raise ValueError(f"layers: expected decoder layer indices >= 0, got {layers!r}")
+    out: dict[str, Any] = dict(
+        model_type=model_type, hidden_size=cfg.emb_dim, num_hidden_layers=max(layers) + 1,
+        num_experts_per_tok=cfg.num_experts_per_tok, dtype=cfg.weight_dtype,
+        fusedmoe_note="MoE blocks only: written by fusedmoe from a native checkpoint",
+    )
+    if model_type != "gpt_oss":
+        out["hidden_act"] = _HF_ACTIVATION[cfg.mlp_activations]
+    g, n = cfg.num_experts, cfg.mlp_dim
+    if model_type == "mixtral":
+        out.update(num_local_experts=g, intermediate_size=n)
+    elif model_type in ("qwen2_moe", "qwen3_moe"):
+        out.update(num_experts=g, moe_intermediate_size=n, norm_topk_prob=cfg.norm_topk_prob,
+                   decoder_sparse_step=1,
+                   mlp_only_layers=[i for i in range(max(layers)) if i not in layers])
+        if model_type == "qwen2_moe":
+            out["shared_expert_intermediate_size"] = cfg.shared_mlp_dim
+    elif model_type == "olmoe":
+        out.update(num_experts=g, intermediate_size=n, norm_topk_prob=cfg.norm_topk_prob)
+    elif model_type == "deepseek_v3":
+        out.update(n_routed_experts=g, moe_intermediate_size=n,
+                   n_shared_experts=cfg.shared_mlp_dim // n, norm_topk_prob=cfg.norm_topk_prob,
+                   routed_scaling_factor=cfg.routed_scaling_factor, n_group=cfg.n_routing_groups,
+                   topk_group=cfg.topk_routing_group, first_k_dense_replace=min(layers),
+                   scoring_func="sigmoid", topk_method="noaux_tc")
+    elif model_type == "gpt_oss":
+        out.update(num_local_experts=g, intermediate_size=n, swiglu_limit=cfg.swiglu_limit,
+                   swiglu_alpha=cfg.swiglu_alpha)
+    return out
+
+
 def _config_dtype(c: Mapping[str, Any]) -> str:
     d = c.get("dtype") or c.get("torch_dtype") or "float32"
     return d if d in ("float32", "bfloat16", "float16") else "float32"

@@ -139,7 +139,7 @@ def _orbax_to_hf(src: Path, dst: Path, args) -> Path:
     hf.family_of({"model_type": model_type}, "--model-type")
     if not meta["configs"]:
         raise UsageError(f"src: {src} holds no MoE layers")
-    tensors = {}
+    tensors, configs = {}, {}
     for key in sorted(meta["configs"]):
         index = _layer_index(key, args)
         if args.layer and index not in args.layer and key != "":
@@ -147,11 +147,28 @@ def _orbax_to_hf(src: Path, dst: Path, args) -> Path:
         node = tree
         for part in [p for p in key.split("/") if p]:
             node = node[part]
-        hf.check_exportable(MoEConfig.from_dict(meta["configs"][key]), model_type)
+        configs[index] = MoEConfig.from_dict(meta["configs"][key])
+        hf.check_exportable(configs[index], model_type)
         tensors.update(hf.state_to_hf(node, model_type, index, packed=args.packed))
     if not tensors:
         raise UsageError(f"--layer: none of {args.layer} is in {src}")
-    if saved.get("hf_config") is None:
-        print(f"note: {src} records no Hugging Face config.json; writing the tensors only")
-    return hf.save_safetensors(dst, tensors, hf_config=saved.get("hf_config"),
-                               overwrite=args.overwrite)
+    hf_config = saved.get("hf_config")
+    if hf_config is None:  # a native checkpoint: describe its MoE layers
+        hf_config = _native_hf_config(configs, model_type, src)
+    return hf.save_safetensors(dst, tensors, hf_config=hf_config, overwrite=args.overwrite)
+
+
+def _native_hf_config(configs: dict, model_type: str, src: Path) -> dict | None:
+    """``config.json`` for MoE layers that came from no Hugging Face model, when one
+    config describes them all (a Hugging Face config has one MoE shape per model)."""
+    from fusedmoe import hf
+
+    layers = sorted(configs)
+    described = [hf.hf_config_for(c, model_type, layers) for c in configs.values()]
+    if any(d != described[0] for d in described):
+        print(f"note: the MoE layers of {src} differ in shape or routing; one config.json "
+              "cannot describe them all, so none is written (the tensors are)")
+        return None
+    print(f"note: {src} records no Hugging Face config.json; writing one that describes "
+          "its MoE layers only")
+    return described[0]

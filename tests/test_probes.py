@@ -1,5 +1,6 @@
-"""The probe kernels of benchmarks/probe_tiled_cpu.py compute what they claim,
-so the numbers the docs quote from them compare like with like."""
+"""The scripts of benchmarks/ compute what they claim: the probe kernels of
+probe_tiled_cpu.py, and profile_layer.py's reading of a trace, so the numbers
+the docs quote from them compare like with like."""
 
 from __future__ import annotations
 
@@ -16,12 +17,17 @@ import fusedmoe
 PROBE = Path(__file__).parents[1] / "benchmarks" / "probe_tiled_cpu.py"
 
 
-@pytest.fixture(scope="module")
-def probe():
-    spec = importlib.util.spec_from_file_location("probe_tiled_cpu", PROBE)
+def _load_script(path: Path):
+    """A script of benchmarks/ as a module (they are not a package)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def probe():
+    return _load_script(PROBE)
 
 
 def _problem(group_sizes, k=16, n=24):
@@ -71,10 +77,7 @@ PROFILE = Path(__file__).parents[1] / "benchmarks" / "profile_layer.py"
 
 @pytest.fixture(scope="module")
 def profile_layer():
-    spec = importlib.util.spec_from_file_location("profile_layer", PROFILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_script(PROFILE)
 
 
 def test_exclusive_times_subtract_nested_events(profile_layer):

@@ -10,6 +10,7 @@ the fastest runs.
     python benchmarks/probe_tiled_cpu.py fused-ffn1    # fused FFN1 schedules
     python benchmarks/probe_tiled_cpu.py copy-free     # weight copy vs in place
     python benchmarks/probe_tiled_cpu.py tile-size     # cost of a dot by its rows
+    python benchmarks/probe_tiled_cpu.py fold-activation  # activation inside the FFN1 loop
     python benchmarks/probe_tiled_cpu.py copy-free \\
         --xla-flags=--xla_cpu_experimental_ynn_fusion_type=dot
 
@@ -35,10 +36,11 @@ def _routed_group_sizes(num_experts: int, top_k: int, tokens: int, seed: int = 0
     return np.bincount(picks.ravel(), minlength=num_experts).astype(np.int32)
 
 
-def _masked_tiles(lhs, weight, start, end, out, tile: int = 64):
-    """``out[start:end] = lhs[start:end] @ weight()`` in dots of ``tile`` rows,
-    the last one masked (and kept inside ``lhs``). ``weight()`` is called
-    inside the loop body, so where its slice happens is the caller's choice."""
+def _masked_tiles(lhs, weight, start, end, out, tile: int = 64, epilogue=None):
+    """``out[start:end] = epilogue(lhs[start:end] @ weight())`` in dots of ``tile``
+    rows, the last one masked (and kept inside ``lhs``); no ``epilogue``: the
+    product itself. ``weight()`` is called inside the loop body, so where its
+    slice happens is the caller's choice."""
     import jax
     import jax.numpy as jnp
 
@@ -48,6 +50,7 @@ def _masked_tiles(lhs, weight, start, end, out, tile: int = 64):
         row = start + t * tile
         at = jnp.minimum(row, m - tile)
         y = jax.lax.dynamic_slice_in_dim(lhs, at, tile) @ weight()
+        y = y if epilogue is None else epilogue(y)
         keep = ((at + jnp.arange(tile) >= row) & (at + jnp.arange(tile) < end))[:, None]
         new = jnp.where(keep, y, jax.lax.dynamic_slice_in_dim(out, at, tile))
         return jax.lax.dynamic_update_slice_in_dim(out, new, at, 0)
@@ -68,6 +71,34 @@ def _column_loop(lhs, rhs, group_sizes, col: int, width: int):
     def group(g, out):
         w = jax.lax.dynamic_slice(rhs, (g, 0, col), (1, rhs.shape[1], width))[0]
         return _masked_tiles(lhs, lambda: w, starts[g], ends[g], out)
+
+    out = jnp.zeros((lhs.shape[0], width), jnp.float32)
+    return jax.lax.fori_loop(0, rhs.shape[0], group, out)
+
+
+def _silu_gated(h):
+    """``silu(gate) * up`` of a ``[rows, 2N]`` FFN1 output whose columns are ``[gate | up]``."""
+    import jax
+
+    n = h.shape[-1] // 2
+    return jax.nn.silu(h[:, :n]) * h[:, n:]
+
+
+def _group_loop(lhs, rhs, group_sizes, epilogue=None):
+    """``out[rows of g] = epilogue(lhs[rows of g] @ rhs[g])``, f32, each weight taken
+    once per group, 64-row masked tiles. With ``epilogue=_silu_gated`` the
+    activation is applied to each tile inside the loop, so the ``[M, 2N]`` FFN1
+    output is never written (the "fold" of issue #3)."""
+    import jax
+    import jax.numpy as jnp
+
+    ends = jnp.cumsum(group_sizes)
+    starts = ends - group_sizes
+    width = rhs.shape[2] // 2 if epilogue is _silu_gated else rhs.shape[2]
+
+    def group(g, out):
+        w = rhs[g]
+        return _masked_tiles(lhs, lambda: w, starts[g], ends[g], out, epilogue=epilogue)
 
     out = jnp.zeros((lhs.shape[0], width), jnp.float32)
     return jax.lax.fori_loop(0, rhs.shape[0], group, out)
@@ -143,6 +174,14 @@ def _candidates(probe: str):
             out[f"dense N={width}"] = (dense, (x, w[0]))
         return out
     wi = jax.random.normal(key, (groups, k, 2 * n)) * 0.02  # [G, K, 2, N] viewed as [G, K, 2N]
+    if probe == "fold-activation":
+        return {
+            "unfolded: [M,2N] written, then activation": (
+                jax.jit(lambda x, w, gs: _silu_gated(_group_loop(x, w, gs))), (x, wi, gs)),
+            "folded: activation on each tile": (
+                jax.jit(lambda x, w, gs: _group_loop(x, w, gs, _silu_gated)), (x, wi, gs)),
+            "dense": (jax.jit(lambda x, w: _silu_gated(x @ w)), (x, wi[0])),
+        }
     gate, up = wi[:, :, :n], wi[:, :, n:]
     return {
         "fused: one loop on [G,K,2N]": (tiled, (x, wi, gs)),
@@ -160,7 +199,8 @@ def _candidates(probe: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=("weight-size", "fused-ffn1", "copy-free", "tile-size"))
+    parser.add_argument("probe", choices=("weight-size", "fused-ffn1", "copy-free", "tile-size",
+                                          "fold-activation"))
     parser.add_argument("--rounds", type=int, default=9, help="timed rounds (default 9)")
     parser.add_argument("--xla-flags", default=None, help="XLA_FLAGS for this process")
     args = parser.parse_args(argv)

@@ -109,6 +109,19 @@ def test_default_cpu_backend_on_full_mesh(runs, fused):
 
 
 @pytest.mark.multidevice
+@pytest.mark.parametrize("fused", ["fused", "unfused"])
+def test_layer_inside_a_users_shard_map(runs, fused):
+    """The layer with the CPU default grouped matmul ("tiled") inside a user's
+    data-parallel ``jax.shard_map`` (vma checked, its default): the gradients of
+    the replicated weights are summed over devices and equal one device's."""
+    name = f"user_shard_map_{fused}_auto"
+    case = runs["check"]["cases"][name]
+    _assert_close(case, name)
+    assert {"d_x", "d_wo", "d_gate.kernel"} <= set(case["errors"])
+    assert ("d_wi" in case["errors"]) == (fused == "fused")
+
+
+@pytest.mark.multidevice
 @pytest.mark.parametrize("shape", ["(2, 2, 2)", "(1, 8, 1)"])
 def test_ragged_exchange_bookkeeping(runs, shape):
     """The ragged_all_to_all path with its semantics emulated on CPU (all_gather)."""

@@ -250,9 +250,11 @@ def sparse_moe(
         body, mesh=mesh,
         in_specs=(tok, tok, tok, w_specs),
         out_specs=(tok, P()),
-        # The gmm backends' loops (and Pallas kernels) carry no varying-manual-axes
-        # types; unchecked, shard_map's transpose still sums the cotangents of inputs
-        # replicated over an axis (tokens over tensor), which the gradient tests check.
+        # megablox (jax's Pallas kernel) declares no varying manual axes on its
+        # outputs, so the check would refuse it; unchecked, shard_map's transpose
+        # still sums the cotangents of inputs replicated over an axis (tokens over
+        # tensor), which the gradient tests check. (tiled, ragged_dot and tokamax
+        # also run in a user's checked shard_map: tests/test_parallel.py.)
         check_vma=False,
     )
     return fn(tokens, chosen_experts, combine_weights, weights)

@@ -57,6 +57,32 @@ def global_concat_case(cases, fused_cfg):
         "errors": {"out": common._err(ref, out)}, "expect_wrong": True}
 
 
+def user_shard_map_case(cases, fused: bool) -> None:
+    """The layer (no mesh of its own, the CPU default grouped matmul) inside a
+    user's data-parallel ``jax.shard_map``, which checks varying manual axes by
+    default: its gradients equal one device's. Aux losses are per device there,
+    so the loss is ``sum(out * r)`` alone."""
+    from jax.sharding import PartitionSpec as P
+
+    cfg = common.config(fused_moe_mlp=fused, gmm_backend="auto")
+    graphdef, state = nnx.split(common.layer(cfg))
+    x, r = common.inputs()
+
+    def grads(state, x, r):
+        return jax.grad(lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x)[0] * r),
+                        argnums=(0, 1))(state, x)
+
+    mesh = Mesh(np.array(jax.devices()[: common.BATCH]), ("data",))  # a batch row each
+    sharded = jax.shard_map(grads, mesh=mesh, in_specs=(P(), P("data"), P("data")),
+                            out_specs=(P(), P("data")))
+    want, got = jax.jit(grads)(state, x, r), jax.jit(sharded)(state, x, r)
+    flat_want, flat_got = (dict(nnx.to_flat_state(g[0])) for g in (want, got))
+    errors = {"d_x": common._err(want[1], got[1])}
+    errors.update({f"d_{'.'.join(map(str, k))}": common._err(flat_want[k], flat_got[k])
+                   for k in flat_want})
+    cases[f"user_shard_map_{'fused' if fused else 'unfused'}_auto"] = {"errors": errors}
+
+
 def ragged_lowering():
     """The real ``jax.lax.ragged_all_to_all`` path, forward and gradient, lowers
     (XLA:CPU cannot compile it; GPU/TPU run it)."""
@@ -142,6 +168,8 @@ def main() -> None:
                             refs["ragged_dot"])
             finally:
                 parallel._RAGGED_ALL_TO_ALL = jax.lax.ragged_all_to_all
+    for fused in (True, False):
+        user_shard_map_case(cases, fused)
     # dense path with a mesh (plain sharding annotations)
     dense = common.config(sparse_matmul=False)
     ref = common.step(common.layer(dense), *common.inputs())

@@ -10,12 +10,36 @@ Both products are built from two kernels, so a backend only writes those:
 
 For ``y = gmm(x, w)``: ``dx = gmm(dy, w.T)`` and ``dw = tgmm(x, dy)``.
 For ``w = tgmm(x, d)``: ``dx = gmm(d, dw.T)`` and ``dd = gmm(x, dw)``.
+
+Inside ``jax.shard_map`` a cotangent must have its primal's type: an input
+that is the same on every device of a mesh axis (say the weight, under data
+parallelism) gets the SUM over that axis of the per-device gradients, which
+vary. :func:`_like_primal` does that sum (JAX's own ops get it from the
+transpose of their implicit broadcast; a custom VJP must do it itself).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+
+
+def _varying_axes(x) -> frozenset:
+    """The manual mesh axes ``x`` varies over inside ``jax.shard_map`` (none outside
+    it, or when shard_map does not check them)."""
+    import jax
+
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)  # jax >= 0.10; earlier releases named it ``vma``
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _like_primal(cotangent, primal):
+    """``cotangent`` summed over the mesh axes it varies over and ``primal`` does not."""
+    import jax
+
+    extra = tuple(sorted(_varying_axes(cotangent) - _varying_axes(primal)))
+    return jax.lax.psum(cotangent, extra) if extra else cotangent
 
 
 def differentiable_pair(times_weight: Callable, t_times_rows: Callable):
@@ -33,7 +57,7 @@ def differentiable_pair(times_weight: Callable, t_times_rows: Callable):
         lhs, rhs, group_sizes = residuals
         dlhs = times_weight(dout, rhs, group_sizes, lhs.dtype, True)
         drhs = t_times_rows(lhs, dout, group_sizes, rhs.dtype)
-        return dlhs, drhs, None
+        return _like_primal(dlhs, lhs), _like_primal(drhs, rhs), None
 
     gmm.defvjp(gmm_fwd, gmm_bwd)
 
@@ -48,7 +72,7 @@ def differentiable_pair(times_weight: Callable, t_times_rows: Callable):
         lhs, dout, group_sizes = residuals
         dlhs = times_weight(dout, dw, group_sizes, lhs.dtype, True)
         ddout = times_weight(lhs, dw, group_sizes, dout.dtype, False)
-        return dlhs, ddout, None
+        return _like_primal(dlhs, lhs), _like_primal(ddout, dout), None
 
     tgmm.defvjp(tgmm_fwd, tgmm_bwd)
     return gmm, tgmm

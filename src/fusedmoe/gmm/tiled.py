@@ -70,6 +70,17 @@ def _unbits(x, dtype):
     return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
 
 
+def _zeros(shape, dtype, *like):
+    """Zeros of ``shape`` that vary over every manual mesh axis one of ``like`` varies
+    over. Inside ``jax.shard_map`` (whose default checks these types) a loop's carry
+    must keep its type, and the dots written into it vary as their operands do; a
+    plain ``jnp.zeros`` varies over none. XLA folds the additions away."""
+    out = jnp.zeros(shape, dtype)
+    for array in like:
+        out = out + jnp.zeros_like(array, shape=(), dtype=dtype)
+    return out
+
+
 def _dot(x, w, contract_w_axis: int):
     """``x [T, K] @ w [K, N]`` (axis 0) or ``x [T, N] @ w.T`` (axis 1), f32."""
     return jax.lax.dot_general(
@@ -142,7 +153,7 @@ def _rows_times_weight(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool):
             carry = jax.lax.fori_loop(0, trips, rest_dot(c, w, ends[g]), carry)
         return carry[1]
 
-    out = jnp.zeros((m, n_out), out_bits)
+    out = _zeros((m, n_out), out_bits, lhs, rhs, group_sizes)
     return _unbits(jax.lax.fori_loop(0, count, group_body, out), out_dtype)
 
 
@@ -194,7 +205,7 @@ def _rows_t_times_rows(lhs, dout, group_sizes, out_dtype):
 
     def no_rows(row, end):
         del row, end
-        return jnp.zeros((k, n), jnp.float32)
+        return _zeros((k, n), jnp.float32, lhs, dout, group_sizes)
 
     branches = [no_rows] + [rest_product(c) for c in classes]
 
@@ -211,7 +222,7 @@ def _rows_t_times_rows(lhs, dout, group_sizes, out_dtype):
         )
         return jax.lax.dynamic_update_index_in_dim(out, _bits(acc.astype(out_dtype)), g, 0)
 
-    out = jnp.zeros((group_sizes.shape[0], k, n), out_bits)
+    out = _zeros((group_sizes.shape[0], k, n), out_bits, lhs, dout, group_sizes)
     return _unbits(jax.lax.fori_loop(0, count, group_body, out), out_dtype)
 
 

@@ -58,24 +58,6 @@ def _masked_tiles(lhs, weight, start, end, out, tile: int = 64, epilogue=None):
     return jax.lax.fori_loop(0, (end - start + tile - 1) // tile, rows, out)
 
 
-def _column_loop(lhs, rhs, group_sizes, col: int, width: int):
-    """``out[rows of g] = lhs[rows of g] @ rhs[g][:, col:col + width]``, f32, the
-    weight columns sliced once per group inside the loop over groups (one dot
-    per 64 rows). A probe kernel: ``tiled`` with 64-row tiles only."""
-    import jax
-    import jax.numpy as jnp
-
-    ends = jnp.cumsum(group_sizes)
-    starts = ends - group_sizes
-
-    def group(g, out):
-        w = jax.lax.dynamic_slice(rhs, (g, 0, col), (1, rhs.shape[1], width))[0]
-        return _masked_tiles(lhs, lambda: w, starts[g], ends[g], out)
-
-    out = jnp.zeros((lhs.shape[0], width), jnp.float32)
-    return jax.lax.fori_loop(0, rhs.shape[0], group, out)
-
-
 def _silu_gated(h):
     """``silu(gate) * up`` of a ``[rows, 2N]`` FFN1 output whose columns are ``[gate | up]``."""
     import jax
@@ -84,23 +66,25 @@ def _silu_gated(h):
     return jax.nn.silu(h[:, :n]) * h[:, n:]
 
 
-def _group_loop(lhs, rhs, group_sizes, epilogue=None):
-    """``out[rows of g] = epilogue(lhs[rows of g] @ rhs[g])``, f32, each weight taken
-    once per group, 64-row masked tiles. With ``epilogue=_silu_gated`` the
-    activation is applied to each tile inside the loop, so the ``[M, 2N]`` FFN1
-    output is never written (the "fold" of issue #3)."""
+def _column_loop(lhs, rhs, group_sizes, col: int, width: int, epilogue=None):
+    """``out[rows of g] = epilogue(lhs[rows of g] @ rhs[g][:, col:col + width])``, f32
+    (no ``epilogue``: the product), the weight columns sliced once per group
+    inside the loop over groups (one dot per 64 rows). A probe kernel: ``tiled``
+    with 64-row tiles only. With ``epilogue=_silu_gated`` on the whole fused
+    weight the activation is applied to each tile inside the loop, so the
+    ``[M, 2N]`` FFN1 output is never written (the "fold" of issue #3)."""
     import jax
     import jax.numpy as jnp
 
     ends = jnp.cumsum(group_sizes)
     starts = ends - group_sizes
-    width = rhs.shape[2] // 2 if epilogue is _silu_gated else rhs.shape[2]
 
     def group(g, out):
-        w = rhs[g]
+        w = jax.lax.dynamic_slice(rhs, (g, 0, col), (1, rhs.shape[1], width))[0]
         return _masked_tiles(lhs, lambda: w, starts[g], ends[g], out, epilogue=epilogue)
 
-    out = jnp.zeros((lhs.shape[0], width), jnp.float32)
+    out_width = width // 2 if epilogue is _silu_gated else width
+    out = jnp.zeros((lhs.shape[0], out_width), jnp.float32)
     return jax.lax.fori_loop(0, rhs.shape[0], group, out)
 
 
@@ -177,9 +161,11 @@ def _candidates(probe: str):
     if probe == "fold-activation":
         return {
             "unfolded: [M,2N] written, then activation": (
-                jax.jit(lambda x, w, gs: _silu_gated(_group_loop(x, w, gs))), (x, wi, gs)),
+                jax.jit(lambda x, w, gs: _silu_gated(_column_loop(x, w, gs, 0, 2 * n))),
+                (x, wi, gs)),
             "folded: activation on each tile": (
-                jax.jit(lambda x, w, gs: _group_loop(x, w, gs, _silu_gated)), (x, wi, gs)),
+                jax.jit(lambda x, w, gs: _column_loop(x, w, gs, 0, 2 * n, _silu_gated)),
+                (x, wi, gs)),
             "dense": (jax.jit(lambda x, w: _silu_gated(x @ w)), (x, wi[0])),
         }
     gate, up = wi[:, :, :n], wi[:, :, n:]

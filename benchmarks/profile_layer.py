@@ -31,6 +31,7 @@ import argparse
 import collections
 import glob
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -125,7 +126,7 @@ def profile(compiled, args, runs: int) -> tuple[float, dict[str, float]]:
         finally:
             jax.profiler.stop_trace()
         parts = breakdown(trace_dir, hlo_kinds(compiled.as_text()), runs)
-    return sorted(walls)[len(walls) // 2], parts
+    return statistics.median(walls), parts
 
 
 def main(argv: list[str] | None = None) -> int:

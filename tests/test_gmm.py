@@ -108,9 +108,9 @@ def _skip_unavailable(name):
         pytest.skip(f"{name}: {reason}")
 
 
-BACKENDS = ["tiled", "ragged_dot", "tokamax", "megablox"]
+BACKENDS = ["tiled", "cpu_kernel", "ragged_dot", "tokamax", "megablox"]
 # Backends cheap enough for many shapes (megablox interprets a Pallas kernel off TPU).
-FAST_BACKENDS = ["tiled", "ragged_dot"]
+FAST_BACKENDS = ["tiled", "cpu_kernel", "ragged_dot"]
 
 # --------------------------------------------------------------------------- every backend
 
@@ -218,6 +218,38 @@ def test_tiled_last_group_ends_at_m():
     sizes = [19, 3]
     x, w, c, gs = make_inputs(22, 3, 2, sizes, seed=5)
     check_all("tiled", x, w, c, gs, jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_cpu_kernel_every_block_path(dtype):
+    # The kernel's loops at sizes that reach each of their paths: groups over
+    # the 144-row block (300) and under one register tile (1, 5); N past one
+    # 1024-column block, ending in a part panel (1040 = 65 x 16); K past one
+    # 256 contraction block (520), so the output accumulates, and bf16 output
+    # goes through the f32 scratch; dX packs the weight transposed (8 x 8
+    # blocks, then a part panel); dW of groups <= 256 rows is streamed,
+    # of 300 rows accumulated; empty groups give zero slabs; 3 rows past the
+    # groups give zeros.
+    _skip_unavailable("cpu_kernel")
+    sizes = [300, 0, 1, 64, 5, 0]
+    x, w, c, gs = make_inputs(sum(sizes) + 3, 520, 1040, sizes, dtype, seed=11)
+    check_all("cpu_kernel", x, w, c, gs, dtype)
+    dw = fusedmoe.tgmm(x, c, gs, backend="cpu_kernel")
+    assert dw.dtype == dtype
+    assert not np.any(np.asarray(dw, np.float32)[[1, 5]])
+
+
+def test_cpu_kernel_other_dtypes_run_in_f32():
+    # f16 (and mixed inputs) are not kernel dtypes: computed in f32, cast back.
+    _skip_unavailable("cpu_kernel")
+    sizes = [7, 0, 9]
+    x, w, _, gs = make_inputs(18, 20, 24, sizes, jnp.float16, seed=12)
+    out = fusedmoe.gmm(x, w, gs, backend="cpu_kernel")
+    assert out.dtype == jnp.float16
+    assert_close(out, ref_gmm(as64(x), as64(w), np.asarray(sizes)), jnp.bfloat16)
+    mixed = fusedmoe.gmm(x.astype(jnp.bfloat16), w.astype(jnp.float32), gs, backend="cpu_kernel")
+    assert mixed.dtype == jnp.float32
+    assert_close(mixed, ref_gmm(as64(x), as64(w), np.asarray(sizes)), jnp.bfloat16)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)

@@ -15,7 +15,7 @@ from fusedmoe.gmm.api import count_grouped_matmuls
 from fusedmoe.reference import activation, moe_forward, route_token
 
 SMALL = dict(num_experts=4, num_experts_per_tok=2, emb_dim=8, mlp_dim=16)
-BACKENDS = ["tiled", "ragged_dot", "megablox", "tokamax"]
+BACKENDS = ["tiled", "cpu_kernel", "ragged_dot", "megablox", "tokamax"]
 
 
 def _backend_or_skip(name):

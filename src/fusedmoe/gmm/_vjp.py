@@ -24,7 +24,7 @@ import functools
 from collections.abc import Callable
 
 
-def _varying_axes(x) -> frozenset:
+def varying_axes(x) -> frozenset:
     """The manual mesh axes ``x`` varies over inside ``jax.shard_map`` (none outside
     it, or when shard_map does not check them)."""
     import jax
@@ -38,7 +38,7 @@ def _like_primal(cotangent, primal):
     """``cotangent`` summed over the mesh axes it varies over and ``primal`` does not."""
     import jax
 
-    extra = tuple(sorted(_varying_axes(cotangent) - _varying_axes(primal)))
+    extra = tuple(sorted(varying_axes(cotangent) - varying_axes(primal)))
     return jax.lax.psum(cotangent, extra) if extra else cotangent
 
 

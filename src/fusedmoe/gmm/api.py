@@ -78,7 +78,8 @@ def gmm(
         )
     group_sizes = validate_group_sizes(group_sizes, rhs.shape[0], lhs.shape[0])
     out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype))
-    return resolve_backend(backend).gmm(lhs, rhs, group_sizes, out_dtype)
+    in_dtype = jnp.result_type(lhs.dtype, rhs.dtype)
+    return resolve_backend(backend, in_dtype).gmm(lhs, rhs, group_sizes, out_dtype)
 
 
 def tgmm(
@@ -113,7 +114,8 @@ def tgmm(
     num_groups = group_sizes.shape[0] if hasattr(group_sizes, "shape") else len(group_sizes)
     group_sizes = validate_group_sizes(group_sizes, num_groups, lhs.shape[0])
     out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs.dtype, dout.dtype))
-    return resolve_backend(backend).tgmm(lhs, dout, group_sizes, out_dtype)
+    in_dtype = jnp.result_type(lhs.dtype, dout.dtype)
+    return resolve_backend(backend, in_dtype).tgmm(lhs, dout, group_sizes, out_dtype)
 
 
 def count_grouped_matmuls(fn, *args) -> int:

@@ -13,10 +13,12 @@ import importlib
 from types import ModuleType
 
 import jax
+import jax.numpy as jnp
 
 # name -> module path. Order is the order shown to users.
 _BACKEND_MODULES: dict[str, str] = {
     "tiled": "fusedmoe.gmm.tiled",
+    "cpu_kernel": "fusedmoe.gmm.cpu_kernel",
     "ragged_dot": "fusedmoe.gmm.ragged_dot",
     "megablox": "fusedmoe.gmm.megablox",
     "tokamax": "fusedmoe.gmm.tokamax",
@@ -40,12 +42,16 @@ def check_backend_name(backend: object, argument: str = "backend") -> str:
     return backend
 
 
-def auto_backend(platform: str | None = None) -> str:
-    """The backend ``"auto"`` picks on ``platform`` (default: jax's default backend).
+def auto_backend(platform: str | None = None, dtype=None) -> str:
+    """The backend ``"auto"`` picks on ``platform`` (default: jax's default backend)
+    for inputs of ``dtype`` (default: float32).
 
     - TPU: ``megablox`` (the Pallas kernel written for it).
-    - CPU: ``tiled`` (``ragged_dot`` lowers to a masked dense product there, G x the
-      FLOPs; see docs/backends.md for the measurements).
+    - CPU: ``cpu_kernel`` for f32 inputs when it can run here (a compiler and an
+      AVX2 CPU), else ``tiled``. 16-bit inputs take ``tiled``: XLA:CPU's own
+      bf16 dots use the CPU's bf16 instructions where ``cpu_kernel`` computes
+      in f32 (``ragged_dot`` lowers to a masked dense product on CPU, G x the
+      FLOPs; docs/backends.md has the measurements).
     - GPU: ``tokamax`` when installed (Triton/Mosaic kernels), else ``tiled``
       (XLA's default GPU lowering of ``ragged_dot`` is also a dense expansion).
     """
@@ -54,6 +60,9 @@ def auto_backend(platform: str | None = None) -> str:
         return "megablox"
     if platform in ("gpu", "cuda", "rocm") and _load("tokamax").unavailable_reason() is None:
         return "tokamax"
+    wide = dtype is None or jnp.dtype(dtype).itemsize >= 4
+    if platform == "cpu" and wide and _load("cpu_kernel").unavailable_reason() is None:
+        return "cpu_kernel"
     return "tiled"
 
 
@@ -61,11 +70,12 @@ def _load(name: str) -> ModuleType:
     return importlib.import_module(_BACKEND_MODULES[name])
 
 
-def resolve_backend(backend: str = AUTO) -> ModuleType:
-    """Return the module implementing ``backend``; raise if it cannot run here."""
+def resolve_backend(backend: str = AUTO, dtype=None) -> ModuleType:
+    """Return the module implementing ``backend`` (for inputs of ``dtype`` when it
+    is ``"auto"``); raise if it cannot run here."""
     name = check_backend_name(backend)
     if name == AUTO:
-        name = auto_backend()
+        name = auto_backend(dtype=dtype)
     module = _load(name)
     reason = module.unavailable_reason()
     if reason is not None:

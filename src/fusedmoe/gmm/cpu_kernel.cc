@@ -1,0 +1,429 @@
+// Grouped matmul kernels for the CPU, called from XLA through its FFI.
+//
+// Backend "cpu_kernel" (fusedmoe/gmm/cpu_kernel.py compiles this file on first
+// use and registers the two handlers below). Why a kernel outside plain JAX:
+// on XLA:CPU a dot cannot read a weight in place out of a [G, K, N] array nor
+// write its result into a slab of a larger one, so a plain-JAX grouped matmul
+// copies every expert's weight and every gradient slab (docs/backends.md,
+// "Where the layer's step goes"). Here each group's product reads its operands
+// where they lie and writes its output where it belongs.
+//
+// One blocked GEMM (the BLIS loop structure) serves all three products; the
+// operands are addressed through (row stride, column stride) pairs so that the
+// transposes of the backward pass are just other strides:
+//
+//   forward  out[rows g]  = lhs[rows g] @ rhs[g]      A = lhs rows,   B = rhs[g]
+//   dX       out[rows g]  = dout[rows g] @ rhs[g].T   A = dout rows,  B = rhs[g] read transposed
+//   dW       out[g]       = lhs[rows g].T @ dout[rows g]   A = lhs rows transposed, B = dout rows
+//
+// Loops, outside in: column block (NC) -> contraction block (KC, pack B into a
+// KC x NC buffer) -> row block (MC, pack A) -> NR-column panel -> MR-row
+// sliver -> the MR x NR register tile over KC. Packing copies the operands
+// into the order the register tile reads them (and converts bf16 to f32), so
+// the tile's loads are sequential whatever the strides. Accumulation is f32.
+//
+// Threads split each product's output COLUMNS: thread t owns columns
+// [n_lo, n_hi) of every group's output, so no two threads write the same
+// element, no synchronisation is needed inside the call, and skewed group
+// sizes cannot unbalance the work.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include <immintrin.h>
+#include <sched.h>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float f32x8 __attribute__((vector_size(32)));
+
+constexpr int64_t MR = 6;     // rows of the register tile
+constexpr int64_t NR = 16;    // columns of the register tile (two 8-float vectors)
+constexpr int64_t KC = 256;   // contraction block: a packed B panel is KC*NR*4 = 16 KiB (L1)
+constexpr int64_t MC = 144;   // row block: packed A is MC*KC*4 = 144 KiB (L2)
+constexpr int64_t NC = 1024;  // column block: packed B is KC*NC*4 = 1 MiB (L2)
+
+// bf16 is the top half of an f32.
+inline float to_f32(float x) { return x; }
+inline float to_f32(uint16_t x) {
+  uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline void from_f32(float x, float* out) { *out = x; }
+inline void from_f32(float x, uint16_t* out) {  // round to nearest even; NaN stays NaN
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    *out = static_cast<uint16_t>((bits >> 16) | 0x40);
+    return;
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  *out = static_cast<uint16_t>(bits >> 16);
+}
+
+// A strided matrix view: element (i, j) is data[i * rs + j * cs].
+template <typename T>
+struct View {
+  const T* data;
+  int64_t rs, cs;
+  T at(int64_t i, int64_t j) const { return data[i * rs + j * cs]; }
+};
+
+// Pack rows [0, mc) x contraction [0, kc) of A into MR-row slivers:
+// packed[s][p][i] = A(s*MR + i, p), rows past mc zero.
+template <typename T>
+void pack_a(View<T> a, int64_t mc, int64_t kc, float* packed) {
+  for (int64_t s = 0; s < mc; s += MR) {
+    const int64_t rows = std::min(MR, mc - s);
+    float* dst = packed + s * kc;
+    if (a.cs == 1) {  // rows contiguous: walk each row once
+      for (int64_t i = 0; i < MR; ++i)
+        for (int64_t p = 0; p < kc; ++p)
+          dst[p * MR + i] = i < rows ? to_f32(a.at(s + i, p)) : 0.f;
+    } else {  // columns contiguous (the transposed lhs of dW)
+      for (int64_t p = 0; p < kc; ++p)
+        for (int64_t i = 0; i < MR; ++i)
+          dst[p * MR + i] = i < rows ? to_f32(a.at(s + i, p)) : 0.f;
+    }
+  }
+}
+
+// Eight consecutive elements as f32.
+inline __m256 load8(const float* src) { return _mm256_loadu_ps(src); }
+inline __m256 load8(const uint16_t* src) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+// dst[i * ld_dst + j] = src[j * ld_src + i] for an 8 x 8 block.
+template <typename T>
+void transpose8(const T* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = load8(src + i * ld_src);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ld_dst, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ld_dst, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+// Pack contraction [0, kc) x columns [0, nc) of B into NR-column panels:
+// packed[q][p][j] = B(p, q*NR + j), columns past nc zero.
+template <typename T>
+void pack_b(View<T> b, int64_t kc, int64_t nc, float* packed) {
+  if (b.cs == 1) {
+    // Rows contiguous: read a few rows at a time, each as one stream, and deal
+    // them out panel by panel, so each panel receives one contiguous run.
+    // (Row by row, each row's 64-byte pieces land KC*NR*4 bytes apart: one
+    // cache set, and the packing ran 4x below memory bandwidth.)
+    constexpr int64_t kRows = 8;
+    for (int64_t p0 = 0; p0 < kc; p0 += kRows) {
+      const int64_t p1 = std::min(kc, p0 + kRows);
+      for (int64_t q = 0; q < nc; q += NR) {
+        const int64_t cols = std::min(NR, nc - q);
+        for (int64_t p = p0; p < p1; ++p) {
+          const T* src = b.data + p * b.rs + q;
+          float* dst = packed + q * kc + p * NR;
+          if (cols == NR) {  // fixed trip count: vectorized (a 64-byte copy for f32)
+            for (int64_t j = 0; j < NR; ++j) dst[j] = to_f32(src[j]);
+          } else {
+            for (int64_t j = 0; j < NR; ++j) dst[j] = j < cols ? to_f32(src[j]) : 0.f;
+          }
+        }
+      }
+    }
+  } else {
+    // Columns contiguous (the transposed weight of dX): 8 x 8 blocks are
+    // transposed in registers, so each weight row is read as a run of 8 and
+    // each panel row written as one.
+    for (int64_t q = 0; q < nc; q += NR) {
+      const int64_t cols = std::min(NR, nc - q);
+      float* dst = packed + q * kc;
+      int64_t p = 0;
+      if (cols == NR) {
+        for (; p + 8 <= kc; p += 8)
+          for (int64_t j = 0; j < NR; j += 8)
+            transpose8(b.data + p * b.rs + (q + j) * b.cs, b.cs, dst + p * NR + j, NR);
+      }
+      for (; p < kc; ++p)
+        for (int64_t j = 0; j < NR; ++j) dst[p * NR + j] = j < cols ? to_f32(b.at(p, q + j)) : 0.f;
+    }
+  }
+}
+
+// How a register tile reaches c.
+enum class Store {
+  kOverwrite,   // c = tile
+  kAccumulate,  // c += tile (contraction blocks after the first)
+  kStream,      // c = tile, final, bypassing the caches: a write-only output
+                // (a weight gradient slab) is not read for ownership first
+};
+
+// The register tile: acc[MR x NR] = sum_p a[p][:] (x) b[p][:], then stored to
+// c. Only the top-left rows x cols of it are written.
+void tile(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, Store store,
+          int64_t rows, int64_t cols) {
+  f32x8 acc[MR][2] = {};
+  for (int64_t p = 0; p < kc; ++p) {
+    f32x8 b0, b1;
+    std::memcpy(&b0, b + p * NR, 32);
+    std::memcpy(&b1, b + p * NR + 8, 32);
+#pragma GCC unroll 6
+    for (int64_t i = 0; i < MR; ++i) {
+      const float av = a[p * MR + i];
+      const f32x8 ai = {av, av, av, av, av, av, av, av};
+      acc[i][0] += ai * b0;
+      acc[i][1] += ai * b1;
+    }
+  }
+  if (rows == MR && cols == NR) {  // a whole tile: vector stores
+    const bool aligned = reinterpret_cast<uintptr_t>(c) % 32 == 0 && ldc % 8 == 0;
+    for (int64_t i = 0; i < MR; ++i) {
+      for (int64_t h = 0; h < 2; ++h) {
+        float* dst = c + i * ldc + 8 * h;
+        f32x8 v = acc[i][h];
+        if (store == Store::kStream && aligned) {
+          _mm256_stream_ps(dst, reinterpret_cast<__m256>(v));
+          continue;
+        }
+        if (store == Store::kAccumulate) {
+          f32x8 old;
+          std::memcpy(&old, dst, 32);
+          v += old;
+        }
+        std::memcpy(dst, &v, 32);
+      }
+    }
+    return;
+  }
+  float out[MR][NR];
+  std::memcpy(out, acc, sizeof(out));
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j)
+      c[i * ldc + j] = store == Store::kAccumulate ? c[i * ldc + j] + out[i][j] : out[i][j];
+}
+
+// Each thread's packing buffers, and its f32 scratch for 16-bit outputs.
+struct Buffers {
+  std::vector<float> a = std::vector<float>(MC * KC);
+  std::vector<float> b = std::vector<float>(KC * NC);
+  std::vector<float> c;
+};
+
+// c[0:m, 0:n] = A[0:m, 0:k] @ B[0:k, 0:n], c of row stride ldc.
+template <typename TIn>
+void gemm_f32(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, float* c, int64_t ldc,
+              Buffers& bufs) {
+  for (int64_t jc = 0; jc < n; jc += NC) {
+    const int64_t nc = std::min(NC, n - jc);
+    for (int64_t pc = 0; pc < k; pc += KC) {
+      const int64_t kc = std::min(KC, k - pc);
+      const Store store = pc > 0 ? Store::kAccumulate
+                          : k <= KC ? Store::kStream
+                                    : Store::kOverwrite;
+      pack_b(View<TIn>{b.data + pc * b.rs + jc * b.cs, b.rs, b.cs}, kc, nc, bufs.b.data());
+      for (int64_t ic = 0; ic < m; ic += MC) {
+        const int64_t mc = std::min(MC, m - ic);
+        pack_a(View<TIn>{a.data + ic * a.rs + pc * a.cs, a.rs, a.cs}, mc, kc, bufs.a.data());
+        for (int64_t jr = 0; jr < nc; jr += NR) {
+          for (int64_t ir = 0; ir < mc; ir += MR) {
+            tile(kc, bufs.a.data() + ir * kc, bufs.b.data() + jr * kc,
+                 c + (ic + ir) * ldc + jc + jr, ldc, store, std::min(MR, mc - ir),
+                 std::min(NR, nc - jr));
+          }
+        }
+      }
+    }
+  }
+}
+
+// The same product into c of element type TOut. A 16-bit output is summed in
+// an f32 scratch and rounded once: rounding after every contraction block
+// would lose precision.
+template <typename TIn, typename TOut>
+void gemm_into(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, TOut* c, int64_t ldc,
+               Buffers& bufs) {
+  if constexpr (std::is_same_v<TOut, float>) {
+    gemm_f32(m, n, k, a, b, c, ldc, bufs);
+  } else {
+    bufs.c.resize(m * n);
+    gemm_f32(m, n, k, a, b, bufs.c.data(), n, bufs);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) from_f32(bufs.c[i * n + j], c + i * ldc + j);
+  }
+}
+
+template <typename TOut>
+void zero_columns(TOut* c, int64_t rows, int64_t ldc, int64_t n_lo, int64_t n_hi) {
+  for (int64_t i = 0; i < rows; ++i) std::memset(c + i * ldc + n_lo, 0, (n_hi - n_lo) * sizeof(TOut));
+}
+
+int num_threads() {
+  static const int n = [] {
+    if (const char* env = std::getenv("FUSEDMOE_CPU_THREADS")) {
+      const int v = std::atoi(env);
+      if (v > 0) return v;
+    }
+    cpu_set_t cpus;  // the cores this process may run on, not the machine's
+    if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) return std::max(1, CPU_COUNT(&cpus));
+    const unsigned hw = std::thread::hardware_concurrency();
+    return hw > 0 ? static_cast<int>(hw) : 1;
+  }();
+  return n;
+}
+
+// Run body(n_lo, n_hi, buffers) on column ranges of [0, n), one per thread,
+// each a whole number of NR panels.
+template <typename Body>
+void over_columns(int64_t n, const Body& body) {
+  const int64_t panels = (n + NR - 1) / NR;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(num_threads(), panels));
+  auto run = [&](int64_t t) {
+    Buffers bufs;
+    const int64_t lo = std::min(n, panels * t / threads * NR);
+    const int64_t hi = std::min(n, panels * (t + 1) / threads * NR);
+    if (lo < hi) body(lo, hi, bufs);
+    _mm_sfence();  // make this thread's streaming stores visible before the join
+  };
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(run, t);
+  run(0);
+  for (auto& th : pool) th.join();
+}
+
+// Row offsets of the groups, sizes clamped so no group reads past row m_total.
+std::vector<int64_t> group_starts(const int32_t* sizes, int64_t groups, int64_t m_total) {
+  std::vector<int64_t> starts(groups + 1, 0);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t size = std::max<int64_t>(0, sizes[g]);
+    starts[g + 1] = std::min(m_total, starts[g] + size);
+  }
+  return starts;
+}
+
+// out[rows of g] = lhs[rows of g] @ rhs[g]   (rhs [G, K, N])
+//               or lhs[rows of g] @ rhs[g].T (rhs [G, N, K], transpose_rhs)
+template <typename TIn, typename TOut>
+void times_weight(const TIn* lhs, const TIn* rhs, const int32_t* sizes, TOut* out, int64_t m,
+                  int64_t k, int64_t n, int64_t groups, bool transpose_rhs) {
+  const std::vector<int64_t> starts = group_starts(sizes, groups, m);
+  over_columns(n, [&](int64_t n_lo, int64_t n_hi, Buffers& bufs) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t rows = starts[g + 1] - starts[g];
+      if (rows == 0) continue;
+      const View<TIn> a{lhs + starts[g] * k, k, 1};
+      const View<TIn> b = transpose_rhs ? View<TIn>{rhs + g * n * k + n_lo * k, 1, k}
+                                        : View<TIn>{rhs + g * k * n + n_lo, n, 1};
+      gemm_into(rows, n_hi - n_lo, k, a, b, out + starts[g] * n + n_lo, n, bufs);
+    }
+    zero_columns(out + starts[groups] * n, m - starts[groups], n, n_lo, n_hi);
+  });
+}
+
+// out[g] = lhs[rows of g].T @ dout[rows of g]   (out [G, K, N])
+template <typename TIn, typename TOut>
+void t_times_rows(const TIn* lhs, const TIn* dout, const int32_t* sizes, TOut* out, int64_t m,
+                  int64_t k, int64_t n, int64_t groups) {
+  const std::vector<int64_t> starts = group_starts(sizes, groups, m);
+  over_columns(n, [&](int64_t n_lo, int64_t n_hi, Buffers& bufs) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t rows = starts[g + 1] - starts[g];
+      TOut* slab = out + g * k * n;
+      if (rows == 0) {
+        zero_columns(slab, k, n, n_lo, n_hi);
+        continue;
+      }
+      const View<TIn> a{lhs + starts[g] * k, 1, k};
+      const View<TIn> b{dout + starts[g] * n + n_lo, n, 1};
+      gemm_into(k, n_hi - n_lo, rows, a, b, slab + n_lo, n, bufs);
+    }
+  });
+}
+
+// The element types the handlers accept: f32 or bf16 inputs (both operands the
+// same), f32 or bf16 output.
+template <typename F>
+ffi::Error dispatch(ffi::DataType in, ffi::DataType out, const F& f) {
+  const bool in_ok = in == ffi::DataType::F32 || in == ffi::DataType::BF16;
+  const bool out_ok = out == ffi::DataType::F32 || out == ffi::DataType::BF16;
+  if (!in_ok || !out_ok) return ffi::Error::InvalidArgument("cpu_kernel: f32 or bf16 only");
+  if (in == ffi::DataType::F32) {
+    if (out == ffi::DataType::F32) f(float{}, float{});
+    else f(float{}, uint16_t{});
+  } else {
+    if (out == ffi::DataType::F32) f(uint16_t{}, float{});
+    else f(uint16_t{}, uint16_t{});
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error TimesWeight(ffi::AnyBuffer lhs, ffi::AnyBuffer rhs, ffi::Buffer<ffi::S32> sizes,
+                       ffi::Result<ffi::AnyBuffer> out, bool transpose_rhs) {
+  const auto ld = lhs.dimensions();
+  const auto rd = rhs.dimensions();
+  if (ld.size() != 2 || rd.size() != 3 || lhs.element_type() != rhs.element_type())
+    return ffi::Error::InvalidArgument("cpu_kernel: expected lhs [M, K], rhs [G, K, N] of one dtype");
+  const int64_t m = ld[0], k = ld[1], groups = rd[0];
+  const int64_t n = transpose_rhs ? rd[1] : rd[2];
+  return dispatch(lhs.element_type(), out->element_type(), [&](auto tin, auto tout) {
+    using TIn = decltype(tin);
+    using TOut = decltype(tout);
+    times_weight(static_cast<const TIn*>(lhs.untyped_data()),
+                 static_cast<const TIn*>(rhs.untyped_data()), sizes.typed_data(),
+                 static_cast<TOut*>(out->untyped_data()), m, k, n, groups, transpose_rhs);
+  });
+}
+
+ffi::Error TTimesRows(ffi::AnyBuffer lhs, ffi::AnyBuffer dout, ffi::Buffer<ffi::S32> sizes,
+                      ffi::Result<ffi::AnyBuffer> out) {
+  const auto ld = lhs.dimensions();
+  const auto dd = dout.dimensions();
+  if (ld.size() != 2 || dd.size() != 2 || lhs.element_type() != dout.element_type())
+    return ffi::Error::InvalidArgument("cpu_kernel: expected lhs [M, K], dout [M, N] of one dtype");
+  const int64_t m = ld[0], k = ld[1], n = dd[1];
+  const int64_t groups = sizes.dimensions()[0];
+  return dispatch(lhs.element_type(), out->element_type(), [&](auto tin, auto tout) {
+    using TIn = decltype(tin);
+    using TOut = decltype(tout);
+    t_times_rows(static_cast<const TIn*>(lhs.untyped_data()),
+                 static_cast<const TIn*>(dout.untyped_data()), sizes.typed_data(),
+                 static_cast<TOut*>(out->untyped_data()), m, k, n, groups);
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fusedmoe_times_weight, TimesWeight,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<bool>("transpose_rhs"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fusedmoe_t_times_rows, TTimesRows,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>());

@@ -1,0 +1,192 @@
+"""Backend ``"cpu_kernel"``: a compiled grouped matmul for CPUs, called through XLA's FFI.
+
+``tiled`` is plain JAX, and on XLA:CPU plain JAX pays for memory traffic a
+kernel need not: a dot cannot read one expert's weight in place out of
+``[G, K, N]`` nor write a gradient slab into ``[G, K, N]``, so every product
+copies weights and slabs (docs/backends.md, "Where the layer's step goes").
+``cpu_kernel.cc`` beside this file is a blocked GEMM (the BLIS loop
+structure, an AVX2 register tile) that reads every operand where it lies and
+writes every output where it belongs; the three products of a grouped matmul
+(forward, dX, dW) are one kernel with different strides.
+
+The source is compiled on first use with the system's C++ compiler against the
+XLA FFI headers that ship with jaxlib, and cached (keyed by the source, the
+flags, the compiler and jaxlib), so there is no build step at install time and
+the headers always match the running jaxlib: the way Triton or
+``torch.utils.cpp_extension.load`` build kernels, for the same reasons.
+Unavailable (the registry says why) without an x86-64 CPU with AVX2 and FMA,
+a C++ compiler, or on another platform than CPU.
+
+- Inputs f32 or bf16 (both operands alike; anything else runs in f32),
+  accumulation in f32, output f32 or bf16 written by the kernel, other output
+  dtypes cast from f32.
+- Threads: one per core this process may use, or ``FUSEDMOE_CPU_THREADS``;
+  they split each product's output columns, so skewed group sizes cannot
+  unbalance them.
+- The cache directory: ``FUSEDMOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/fusedmoe``,
+  else ``~/.cache/fusedmoe``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from fusedmoe.gmm._vjp import differentiable_pair, varying_axes
+
+_SOURCE = Path(__file__).with_name("cpu_kernel.cc")
+_FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fPIC", "-shared", "-pthread")
+_TARGETS = {
+    "times_weight": "fusedmoe_times_weight",
+    "t_times_rows": "fusedmoe_t_times_rows",
+}
+_KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_has_avx2_fma() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: trust the compiler's target, checked at load
+        return sys.platform == "darwin"
+    return " avx2" in flags and " fma" in flags
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("FUSEDMOE_CACHE_DIR"):
+        return Path(os.environ["FUSEDMOE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fusedmoe"
+
+
+def _compiler_version(cxx: str) -> str:
+    result = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False)
+    return result.stdout.splitlines()[0] if result.stdout else cxx
+
+
+def _build(cxx: str) -> Path:
+    """Compile the kernel once per (source, flags, compiler, jaxlib); return the library."""
+    include = jax.ffi.include_dir()
+    inputs = [_SOURCE.read_text(), *_FLAGS, _compiler_version(cxx), include, jax.__version__]
+    key = hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:16]
+    library = _cache_dir() / f"cpu_kernel-{key}.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    # Compile beside the target and rename into place: a concurrent process
+    # (pytest workers) sees either no library or a whole one.
+    fd, tmp = tempfile.mkstemp(dir=library.parent, prefix=".cpu_kernel-", suffix=".so")
+    os.close(fd)
+    try:
+        command = [cxx, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", tmp]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"compiling {_SOURCE.name} failed ({' '.join(command)}):\n{result.stderr[-4000:]}"
+            )
+        os.replace(tmp, library)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return library
+
+
+@functools.cache
+def _load() -> None:
+    """Compile (or find) the kernel and register its FFI targets with jax, once."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
+    library = ctypes.CDLL(str(_build(cxx)))
+    for symbol in _TARGETS.values():
+        jax.ffi.register_ffi_target(
+            symbol, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
+        )
+
+
+@functools.cache
+def _unavailable_reason() -> str | None:
+    if jax.default_backend() != "cpu":
+        return f"it runs on CPU only (jax's default backend is {jax.default_backend()!r})"
+    if not _cpu_has_avx2_fma():
+        return f"it needs an x86-64 CPU with AVX2 and FMA (this is {platform.machine()})"
+    try:
+        _load()
+    except Exception as exc:
+        return str(exc)
+    return None
+
+
+def unavailable_reason() -> str | None:
+    return _unavailable_reason()
+
+
+def _kernel_dtypes(a, b, out_dtype):
+    """(input dtype, output dtype) the kernel runs in: bf16 inputs only when both are."""
+    in_dtype = jnp.result_type(a, b)
+    in_dtype = in_dtype if in_dtype == jnp.bfloat16 else jnp.dtype(jnp.float32)
+    out_dtype = jnp.dtype(out_dtype)
+    return in_dtype, out_dtype if out_dtype in _KERNEL_DTYPES else jnp.dtype(jnp.float32)
+
+
+def _vary_like(out, *inputs):
+    """``out`` typed as varying over every manual mesh axis an input varies over.
+
+    Inside ``jax.shard_map`` (which checks these types by default) a foreign
+    call's result varies over nothing; the kernel's output varies as its
+    operands do."""
+    axes = tuple(sorted(frozenset().union(*(varying_axes(x) for x in inputs))))
+    return jax.lax.pcast(out, axes, to="varying") if axes else out
+
+
+def _times_weight(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool):
+    """``[M, N]``: ``lhs[rows of g] @ rhs[g]`` (``rhs[g].T`` when ``transpose_rhs``)."""
+    _load()
+    in_dtype, kernel_out = _kernel_dtypes(lhs, rhs, out_dtype)
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    out = jax.ffi.ffi_call(
+        _TARGETS["times_weight"],
+        jax.ShapeDtypeStruct((lhs.shape[0], n), kernel_out),
+        vmap_method="sequential",
+    )(
+        lhs.astype(in_dtype),
+        rhs.astype(in_dtype),
+        group_sizes.astype(jnp.int32),
+        transpose_rhs=transpose_rhs,
+    )
+    return _vary_like(out, lhs, rhs, group_sizes).astype(out_dtype)
+
+
+def _t_times_rows(lhs, dout, group_sizes, out_dtype):
+    """``[G, K, N]``: ``lhs[rows of g].T @ dout[rows of g]``."""
+    _load()
+    in_dtype, kernel_out = _kernel_dtypes(lhs, dout, out_dtype)
+    shape = (group_sizes.shape[0], lhs.shape[1], dout.shape[1])
+    out = jax.ffi.ffi_call(
+        _TARGETS["t_times_rows"],
+        jax.ShapeDtypeStruct(shape, kernel_out),
+        vmap_method="sequential",
+    )(lhs.astype(in_dtype), dout.astype(in_dtype), group_sizes.astype(jnp.int32))
+    return _vary_like(out, lhs, dout, group_sizes).astype(out_dtype)
+
+
+gmm, tgmm = differentiable_pair(_times_weight, _t_times_rows)

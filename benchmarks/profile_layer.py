@@ -5,7 +5,9 @@ equal FLOPs) under ``jax.profiler``, reads the trace back with
 ``jax.profiler.ProfileData``, and sums the time of XLA:CPU's operations by
 what they do, read off the compiled HLO:
 
-- ``dots``: the products (YNNPACK fusions and XLA dots), split by pass;
+- ``dots``: the products (YNNPACK fusions and XLA dots, or the ``cpu_kernel``
+  backend's custom calls, which run whole grouped matmuls on their own
+  threads and count once, on the calling thread), split by pass;
 - ``weight slices``: ``rhs[g]`` copied out of ``[G, K, N]`` per group;
 - ``slab writes``: dynamic-update-slices, mostly each group's ``[K, N]``
   weight gradient written into the ``[G, K, N]`` output;
@@ -51,7 +53,9 @@ def hlo_kinds(hlo_text: str) -> dict[str, str]:
         name, opcode = match.group(1), match.group(3)
         op_name = re.search(r'op_name="([^"]*)"', line)
         backward = op_name is not None and "transpose(" in op_name.group(1)
-        if name.startswith("ynn_fusion") or opcode in ("dot", "convolution") or "dot" in name:
+        kernel = opcode == "custom-call" and 'custom_call_target="fusedmoe_' in line
+        if name.startswith("ynn_fusion") or opcode in ("dot", "convolution") or "dot" in name \
+                or kernel:
             kind = "dots, backward" if backward else "dots, forward"
         elif "dynamic-update-slice" in name or opcode == "dynamic-update-slice":
             kind = "slab writes"

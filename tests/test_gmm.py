@@ -253,6 +253,24 @@ def test_cpu_kernel_other_dtypes_run_in_f32():
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize(
+    ("m", "k", "n", "sizes"),
+    [(5, 0, 3, [2, 3]), (0, 4, 3, [0, 0]), (5, 4, 0, [2, 3]), (3, 2, 2, [])],
+    ids=["k0", "m0", "n0", "g0"],
+)
+def test_empty_dims(backend, m, k, n, sizes):
+    # An empty contraction sums nothing (zeros, not whatever the buffer held);
+    # no rows, no columns or no groups give empty or zero results.
+    _skip_unavailable(backend)
+    x, w, c, gs = make_inputs(m, k, n, sizes, seed=13)
+    gs = gs.reshape(len(sizes))
+    out = fusedmoe.gmm(x, w, gs, backend=backend)
+    dw = fusedmoe.tgmm(x, c, gs, backend=backend)
+    assert out.shape == (m, n) and dw.shape == (len(sizes), k, n)
+    assert not np.any(np.asarray(out)) and not np.any(np.asarray(dw))
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_under_jit_and_checkpoint(backend):
     x, w, c, gs = make_inputs(17, 4, 5, [3, 0, 11], seed=6)
 

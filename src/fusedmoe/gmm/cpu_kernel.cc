@@ -235,6 +235,10 @@ struct Buffers {
 template <typename TIn>
 void gemm_f32(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, float* c, int64_t ldc,
               Buffers& bufs) {
+  if (k == 0) {  // an empty sum: no contraction block would write c
+    for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.f);
+    return;
+  }
   for (int64_t jc = 0; jc < n; jc += NC) {
     const int64_t nc = std::min(NC, n - jc);
     for (int64_t pc = 0; pc < k; pc += KC) {

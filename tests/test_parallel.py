@@ -100,21 +100,28 @@ def test_mesh_equals_single_device(runs, shape, fused):
     assert ("d_wi_0" in case["errors"]) != fused
 
 
+# "auto" is the CPU default (cpu_kernel for these f32 tests, tiled where it
+# cannot be built); tiled is the default for bf16 and on GPU without tokamax.
+CPU_BACKENDS = ["auto", "tiled"]
+
+
 @pytest.mark.multidevice
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("fused", ["fused", "unfused"])
-def test_default_cpu_backend_on_full_mesh(runs, fused):
-    """The CPU default grouped matmul ("tiled") on data x expert x tensor = 2x2x2."""
-    name = f"sparse_{fused}_auto_(2, 2, 2)"
+def test_default_cpu_backend_on_full_mesh(runs, fused, backend):
+    """The CPU grouped matmuls on data x expert x tensor = 2x2x2."""
+    name = f"sparse_{fused}_{backend}_(2, 2, 2)"
     _assert_close(runs["check"]["cases"][name], name)
 
 
 @pytest.mark.multidevice
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("fused", ["fused", "unfused"])
-def test_layer_inside_a_users_shard_map(runs, fused):
-    """The layer with the CPU default grouped matmul ("tiled") inside a user's
-    data-parallel ``jax.shard_map`` (vma checked, its default): the gradients of
-    the replicated weights are summed over devices and equal one device's."""
-    name = f"user_shard_map_{fused}_auto"
+def test_layer_inside_a_users_shard_map(runs, fused, backend):
+    """The layer with a CPU grouped matmul inside a user's data-parallel
+    ``jax.shard_map`` (vma checked, its default): the gradients of the
+    replicated weights are summed over devices and equal one device's."""
+    name = f"user_shard_map_{fused}_{backend}"
     case = runs["check"]["cases"][name]
     _assert_close(case, name)
     assert {"d_x", "d_wo", "d_gate.kernel"} <= set(case["errors"])

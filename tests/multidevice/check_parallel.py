@@ -57,14 +57,14 @@ def global_concat_case(cases, fused_cfg):
         "errors": {"out": common._err(ref, out)}, "expect_wrong": True}
 
 
-def user_shard_map_case(cases, fused: bool) -> None:
-    """The layer (no mesh of its own, the CPU default grouped matmul) inside a
+def user_shard_map_case(cases, fused: bool, backend: str) -> None:
+    """The layer (no mesh of its own, grouped matmul ``backend``) inside a
     user's data-parallel ``jax.shard_map``, which checks varying manual axes by
     default: its gradients equal one device's. Aux losses are per device there,
     so the loss is ``sum(out * r)`` alone."""
     from jax.sharding import PartitionSpec as P
 
-    cfg = common.config(fused_moe_mlp=fused, gmm_backend="auto")
+    cfg = common.config(fused_moe_mlp=fused, gmm_backend=backend)
     graphdef, state = nnx.split(common.layer(cfg))
     x, r = common.inputs()
 
@@ -80,7 +80,7 @@ def user_shard_map_case(cases, fused: bool) -> None:
     errors = {"d_x": common._err(want[1], got[1])}
     errors.update({f"d_{'.'.join(map(str, k))}": common._err(flat_want[k], flat_got[k])
                    for k in flat_want})
-    cases[f"user_shard_map_{'fused' if fused else 'unfused'}_auto"] = {"errors": errors}
+    cases[f"user_shard_map_{'fused' if fused else 'unfused'}_{backend}"] = {"errors": errors}
 
 
 def ragged_lowering():
@@ -146,8 +146,10 @@ def main() -> None:
     assert jax.device_count() == 8, jax.device_count()
     cases = {}
     # Every mesh, fused and unfused, on the ragged_dot grouped matmul (the quickest to
-    # compile on CPU); the CPU default backend ("tiled") on the mesh with all three axes.
-    plan = [("ragged_dot", shape) for shape in common.MESHES] + [("auto", (2, 2, 2))]
+    # compile on CPU); the CPU default ("auto": cpu_kernel for f32) and tiled (the
+    # bf16 and GPU default) on the mesh with all three axes.
+    plan = [("ragged_dot", shape) for shape in common.MESHES]
+    plan += [("auto", (2, 2, 2)), ("tiled", (2, 2, 2))]
     for fused in (True, False):
         refs = {}
         for backend, shape in plan:
@@ -169,7 +171,8 @@ def main() -> None:
             finally:
                 parallel._RAGGED_ALL_TO_ALL = jax.lax.ragged_all_to_all
     for fused in (True, False):
-        user_shard_map_case(cases, fused)
+        for backend in ("auto", "tiled"):
+            user_shard_map_case(cases, fused, backend)
     # dense path with a mesh (plain sharding annotations)
     dense = common.config(sparse_matmul=False)
     ref = common.step(common.layer(dense), *common.inputs())

@@ -28,7 +28,7 @@ import sys
 
 from fusedmoe.atomic import write_json
 
-DEFAULT_BACKENDS = "tiled,ragged_dot,tokamax"
+DEFAULT_BACKENDS = "tiled,cpu_kernel,ragged_dot,tokamax"
 DTYPES = {"f32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 DISTS = ("balanced", "skewed")
 MODES = ("fwd", "fwdbwd")

@@ -289,8 +289,10 @@ int num_threads() {
       const int v = std::atoi(env);
       if (v > 0) return v;
     }
+#ifdef __linux__
     cpu_set_t cpus;  // the cores this process may run on, not the machine's
     if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) return std::max(1, CPU_COUNT(&cpus));
+#endif
     const unsigned hw = std::thread::hardware_concurrency();
     return hw > 0 ? static_cast<int>(hw) : 1;
   }();

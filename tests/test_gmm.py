@@ -283,6 +283,20 @@ def test_under_jit_and_checkpoint(backend):
     assert_close(grads[1], rdw, jnp.float32)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [(jnp.float32, "cpu_kernel"), (jnp.bfloat16, "tiled"), (jnp.float16, "tiled")],
+)
+def test_auto_on_cpu_by_dtype(dtype, expected):
+    # f32 takes the compiled kernel where it can run; other dtypes (computed in
+    # f32 by the kernel) take tiled.
+    from fusedmoe.gmm.registry import auto_backend
+
+    if expected == "cpu_kernel" and available_backends()["cpu_kernel"] is not None:
+        expected = "tiled"
+    assert auto_backend("cpu", dtype) == expected
+
+
 def test_auto_is_a_backend():
     x, w, c, gs = make_inputs(9, 3, 2, [4, 5])
     check_all("auto", x, w, c, gs, jnp.float32, transform=lambda f: f)  # eager

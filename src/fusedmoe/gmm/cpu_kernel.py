@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from fusedmoe.gmm._vjp import differentiable_pair, varying_axes
+from fusedmoe.gmm.megablox import _compute_dtype
 
 _SOURCE = Path(__file__).with_name("cpu_kernel.cc")
 _FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fPIC", "-shared", "-pthread")
@@ -124,7 +125,7 @@ def _load() -> None:
 
 
 @functools.cache
-def _unavailable_reason() -> str | None:
+def unavailable_reason() -> str | None:
     if jax.default_backend() != "cpu":
         return f"it runs on CPU only (jax's default backend is {jax.default_backend()!r})"
     if not _cpu_has_avx2_fma():
@@ -136,16 +137,11 @@ def _unavailable_reason() -> str | None:
     return None
 
 
-def unavailable_reason() -> str | None:
-    return _unavailable_reason()
-
-
 def _kernel_dtypes(a, b, out_dtype):
     """(input dtype, output dtype) the kernel runs in: bf16 inputs only when both are."""
-    in_dtype = jnp.result_type(a, b)
-    in_dtype = in_dtype if in_dtype == jnp.bfloat16 else jnp.dtype(jnp.float32)
     out_dtype = jnp.dtype(out_dtype)
-    return in_dtype, out_dtype if out_dtype in _KERNEL_DTYPES else jnp.dtype(jnp.float32)
+    kernel_out = out_dtype if out_dtype in _KERNEL_DTYPES else jnp.dtype(jnp.float32)
+    return _compute_dtype(a, b), kernel_out
 
 
 def _vary_like(out, *inputs):

@@ -48,7 +48,8 @@ def auto_backend(platform: str | None = None, dtype=None) -> str:
 
     - TPU: ``megablox`` (the Pallas kernel written for it).
     - CPU: ``cpu_kernel`` for f32 inputs when it can run here (a compiler and an
-      AVX2 CPU), else ``tiled``. 16-bit inputs take ``tiled``: XLA:CPU's own
+      AVX2 CPU), else ``tiled``. Other dtypes take ``tiled`` (the kernel computes
+      in f32); for 16-bit ones it is also the faster: XLA:CPU's own
       bf16 dots use the CPU's bf16 instructions where ``cpu_kernel`` computes
       in f32 (``ragged_dot`` lowers to a masked dense product on CPU, G x the
       FLOPs; docs/backends.md has the measurements).
@@ -60,8 +61,8 @@ def auto_backend(platform: str | None = None, dtype=None) -> str:
         return "megablox"
     if platform in ("gpu", "cuda", "rocm") and _load("tokamax").unavailable_reason() is None:
         return "tokamax"
-    wide = dtype is None or jnp.dtype(dtype).itemsize >= 4
-    if platform == "cpu" and wide and _load("cpu_kernel").unavailable_reason() is None:
+    f32 = dtype is None or jnp.dtype(dtype) == jnp.float32
+    if platform == "cpu" and f32 and _load("cpu_kernel").unavailable_reason() is None:
         return "cpu_kernel"
     return "tiled"
 

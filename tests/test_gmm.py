@@ -7,6 +7,8 @@ Shapes are tiny: megablox runs in Pallas interpret mode off TPU.
 
 from __future__ import annotations
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -237,6 +239,20 @@ def test_cpu_kernel_every_block_path(dtype):
     dw = fusedmoe.tgmm(x, c, gs, backend="cpu_kernel")
     assert dw.dtype == dtype
     assert not np.any(np.asarray(dw, np.float32)[[1, 5]])
+
+
+def test_cpu_kernel_build_failure_is_clear_and_leaves_nothing(tmp_path, monkeypatch):
+    # A compiler that fails: the error names the source and the command, and
+    # the cache directory holds no half-written library.
+    from fusedmoe.gmm import cpu_kernel
+
+    monkeypatch.setenv("FUSEDMOE_CACHE_DIR", str(tmp_path))
+    failing = shutil.which("false")
+    if failing is None:
+        pytest.skip("no `false` program to stand in for a failing compiler")
+    with pytest.raises(RuntimeError, match=r"compiling cpu_kernel\.cc failed"):
+        cpu_kernel._build(failing)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cpu_kernel_other_dtypes_run_in_f32():

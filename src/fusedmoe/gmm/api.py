@@ -77,8 +77,8 @@ def gmm(
             f"(lhs {tuple(lhs.shape)}, rhs {tuple(rhs.shape)})"
         )
     group_sizes = validate_group_sizes(group_sizes, rhs.shape[0], lhs.shape[0])
-    out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype))
     in_dtype = jnp.result_type(lhs.dtype, rhs.dtype)
+    out_dtype = jnp.dtype(preferred_element_type or in_dtype)
     return resolve_backend(backend, in_dtype).gmm(lhs, rhs, group_sizes, out_dtype)
 
 
@@ -113,8 +113,8 @@ def tgmm(
         )
     num_groups = group_sizes.shape[0] if hasattr(group_sizes, "shape") else len(group_sizes)
     group_sizes = validate_group_sizes(group_sizes, num_groups, lhs.shape[0])
-    out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs.dtype, dout.dtype))
     in_dtype = jnp.result_type(lhs.dtype, dout.dtype)
+    out_dtype = jnp.dtype(preferred_element_type or in_dtype)
     return resolve_backend(backend, in_dtype).tgmm(lhs, dout, group_sizes, out_dtype)
 
 

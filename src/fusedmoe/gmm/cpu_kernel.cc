@@ -231,12 +231,17 @@ struct Buffers {
   std::vector<float> c;
 };
 
+template <typename TOut>
+void zero_columns(TOut* c, int64_t rows, int64_t ldc, int64_t n_lo, int64_t n_hi) {
+  for (int64_t i = 0; i < rows; ++i) std::memset(c + i * ldc + n_lo, 0, (n_hi - n_lo) * sizeof(TOut));
+}
+
 // c[0:m, 0:n] = A[0:m, 0:k] @ B[0:k, 0:n], c of row stride ldc.
 template <typename TIn>
 void gemm_f32(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, float* c, int64_t ldc,
               Buffers& bufs) {
   if (k == 0) {  // an empty sum: no contraction block would write c
-    for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.f);
+    zero_columns(c, m, ldc, 0, n);
     return;
   }
   for (int64_t jc = 0; jc < n; jc += NC) {
@@ -276,11 +281,6 @@ void gemm_into(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, TOut* 
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < n; ++j) from_f32(bufs.c[i * n + j], c + i * ldc + j);
   }
-}
-
-template <typename TOut>
-void zero_columns(TOut* c, int64_t rows, int64_t ldc, int64_t n_lo, int64_t n_hi) {
-  for (int64_t i = 0; i < rows; ++i) std::memset(c + i * ldc + n_lo, 0, (n_hi - n_lo) * sizeof(TOut));
 }
 
 int num_threads() {

@@ -101,13 +101,12 @@ def _rows_times_weight(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool):
     its branches, which XLA copied per group."""
     contract_rhs_axis = 2 if transpose_rhs else 1
     m = lhs.shape[0]
+    n_out = rhs.shape[2] if contract_rhs_axis == 1 else rhs.shape[1]
     if rhs.shape[0] == 0:  # no groups: every row is past them (and no loop to trace)
-        n_out = rhs.shape[2] if contract_rhs_axis == 1 else rhs.shape[1]
         return _zeros((m, n_out), out_dtype, lhs, rhs)
     lhs_dtype, rhs_dtype = lhs.dtype, rhs.dtype
     lhs, rhs = _bits(lhs), _bits(rhs)  # sliced as bits (see _bits)
     out_bits = _bits(jnp.zeros((), out_dtype)).dtype
-    n_out = rhs.shape[2] if contract_rhs_axis == 1 else rhs.shape[1]
     whole_tiles = tuple(c for c in ROW_TILES if c <= m)
     # Multiples of 8 below the smallest whole tile (or M itself, if smaller).
     classes = remainder_classes(whole_tiles[-1] if whole_tiles else m, per_octave=4)

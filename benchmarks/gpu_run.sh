@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One prepared run on a GPU machine: the grouped-matmul and layer tests on the
+# GPU, then bench-gmm and the layer benchmark at GPU-sized shapes. Each step has
+# its own time limit and writes into $OUT as it goes, so a step that runs long
+# costs only itself.
+#
+#   OUT=out/gpu bash benchmarks/gpu_run.sh
+#
+# Needs a python3 with jax's GPU plugin, flax, optax, orbax, rich, matplotlib,
+# pytest, pytest-timeout and hypothesis (tokamax optional). The package runs from
+# src/ without installing. GMM_ARGS / MOE_ARGS replace the benchmark shapes (a CPU
+# smoke run of this script: GMM_ARGS=--quick MOE_ARGS="--preset tiny").
+set -u
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, note the status
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "$name: exit $? in $((SECONDS - start)) s" | tee -a "$OUT/steps.txt"
+}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
+  $PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+  $PY -c "from fusedmoe.gmm import available_backends as a; from fusedmoe.gmm.registry import auto_backend as b; print(a()); print('auto:', b())"
+} >"$OUT/env.txt" 2>&1
+
+step tests "${TEST_S:-210}" $PY -m pytest -q -p no:cacheprovider --timeout 90 \
+  --junitxml "$OUT/tests.xml" tests/test_gmm.py tests/test_layer.py
+
+# shellcheck disable=SC2086  # the *_ARGS are word lists on purpose
+step gmm "${GMM_S:-170}" $PY -m fusedmoe bench-gmm ${GMM_ARGS:---m 16384 --k 2048 --n 4096} \
+  --groups 8,64 --dtype bf16,f32 --backend tiled,ragged_dot,tokamax \
+  --dense-expansion-max-groups 64 --repeats 15 --json "$OUT/gmm.json"
+
+# shellcheck disable=SC2086
+step moe "${MOE_S:-170}" $PY -m fusedmoe bench ${MOE_ARGS:---preset qwen3 --tokens 8192} \
+  --backend tokamax --backend tiled --backend ragged_dot --dtype bfloat16 --dtype float32 \
+  --repeats 10 --no-peer --json "$OUT/moe.json" --plot "$OUT/moe.png"

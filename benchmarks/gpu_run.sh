@@ -9,7 +9,8 @@
 # Needs a python3 with jax's GPU plugin, flax, optax, orbax, rich, matplotlib,
 # pytest, pytest-timeout and hypothesis (tokamax optional). The package runs from
 # src/ without installing. GMM_ARGS / MOE_ARGS replace the benchmark shapes (a CPU
-# smoke run of this script: GMM_ARGS=--quick MOE_ARGS="--preset tiny").
+# smoke run of this script: GMM_ARGS=--quick MOE_ARGS="--preset tiny"), GMM_BACKENDS
+# (comma list) / MOE_BACKENDS (space list) the backends, a *_S=0 skips that step.
 set -u
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
@@ -19,6 +20,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, note the status
   local name=$1 limit=$2
   shift 2
+  [ "$limit" = 0 ] && return  # a limit of 0 skips the step
   local start=$SECONDS
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   echo "$name: exit $? in $((SECONDS - start)) s" | tee -a "$OUT/steps.txt"
@@ -35,10 +37,11 @@ step tests "${TEST_S:-210}" $PY -m pytest -q -p no:cacheprovider --timeout 90 \
 
 # shellcheck disable=SC2086  # the *_ARGS are word lists on purpose
 step gmm "${GMM_S:-170}" $PY -m fusedmoe bench-gmm ${GMM_ARGS:---m 16384 --k 2048 --n 4096} \
-  --groups 8,64 --dtype bf16,f32 --backend tiled,ragged_dot,tokamax \
+  --groups 8,64 --dtype bf16,f32 --backend "${GMM_BACKENDS:-tiled,ragged_dot,tokamax}" \
   --dense-expansion-max-groups 64 --repeats 15 --json "$OUT/gmm.json"
 
 # shellcheck disable=SC2086
 step moe "${MOE_S:-170}" $PY -m fusedmoe bench ${MOE_ARGS:---preset qwen3 --tokens 8192} \
-  --backend tokamax --backend tiled --backend ragged_dot --dtype bfloat16 --dtype float32 \
+  $(printf -- '--backend %s ' ${MOE_BACKENDS:-tokamax tiled ragged_dot}) \
+  --dtype bfloat16 --dtype float32 \
   --repeats 10 --no-peer --json "$OUT/moe.json" --plot "$OUT/moe.png"

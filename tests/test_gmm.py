@@ -8,6 +8,7 @@ Shapes are tiny: megablox runs in Pallas interpret mode off TPU.
 from __future__ import annotations
 
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -315,6 +316,47 @@ def test_auto_on_cpu_by_dtype(dtype, expected):
     if expected == "cpu_kernel" and available_backends()["cpu_kernel"] is not None:
         expected = "tiled"
     assert auto_backend("cpu", dtype) == expected
+
+
+def _fake_tokamax(monkeypatch, ragged_dot):
+    import types
+
+    from fusedmoe.gmm import tokamax as backend
+
+    fake = types.ModuleType("tokamax")
+    fake.__version__ = "0.0.0-fake"
+    fake.ragged_dot = ragged_dot
+    monkeypatch.setitem(sys.modules, "tokamax", fake)
+    backend.unavailable_reason.cache_clear()
+    monkeypatch.setattr(backend, "unavailable_reason", backend.unavailable_reason.__wrapped__)
+    return backend
+
+
+def test_tokamax_whose_kernels_fail_here_is_unavailable_with_the_reason(monkeypatch):
+    # tokamax 0.0.12 imports under jax 0.11.2 on a GPU, then fails in its kernels.
+    def broken(*args, **kwargs):
+        raise AttributeError("pl.dot was deprecated in JAX v0.11.0, and removed")
+
+    backend = _fake_tokamax(monkeypatch, broken)
+    reason = backend.unavailable_reason()
+    assert reason.startswith("tokamax 0.0.0-fake failed on cpu with jax ")
+    assert "AttributeError: pl.dot was deprecated" in reason
+    assert "pick another backend" in reason
+    x, w, _, gs = make_inputs(6, 3, 2, [2, 4])
+    with pytest.raises(RuntimeError, match="backend 'tokamax' is not available: tokamax 0.0.0"):
+        fusedmoe.gmm(x, w, gs, backend="tokamax")
+    # ...and auto on a GPU passes it over for tiled.
+    from fusedmoe.gmm.registry import auto_backend
+
+    assert auto_backend("gpu") == "tiled"
+
+
+def test_tokamax_whose_kernels_run_is_available_and_auto_on_gpu(monkeypatch):
+    backend = _fake_tokamax(monkeypatch, jax.lax.ragged_dot)
+    assert backend.unavailable_reason() is None
+    from fusedmoe.gmm.registry import auto_backend
+
+    assert auto_backend("gpu") == "tokamax"
 
 
 def test_auto_is_a_backend():

@@ -264,7 +264,7 @@ def _measure_job(plan: BenchPlan, preset, base, tokens: int, progress, task):
         for layout in ("unfused", "fused"):
             if reason is not None:
                 rows += [{**common, "backend": backend, "layout": layout, "pass": p,
-                          "skipped": reason} for p in PASSES]
+                          "skipped": reason, "skip_scope": "backend"} for p in PASSES]
                 continue
             config = base.replace(gmm_backend=backend, fused_moe_mlp=layout == "fused")
             layers[backend, layout] = (config, *_layer_fns(config, tokens))
@@ -276,7 +276,12 @@ def _measure_job(plan: BenchPlan, preset, base, tokens: int, progress, task):
         candidates = {"dense": ((dense_fwd, dense_both)[index].lower(*dense_args).compile(),
                                 dense_args)}
         for key, (_, fwd, both, args) in layers.items():
-            candidates[key] = ((fwd, both)[index].lower(*args).compile(), args)
+            try:
+                candidates[key] = ((fwd, both)[index].lower(*args).compile(), args)
+            except Exception as exc:  # one backend out of memory must not end the run
+                reason = f"did not compile: {str(exc).strip().splitlines()[0][:200]}"
+                rows.append({**common, "backend": key[0], "layout": key[1],
+                             "pass": pass_name, "skipped": reason})
         timings = time_side_by_side(candidates, repeats=plan.repeats)
         dense_timing = timings.pop("dense")
         dense[pass_name] = dense_timing.median
@@ -408,11 +413,12 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         head = [r["preset"], r["dtype"], r["backend"], r["layout"], r["pass"]]
         if "skipped" in r:
-            # One line per skipped backend, not one per layout and pass.
-            key = (r["preset"], r["dtype"], r["backend"])
+            # A backend skipped outright: one line, not one per layout and pass.
+            whole = r.get("skip_scope") == "backend"
+            key = (r["preset"], r["dtype"], r["backend"]) if whole else tuple(head)
             if key not in shown_skips:
                 shown_skips.add(key)
-                table.add_row(*head[:3], "both", "both",
+                table.add_row(*head[:3], *(("both", "both") if whole else head[3:]),
                               f"[yellow]skipped: {r['skipped']}[/yellow]",
                               *[""] * (len(columns) - 6))
             continue

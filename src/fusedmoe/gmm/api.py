@@ -79,7 +79,10 @@ def gmm(
     group_sizes = validate_group_sizes(group_sizes, rhs.shape[0], lhs.shape[0])
     in_dtype = jnp.result_type(lhs.dtype, rhs.dtype)
     out_dtype = jnp.dtype(preferred_element_type or in_dtype)
-    return resolve_backend(backend, in_dtype).gmm(lhs, rhs, group_sizes, out_dtype)
+    module = resolve_backend(backend, in_dtype)
+    if rhs.shape[0] == 0:  # no groups, so every row is past them (GPU ragged_dot rejects G=0)
+        return jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype)
+    return module.gmm(lhs, rhs, group_sizes, out_dtype)
 
 
 def tgmm(
@@ -115,7 +118,10 @@ def tgmm(
     group_sizes = validate_group_sizes(group_sizes, num_groups, lhs.shape[0])
     in_dtype = jnp.result_type(lhs.dtype, dout.dtype)
     out_dtype = jnp.dtype(preferred_element_type or in_dtype)
-    return resolve_backend(backend, in_dtype).tgmm(lhs, dout, group_sizes, out_dtype)
+    module = resolve_backend(backend, in_dtype)
+    if num_groups == 0:
+        return jnp.zeros((0, lhs.shape[1], dout.shape[1]), out_dtype)
+    return module.tgmm(lhs, dout, group_sizes, out_dtype)
 
 
 def count_grouped_matmuls(fn, *args) -> int:

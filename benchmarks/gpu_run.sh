@@ -7,8 +7,12 @@
 #   OUT=out/gpu bash benchmarks/gpu_run.sh
 #
 # Needs a python3 with jax's GPU plugin, flax, optax, orbax, rich, matplotlib,
-# pytest, pytest-timeout and hypothesis (tokamax optional). The package runs from
-# src/ without installing. GMM_ARGS / MOE_ARGS replace the benchmark shapes (a CPU
+# pytest, pytest-timeout and hypothesis. The package runs from src/ without
+# installing. tokamax is optional; carry the release made for the machine's jax
+# (for jax 0.11.x on Python 3.12: tokamax 0.0.17 with einshape, pydantic,
+# pydantic_core, annotated-types, typing-inspection, qwix, immutabledict,
+# tensorboardx and xprof, as wheels: ../.library/device/README.md). 0.0.12, the
+# Python 3.11 release, imports there and fails inside its kernels. GMM_ARGS / MOE_ARGS replace the benchmark shapes (a CPU
 # smoke run of this script: GMM_ARGS=--quick MOE_ARGS="--preset tiny"), GMM_BACKENDS
 # (comma list) / MOE_BACKENDS (space list) the backends, a *_S=0 skips that step.
 set -u

@@ -12,9 +12,12 @@
 # (for jax 0.11.x on Python 3.12: tokamax 0.0.17 with einshape, pydantic,
 # pydantic_core, annotated-types, typing-inspection, qwix, immutabledict,
 # tensorboardx and xprof, as wheels: ../.library/device/README.md). 0.0.12, the
-# Python 3.11 release, imports there and fails inside its kernels. GMM_ARGS / MOE_ARGS replace the benchmark shapes (a CPU
-# smoke run of this script: GMM_ARGS=--quick MOE_ARGS="--preset tiny"), GMM_BACKENDS
-# (comma list) / MOE_BACKENDS (space list) the backends, a *_S=0 skips that step.
+# Python 3.11 release, imports there and fails inside its kernels.
+#
+# GMM_ARGS / MOE_ARGS replace the benchmark shapes (a CPU smoke run of this
+# script: GMM_ARGS=--quick MOE_ARGS="--preset tiny"); GMM_BACKENDS (comma list)
+# and MOE_BACKENDS (space list) the backends; TEST_S, GMM_S and MOE_S the time
+# limits in seconds, 0 skipping that step.
 set -u
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"

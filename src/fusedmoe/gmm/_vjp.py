@@ -34,6 +34,18 @@ def varying_axes(x) -> frozenset:
     return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
 
 
+def vary_like(out, *inputs):
+    """``out`` typed as varying over every manual mesh axis an input varies over.
+
+    Inside ``jax.shard_map`` (which checks these types by default) a value made
+    from nothing (zeros) or by a foreign call varies over no axis; a product's
+    result varies as its operands do."""
+    import jax
+
+    axes = tuple(sorted(frozenset().union(*(varying_axes(x) for x in inputs))))
+    return jax.lax.pcast(out, axes, to="varying") if axes else out
+
+
 def _like_primal(cotangent, primal):
     """``cotangent`` summed over the mesh axes it varies over and ``primal`` does not."""
     import jax

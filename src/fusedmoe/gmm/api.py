@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fusedmoe.gmm._vjp import vary_like
 from fusedmoe.gmm.registry import resolve_backend
 
 
@@ -81,7 +82,7 @@ def gmm(
     out_dtype = jnp.dtype(preferred_element_type or in_dtype)
     module = resolve_backend(backend, in_dtype)
     if rhs.shape[0] == 0:  # no groups, so every row is past them (GPU ragged_dot rejects G=0)
-        return jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype)
+        return vary_like(jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype), lhs, rhs)
     return module.gmm(lhs, rhs, group_sizes, out_dtype)
 
 
@@ -120,7 +121,7 @@ def tgmm(
     out_dtype = jnp.dtype(preferred_element_type or in_dtype)
     module = resolve_backend(backend, in_dtype)
     if num_groups == 0:
-        return jnp.zeros((0, lhs.shape[1], dout.shape[1]), out_dtype)
+        return vary_like(jnp.zeros((0, lhs.shape[1], dout.shape[1]), out_dtype), lhs, dout)
     return module.tgmm(lhs, dout, group_sizes, out_dtype)
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from fusedmoe.gmm._vjp import differentiable_pair, varying_axes
+from fusedmoe.gmm._vjp import differentiable_pair, vary_like
 from fusedmoe.gmm.megablox import _compute_dtype
 
 _SOURCE = Path(__file__).with_name("cpu_kernel.cc")
@@ -144,16 +144,6 @@ def _kernel_dtypes(a, b, out_dtype):
     return _compute_dtype(a, b), kernel_out
 
 
-def _vary_like(out, *inputs):
-    """``out`` typed as varying over every manual mesh axis an input varies over.
-
-    Inside ``jax.shard_map`` (which checks these types by default) a foreign
-    call's result varies over nothing; the kernel's output varies as its
-    operands do."""
-    axes = tuple(sorted(frozenset().union(*(varying_axes(x) for x in inputs))))
-    return jax.lax.pcast(out, axes, to="varying") if axes else out
-
-
 def _times_weight(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool):
     """``[M, N]``: ``lhs[rows of g] @ rhs[g]`` (``rhs[g].T`` when ``transpose_rhs``)."""
     _load()
@@ -169,7 +159,7 @@ def _times_weight(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool):
         group_sizes.astype(jnp.int32),
         transpose_rhs=transpose_rhs,
     )
-    return _vary_like(out, lhs, rhs, group_sizes).astype(out_dtype)
+    return vary_like(out, lhs, rhs, group_sizes).astype(out_dtype)
 
 
 def _t_times_rows(lhs, dout, group_sizes, out_dtype):
@@ -182,7 +172,7 @@ def _t_times_rows(lhs, dout, group_sizes, out_dtype):
         jax.ShapeDtypeStruct(shape, kernel_out),
         vmap_method="sequential",
     )(lhs.astype(in_dtype), dout.astype(in_dtype), group_sizes.astype(jnp.int32))
-    return _vary_like(out, lhs, dout, group_sizes).astype(out_dtype)
+    return vary_like(out, lhs, dout, group_sizes).astype(out_dtype)
 
 
 gmm, tgmm = differentiable_pair(_times_weight, _t_times_rows)

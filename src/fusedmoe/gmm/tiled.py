@@ -102,8 +102,6 @@ def _rows_times_weight(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool):
     contract_rhs_axis = 2 if transpose_rhs else 1
     m = lhs.shape[0]
     n_out = rhs.shape[2] if contract_rhs_axis == 1 else rhs.shape[1]
-    if rhs.shape[0] == 0:  # no groups: every row is past them (and no loop to trace)
-        return _zeros((m, n_out), out_dtype, lhs, rhs)
     lhs_dtype, rhs_dtype = lhs.dtype, rhs.dtype
     lhs, rhs = _bits(lhs), _bits(rhs)  # sliced as bits (see _bits)
     out_bits = _bits(jnp.zeros((), out_dtype)).dtype
@@ -178,8 +176,6 @@ def _rows_t_times_rows(lhs, dout, group_sizes, out_dtype):
     ``[G, K, N]`` and cast afterwards)."""
     m, k = lhs.shape
     n = dout.shape[1]
-    if group_sizes.shape[0] == 0:  # no groups, no gradient slabs
-        return _zeros((0, k, n), out_dtype, lhs, dout)
     lhs_dtype, dout_dtype = lhs.dtype, dout.dtype
     lhs, dout = _bits(lhs), _bits(dout)  # sliced as bits (see _bits)
     out_bits = _bits(jnp.zeros((), out_dtype)).dtype

@@ -44,7 +44,7 @@ from fusedmoe.gmm._tiles import (
     remainder_classes,
     smallest_holding,
 )
-from fusedmoe.gmm._vjp import differentiable_pair
+from fusedmoe.gmm._vjp import differentiable_pair, vary_like
 
 
 def unavailable_reason() -> str | None:
@@ -74,11 +74,8 @@ def _zeros(shape, dtype, *like):
     """Zeros of ``shape`` that vary over every manual mesh axis one of ``like`` varies
     over. Inside ``jax.shard_map`` (whose default checks these types) a loop's carry
     must keep its type, and the dots written into it vary as their operands do; a
-    plain ``jnp.zeros`` varies over none. XLA folds the additions away."""
-    out = jnp.zeros(shape, dtype)
-    for array in like:
-        out = out + jnp.zeros_like(array, shape=(), dtype=dtype)
-    return out
+    plain ``jnp.zeros`` varies over none."""
+    return vary_like(jnp.zeros(shape, dtype), *like)
 
 
 def _dot(x, w, contract_w_axis: int):

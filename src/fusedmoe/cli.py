@@ -60,11 +60,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The console script and ``python -m fusedmoe``: restart once with
-    huge-page malloc (see :mod:`fusedmoe.hugepages`), then :func:`main`."""
-    from fusedmoe.hugepages import reexec_with_hugepages
+    """The console script and ``python -m fusedmoe``: restart once with malloc
+    set to keep freed memory (see :mod:`fusedmoe.allocator`), then :func:`main`."""
+    from fusedmoe.allocator import reexec_with_tunables
 
-    reexec_with_hugepages()
+    reexec_with_tunables()
     sys.exit(main())
 
 

@@ -327,14 +327,14 @@ def run(args) -> int:
     import jax
     from rich.console import Console
 
-    from fusedmoe import hugepages
+    from fusedmoe import allocator
 
     console = Console(width=max(Console().width, 100))
     console.print(
         f"bench-gmm on {jax.default_backend()} ({jax.devices()[0].device_kind}): "
         f"M={opts['m']} K={opts['k']} N={opts['n']} G={opts['groups']} "
         f"dtypes={opts['dtypes']} repeats={opts['repeats']} "
-        f"huge-page malloc={hugepages.status()}"
+        f"malloc: {allocator.status()}"
     )
 
     def log(row):
@@ -346,19 +346,15 @@ def run(args) -> int:
             highlight=False,
         )
 
-    stalls_before = hugepages.compaction_stalls()
     rows = run_cases(opts, log)
-    stalls = hugepages.stalls_since(stalls_before)
     console.print(render_table(rows))
-    if note := hugepages.stall_note(stalls):
-        console.print(note, highlight=False)
     for line in skipped_lines(rows):
         console.print(line, highlight=False)
     if opts["json"]:
         write_json(
             opts["json"],
             {"command": " ".join(["fusedmoe", *sys.argv[1:]]), "jax": jax.__version__,
-             "hugepage_malloc": hugepages.status(), "compaction_stalls_during_run": stalls,
+             "malloc": allocator.status(),
              "rows": rows},
         )
         console.print(f"wrote {opts['json']}")

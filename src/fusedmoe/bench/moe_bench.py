@@ -110,17 +110,11 @@ def plan_from_args(args) -> BenchPlan:
 
 
 def run(args) -> int:
-    from fusedmoe import hugepages
-
     plan = plan_from_args(args)
-    stalls_before = hugepages.compaction_stalls()
     rows = run_plan(plan)
-    stalls = hugepages.stalls_since(stalls_before)
     print_table(rows)
-    if note := hugepages.stall_note(stalls):
-        print(note)
     if plan.json_path:
-        write_json(plan.json_path, rows, plan, compaction_stalls=stalls)
+        write_json(plan.json_path, rows, plan)
     if plan.plot_path:
         write_plot(plan.plot_path, rows)
     return 0
@@ -249,60 +243,83 @@ def _layer_fns(config, tokens: int):
 
 
 def _measure_job(plan: BenchPlan, preset, base, tokens: int, progress, task):
-    """Rows of one (preset, dtype): the dense GEMMs and every runnable (backend, layout),
-    timed round-robin per pass (:func:`time_side_by_side`) so load hits them alike.
-    Returns (rows, dense median seconds per pass)."""
-    from fusedmoe.bench.timing import paired_ratio, time_side_by_side
+    """Rows of one (preset, dtype), one backend at a time: its two layouts and the
+    dense GEMMs timed round-robin per pass (:func:`time_side_by_side`), so load
+    hits them alike. Only one backend's layers are alive at a time, and the
+    memory they freed is handed back before the next: the ``fusedmoe`` command
+    keeps freed memory for reuse, so a process holds its high-water mark
+    (docs/backends.md, "Host memory on CPU"). Returns (rows, dense median
+    seconds per pass, the median over the backends measured)."""
+    import gc
+    import statistics
 
-    flops = expert_flops(base, tokens)
+    from fusedmoe import allocator
+
     common = dict(preset=preset.name, dtype=base.dtype, tokens=tokens,
                   rows=tokens * base.num_experts_per_tok, experts=base.num_experts,
                   top_k=base.num_experts_per_tok, emb_dim=base.emb_dim, mlp_dim=base.mlp_dim)
-    rows, layers = [], {}
+    dense_fns = _dense_fns(base, tokens, base.compute_dtype)
+    rows, dense = [], {pass_name: [] for pass_name in PASSES}
     for backend in plan.backends:
         reason = _skip_reason(backend, base, tokens)
-        for layout in ("unfused", "fused"):
-            if reason is not None:
-                rows += [{**common, "backend": backend, "layout": layout, "pass": p,
-                          "skipped": reason, "skip_scope": "backend"} for p in PASSES]
-                continue
-            config = base.replace(gmm_backend=backend, fused_moe_mlp=layout == "fused")
-            layers[backend, layout] = (config, *_layer_fns(config, tokens))
-    dense_fwd, dense_both, dense_args = _dense_fns(base, tokens, base.compute_dtype)
-    dense = {}
+        if reason is not None:
+            rows += [{**common, "backend": backend, "layout": layout, "pass": p,
+                      "skipped": reason, "skip_scope": "backend"}
+                     for layout in ("unfused", "fused") for p in PASSES]
+        else:
+            rows += _measure_backend(plan, base, tokens, backend, dense_fns, common, dense,
+                                     progress, task)
+        progress.advance(task, len(PASSES))
+        gc.collect()
+        allocator.release_free_memory()
+    return rows, {p: statistics.median(times) for p, times in dense.items() if times}
+
+
+def _measure_backend(plan: BenchPlan, base, tokens: int, backend: str, dense_fns, common,
+                     dense: dict[str, list[float]], progress, task) -> list[dict[str, Any]]:
+    """The rows of one backend's two layouts; appends the dense medians of each pass
+    to ``dense``."""
+    from fusedmoe.bench.timing import paired_ratio, time_side_by_side
+
+    flops = expert_flops(base, tokens)
+    dense_fwd, dense_both, dense_args = dense_fns
+    layers = {}
+    for layout in ("unfused", "fused"):
+        config = base.replace(gmm_backend=backend, fused_moe_mlp=layout == "fused")
+        layers[layout] = (config, *_layer_fns(config, tokens))
+    rows = []
     for index, pass_name in enumerate(PASSES):
-        progress.update(task, description=f"{preset.name} {base.dtype}: {pass_name}")
+        progress.update(task, description=f"{common['preset']} {base.dtype} {backend}: "
+                                          f"{pass_name}")
         # Compile once, ahead of time: the same executable is timed and analysed.
         candidates = {"dense": ((dense_fwd, dense_both)[index].lower(*dense_args).compile(),
                                 dense_args)}
-        for key, (_, fwd, both, args) in layers.items():
+        for layout, (_, fwd, both, args) in layers.items():
             try:
-                candidates[key] = ((fwd, both)[index].lower(*args).compile(), args)
+                candidates[layout] = ((fwd, both)[index].lower(*args).compile(), args)
             except Exception as exc:  # one backend out of memory must not end the run
                 reason = f"did not compile: {str(exc).strip().splitlines()[0][:200]}"
-                rows.append({**common, "backend": key[0], "layout": key[1],
+                rows.append({**common, "backend": backend, "layout": layout,
                              "pass": pass_name, "skipped": reason})
         timings = time_side_by_side(candidates, repeats=plan.repeats)
         dense_timing = timings.pop("dense")
-        dense[pass_name] = dense_timing.median
-        for (backend, layout), timing in timings.items():
-            config = layers[backend, layout][0]
-            compiled = candidates[backend, layout][0]
+        dense[pass_name].append(dense_timing.median)
+        for layout, timing in timings.items():
+            config = layers[layout][0]
             pass_flops = flops * (1 if pass_name == "forward" else 3)
             rows.append({
                 **common, "backend": backend, "layout": layout, "pass": pass_name,
                 "median_s": timing.median, "min_s": timing.min, "max_s": timing.max,
-                "dense_median_s": dense[pass_name],
-                "ratio_to_dense": timing.median / dense[pass_name],
+                "dense_median_s": dense_timing.median,
+                "ratio_to_dense": timing.median / dense_timing.median,
                 "ratio_to_dense_paired": paired_ratio(timing.times, dense_timing.times),
                 "times_s": list(timing.times),
                 "expert_flops": pass_flops,
                 "achieved_flops_per_s": pass_flops / timing.median,
                 "grouped_matmuls": layer_grouped_matmuls(config, pass_name == "forward"),
-                **_xla_costs(compiled),
+                **_xla_costs(candidates[layout][0]),
             })
-        progress.advance(task)
-    return rows, dense
+    return rows
 
 
 def run_plan(plan: BenchPlan) -> list[dict[str, Any]]:
@@ -317,7 +334,8 @@ def run_plan(plan: BenchPlan) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     jobs = [(p, d) for p in plan.presets for d in plan.dtypes]
     with Progress(transient=True) as progress:
-        task = progress.add_task("fusedmoe bench", total=len(jobs) * (len(PASSES) + plan.peer))
+        steps = len(plan.backends) * len(PASSES) + plan.peer
+        task = progress.add_task("fusedmoe bench", total=len(jobs) * steps)
         for preset_name, dtype in jobs:
             preset = PRESETS[preset_name]
             tokens = plan.tokens or preset.tokens
@@ -364,7 +382,8 @@ def _add_peer(rows, preset, config, tokens: int, dense, repeats: int) -> None:
         else:
             r["peer"] = f"transformers {preset.family} ({result['implementation']})"
             r["peer_median_s"] = result[r["pass"]]
-            r["peer_ratio_to_dense"] = result[r["pass"]] / dense[r["pass"]]
+            if r["pass"] in dense:  # not when every backend was skipped
+                r["peer_ratio_to_dense"] = result[r["pass"]] / dense[r["pass"]]
 
 
 def _add_speedups(rows: list[dict[str, Any]]) -> None:
@@ -399,11 +418,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from fusedmoe import hugepages
+    from fusedmoe import allocator
 
     table = Table(title="fusedmoe bench: MoE layer vs the dense GEMMs of equal FLOPs "
                         "(ratio = layer time / dense time, same process; "
-                        f"huge-page malloc {hugepages.status()})")
+                        f"malloc: {allocator.status()})")
     columns = ("preset", "dtype", "backend", "layout", "pass", "median (min-max)",
                "GFLOP/s", "x dense (paired)", "fused speed-up (paired)", "peer x dense",
                "gmm ops", "XLA GFLOP", "XLA bytes", "peak mem")
@@ -441,24 +460,22 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def _environment() -> dict[str, Any]:
     import jax
 
-    from fusedmoe import hugepages
+    from fusedmoe import allocator
 
     return {
         "jax": jax.__version__, "platform": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
         "python": platform.python_version(), "machine": platform.machine(),
         "command": " ".join(["fusedmoe", *sys.argv[1:]]),
-        "hugepage_malloc": hugepages.status(),
+        "malloc": allocator.status(),
     }
 
 
-def write_json(path: str, rows: list[dict[str, Any]], plan: BenchPlan,
-               compaction_stalls: int | None = None) -> None:
+def write_json(path: str, rows: list[dict[str, Any]], plan: BenchPlan) -> None:
     """Write atomically (:func:`fusedmoe.atomic.write_json`)."""
     from fusedmoe.atomic import write_json as write_json_atomic
 
-    environment = {**_environment(), "compaction_stalls_during_run": compaction_stalls}
-    write_json_atomic(path, {"environment": environment, "plan": dataclasses.asdict(plan),
+    write_json_atomic(path, {"environment": _environment(), "plan": dataclasses.asdict(plan),
                              "rows": rows})
 
 

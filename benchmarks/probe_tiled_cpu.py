@@ -16,8 +16,9 @@ the fastest runs.
 
 ``--xla-flags`` sets ``XLA_FLAGS`` for this process (before jax is imported),
 to compare XLA:CPU's dot libraries: the dense reference runs under the same
-flags. Start Python with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` to match the
-``fusedmoe`` command's allocator (docs/backends.md, "Huge pages on CPU").
+flags. Like the ``fusedmoe`` command, the script restarts itself once with
+malloc keeping freed memory (``fusedmoe.allocator``; docs/backends.md, "Host
+memory on CPU"), unless ``FUSEDMOE_MALLOC=0``.
 """
 
 from __future__ import annotations
@@ -225,4 +226,7 @@ def _reference_of(name: str, timings: dict) -> str:
 
 
 if __name__ == "__main__":
+    from fusedmoe.allocator import reexec_with_tunables
+
+    reexec_with_tunables()
     sys.exit(main())

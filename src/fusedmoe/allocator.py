@@ -8,9 +8,10 @@ matmul writes far larger buffers than the dense GEMM it is compared with (the
 weight gradient is ``[G, K, N]``: 512 MiB at the benchmark's G=64, 2.4 GiB for
 the Qwen3 layer, against ``[K, N]``), so on the 2-core benchmark machine the
 page faults, not the arithmetic, set the pace of the backward pass, and made
-it erratic: the Qwen3 layer's forward+backward took 1.8-4.3 s a step with
-glibc's defaults plus huge pages, and 1.6-1.9 s with no fault at all once its
-memory was kept (docs/backends.md, "Host memory on CPU").
+it erratic: a loop of the Qwen3 layer's forward+backward took 2.5-3.1 s a
+step with glibc's defaults, 1.7-3.4 s with huge pages, and 1.65-2.1 s with
+no fault at all once its memory was kept (docs/backends.md, "Host memory on
+CPU").
 
 The tunables (:data:`TUNABLES`) make glibc serve every allocation from one
 heap (``arena_max=1``, ``mmap_max=0``; XLA's threads would otherwise get
@@ -18,17 +19,18 @@ their own arenas, which ``mmap`` large blocks anyway) and never give the
 heap's free top back to the kernel (``trim_threshold``). After a few warm-up
 steps the heap holds what a step needs, and later steps fault no page. The
 same choice as JAX on GPU, which reserves most of the device's memory up
-front; the cost is the same too: the process keeps its high-water mark (about
-twice the peak live memory here, from fragmentation; 10.8 GiB for the Qwen3
-layer's forward+backward, against 2.7-5.2 GiB with glibc's defaults).
+front; the cost is the same too: the process keeps its high-water mark,
+raised by fragmentation (9.3-10.0 GiB resident for that loop, against 5.2
+GiB with glibc's defaults). :func:`release_free_memory` hands the free part
+back.
 
 glibc reads ``GLIBC_TUNABLES`` once, at process start, so the ``fusedmoe``
 command re-executes itself once with them set (:func:`reexec_with_tunables`),
 unless ``FUSEDMOE_MALLOC=0``, or ``GLIBC_TUNABLES`` already sets any
 ``glibc.malloc`` tunable (the user's choice stands; and glibc's huge-page
-malloc, ``glibc.malloc.hugetlb=1``, combined with ours stalled some calls for
-0.7-1.2 s while the heap grew). Library users who want the same effect export the
-variable before starting Python.
+malloc, ``glibc.malloc.hugetlb=1``, combined with ours stalled some calls
+for 0.7-1.2 s while the heap grew). Library users who want the same effect
+export the variable before starting Python.
 """
 
 from __future__ import annotations

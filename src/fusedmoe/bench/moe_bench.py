@@ -258,7 +258,10 @@ def _measure_job(plan: BenchPlan, preset, base, tokens: int, progress, task):
     common = dict(preset=preset.name, dtype=base.dtype, tokens=tokens,
                   rows=tokens * base.num_experts_per_tok, experts=base.num_experts,
                   top_k=base.num_experts_per_tok, emb_dim=base.emb_dim, mlp_dim=base.mlp_dim)
-    dense_fns = _dense_fns(base, tokens, base.compute_dtype)
+    # Compiled once, ahead of time: the same executables are timed beside every backend.
+    dense_fwd, dense_both, dense_args = _dense_fns(base, tokens, base.compute_dtype)
+    dense_compiled = {pass_name: (fn.lower(*dense_args).compile(), dense_args)
+                      for pass_name, fn in zip(PASSES, (dense_fwd, dense_both))}
     rows, dense = [], {pass_name: [] for pass_name in PASSES}
     for backend in plan.backends:
         reason = _skip_reason(backend, base, tokens)
@@ -267,33 +270,34 @@ def _measure_job(plan: BenchPlan, preset, base, tokens: int, progress, task):
                       "skipped": reason, "skip_scope": "backend"}
                      for layout in ("unfused", "fused") for p in PASSES]
         else:
-            rows += _measure_backend(plan, base, tokens, backend, dense_fns, common, dense,
-                                     progress, task)
+            backend_rows, backend_dense = _measure_backend(
+                plan, base, tokens, backend, dense_compiled, common, progress, task)
+            rows += backend_rows
+            for pass_name, seconds in backend_dense.items():
+                dense[pass_name].append(seconds)
         progress.advance(task, len(PASSES))
         gc.collect()
         allocator.release_free_memory()
     return rows, {p: statistics.median(times) for p, times in dense.items() if times}
 
 
-def _measure_backend(plan: BenchPlan, base, tokens: int, backend: str, dense_fns, common,
-                     dense: dict[str, list[float]], progress, task) -> list[dict[str, Any]]:
-    """The rows of one backend's two layouts; appends the dense medians of each pass
-    to ``dense``."""
+def _measure_backend(plan: BenchPlan, base, tokens: int, backend: str, dense_compiled,
+                     common, progress, task) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """The rows of one backend's two layouts, and the dense median seconds of each
+    pass timed beside them."""
     from fusedmoe.bench.timing import paired_ratio, time_side_by_side
 
     flops = expert_flops(base, tokens)
-    dense_fwd, dense_both, dense_args = dense_fns
     layers = {}
     for layout in ("unfused", "fused"):
         config = base.replace(gmm_backend=backend, fused_moe_mlp=layout == "fused")
         layers[layout] = (config, *_layer_fns(config, tokens))
-    rows = []
+    rows, dense = [], {}
     for index, pass_name in enumerate(PASSES):
         progress.update(task, description=f"{common['preset']} {base.dtype} {backend}: "
                                           f"{pass_name}")
         # Compile once, ahead of time: the same executable is timed and analysed.
-        candidates = {"dense": ((dense_fwd, dense_both)[index].lower(*dense_args).compile(),
-                                dense_args)}
+        candidates = {"dense": dense_compiled[pass_name]}
         for layout, (_, fwd, both, args) in layers.items():
             try:
                 candidates[layout] = ((fwd, both)[index].lower(*args).compile(), args)
@@ -303,7 +307,7 @@ def _measure_backend(plan: BenchPlan, base, tokens: int, backend: str, dense_fns
                              "pass": pass_name, "skipped": reason})
         timings = time_side_by_side(candidates, repeats=plan.repeats)
         dense_timing = timings.pop("dense")
-        dense[pass_name].append(dense_timing.median)
+        dense[pass_name] = dense_timing.median
         for layout, timing in timings.items():
             config = layers[layout][0]
             pass_flops = flops * (1 if pass_name == "forward" else 3)
@@ -319,7 +323,7 @@ def _measure_backend(plan: BenchPlan, base, tokens: int, backend: str, dense_fns
                 "grouped_matmuls": layer_grouped_matmuls(config, pass_name == "forward"),
                 **_xla_costs(candidates[layout][0]),
             })
-    return rows
+    return rows, dense
 
 
 def run_plan(plan: BenchPlan) -> list[dict[str, Any]]:

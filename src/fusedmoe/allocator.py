@@ -17,7 +17,8 @@ The tunables (:data:`TUNABLES`) make glibc serve every allocation from one
 heap (``arena_max=1``, ``mmap_max=0``; XLA's threads would otherwise get
 their own arenas, which ``mmap`` large blocks anyway) and never give the
 heap's free top back to the kernel (``trim_threshold``). After a few warm-up
-steps the heap holds what a step needs, and later steps fault no page. The
+steps the heap holds what a step needs, and later steps fault no page, or
+only now and then where the heap must still grow (more on a busy machine). The
 same choice as JAX on GPU, which reserves most of the device's memory up
 front; the cost is the same too: the process keeps its high-water mark,
 raised by fragmentation (9.3-10.0 GiB resident for that loop, against 5.2

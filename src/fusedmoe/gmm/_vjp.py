@@ -1,5 +1,6 @@
 """The gradients of ``gmm`` and ``tgmm``, shared by every backend that brings
-its own kernels (``tiled``, ``megablox``).
+its own kernels (``tiled``, ``megablox``, ``cpu_kernel``), and the small type
+helpers those kernels share.
 
 Both products are built from two kernels, so a backend only writes those:
 
@@ -32,6 +33,15 @@ def varying_axes(x) -> frozenset:
     aval = jax.typeof(x)
     mat = getattr(aval, "mat", None)  # jax >= 0.10; earlier releases named it ``vma``
     return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def kernel_input_dtype(*arrays):
+    """The one input dtype a kernel computes in: bf16 only when every input is
+    bf16, else f32."""
+    import jax.numpy as jnp
+
+    dtype = jnp.result_type(*arrays)
+    return dtype if dtype == jnp.bfloat16 else jnp.dtype(jnp.float32)
 
 
 def vary_like(out, *inputs):

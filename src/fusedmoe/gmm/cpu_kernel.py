@@ -43,8 +43,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from fusedmoe.gmm._vjp import differentiable_pair, vary_like
-from fusedmoe.gmm.megablox import _compute_dtype
+from fusedmoe.gmm._vjp import differentiable_pair, kernel_input_dtype, vary_like
 
 _SOURCE = Path(__file__).with_name("cpu_kernel.cc")
 _FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fPIC", "-shared", "-pthread")
@@ -141,7 +140,7 @@ def _kernel_dtypes(a, b, out_dtype):
     """(input dtype, output dtype) the kernel runs in: bf16 inputs only when both are."""
     out_dtype = jnp.dtype(out_dtype)
     kernel_out = out_dtype if out_dtype in _KERNEL_DTYPES else jnp.dtype(jnp.float32)
-    return _compute_dtype(a, b), kernel_out
+    return kernel_input_dtype(a, b), kernel_out
 
 
 def _times_weight(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fusedmoe.gmm._vjp import differentiable_pair
+from fusedmoe.gmm._vjp import differentiable_pair, kernel_input_dtype
 
 _TILE = 128
 
@@ -42,12 +42,6 @@ def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
     return jnp.pad(x, widths)
 
 
-def _compute_dtype(*arrays) -> jnp.dtype:
-    # The kernel takes one input dtype: bf16 only when every input is bf16.
-    dtype = jnp.result_type(*arrays)
-    return dtype if dtype == jnp.bfloat16 else jnp.dtype(jnp.float32)
-
-
 def _zero_rows_past_groups(out: jax.Array, group_sizes: jax.Array) -> jax.Array:
     valid = jnp.arange(out.shape[0]) < jnp.sum(group_sizes)
     return jnp.where(valid[:, None], out, jnp.zeros_like(out))
@@ -59,7 +53,7 @@ def _kernel_gmm(lhs, rhs, group_sizes, transpose_rhs: bool):
 
     m = lhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    dtype = _compute_dtype(lhs, rhs)
+    dtype = kernel_input_dtype(lhs, rhs)
     lhs_p = _pad_to(_pad_to(lhs.astype(dtype), 0, _TILE), 1, _TILE)
     rhs_p = _pad_to(_pad_to(rhs.astype(dtype), 1, _TILE), 2, _TILE)
     out = kernel(
@@ -79,7 +73,7 @@ def _kernel_tgmm(lhs, dout, group_sizes):
     from jax.experimental.pallas.ops.tpu.megablox.gmm import tgmm as kernel
 
     k, n = lhs.shape[1], dout.shape[1]
-    dtype = _compute_dtype(lhs, dout)
+    dtype = kernel_input_dtype(lhs, dout)
     # Zero rows past the groups: the kernel reads them for the last tile.
     lhs = _zero_rows_past_groups(lhs, group_sizes)
     lhs_p = _pad_to(_pad_to(lhs.astype(dtype), 0, _TILE), 1, _TILE)

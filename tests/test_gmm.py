@@ -7,6 +7,7 @@ Shapes are tiny: megablox runs in Pallas interpret mode off TPU.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 
@@ -230,7 +231,7 @@ def test_tiled_last_group_ends_at_m():
 def test_cpu_kernel_every_block_path(dtype):
     # The kernel's loops at sizes that reach each of their paths: groups over
     # the 144-row block (300) and under one register tile (1, 5); N past one
-    # 1024-column block, ending in a part panel (1040 = 65 x 16); K past one
+    # 1024-column block, ending in a part panel (1040 = 65 x 16 = 32.5 x 32); K past one
     # 256 contraction block (520), so the output accumulates, and bf16 output
     # goes through the f32 scratch; dX packs the weight transposed (8 x 8
     # blocks, then a part panel); dW of groups <= 256 rows is streamed,
@@ -257,6 +258,57 @@ def test_cpu_kernel_build_failure_is_clear_and_leaves_nothing(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match=r"compiling cpu_kernel\.cc failed"):
         cpu_kernel._build(failing)
     assert list(tmp_path.iterdir()) == []
+
+
+_AVX2_SCRIPT = """
+import numpy as np, jax, jax.numpy as jnp, fusedmoe
+from fusedmoe.gmm import cpu_kernel
+assert cpu_kernel._isa() == "avx2"
+rng = np.random.default_rng(0)
+sizes = np.array([300, 0, 1, 64, 5, 0], np.int32)
+x = jnp.asarray(rng.standard_normal((373, 520)), jnp.float32)
+w = jnp.asarray(rng.standard_normal((6, 520, 1040)), jnp.float32)
+c = jnp.asarray(rng.standard_normal((373, 1040)), jnp.float32)
+gs = jnp.asarray(sizes)
+out = fusedmoe.gmm(x, w, gs, backend="cpu_kernel")
+dx = fusedmoe.gmm(c, jnp.swapaxes(w, 1, 2), gs, backend="cpu_kernel")
+dw = fusedmoe.tgmm(x, c, gs, backend="cpu_kernel")
+np.savez(OUT, x=x, w=w, c=c, sizes=sizes, out=out, dx=dx, dw=dw)
+"""
+
+
+def test_cpu_kernel_avx2_build_on_an_avx512_cpu(tmp_path):
+    # Where the CPU has AVX-512 the suite runs the AVX-512 build (8 x 32
+    # tile); the AVX2 build (6 x 16) that other CPUs get is checked here, in
+    # a process of its own (each build registers the same FFI targets).
+    import subprocess
+
+    from fusedmoe.gmm import cpu_kernel
+
+    _skip_unavailable("cpu_kernel")
+    if cpu_kernel._isa() != "avx512":
+        pytest.skip("this CPU runs the AVX2 build in every other test already")
+    out_file = tmp_path / "avx2.npz"
+    env = {**os.environ, "FUSEDMOE_CPU_ISA": "avx2", "JAX_PLATFORMS": "cpu"}
+    script = _AVX2_SCRIPT.replace("OUT", repr(str(out_file)))
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+    got = np.load(out_file)
+    sizes = got["sizes"]
+    x, w, c = (got[k].astype(np.float64) for k in ("x", "w", "c"))
+    assert_close(got["out"], ref_gmm(x, w, sizes), jnp.float32)
+    assert_close(got["dx"], ref_gmm(c, np.swapaxes(w, 1, 2), sizes), jnp.float32)
+    assert_close(got["dw"], ref_tgmm(x, c, sizes), jnp.float32)
+
+
+def test_cpu_kernel_isa_setting_is_checked(monkeypatch):
+    from fusedmoe.gmm import cpu_kernel
+
+    monkeypatch.setenv("FUSEDMOE_CPU_ISA", "sse2")
+    with pytest.raises(ValueError, match=r"FUSEDMOE_CPU_ISA must be one of avx2, avx512.*'sse2'"):
+        cpu_kernel._isa()
+    monkeypatch.setenv("FUSEDMOE_CPU_ISA", "AVX2")
+    assert cpu_kernel._isa() == "avx2"
+    assert "-mavx512f" not in cpu_kernel._flags()
 
 
 def test_cpu_kernel_other_dtypes_run_in_f32():

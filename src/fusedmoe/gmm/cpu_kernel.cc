@@ -45,13 +45,26 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float f32x8 __attribute__((vector_size(32)));
+// The register tile is MR rows x two vectors. With AVX-512 (compiled with
+// -mavx512f when the CPU has it) a vector holds 16 floats and the 32 vector
+// registers take an 8 x 32 tile: 16 accumulators, and per contraction step 2
+// loads and 8 broadcasts for 16 FMAs of 16 lanes, against 8 for 12 FMAs of 8
+// lanes in AVX2's 6 x 16. Measured on a Zen 4 (2 cores, f32, paired against
+// the dense GEMM): the forward at 64 groups went from 1.44x to 1.14x the dense
+// GEMM's time, the weight gradient from 1.22x to 1.15x.
+#ifdef __AVX512F__
+constexpr int64_t kVec = 16;  // floats in a vector register
+constexpr int64_t MR = 8;     // rows of the register tile
+#else
+constexpr int64_t kVec = 8;
+constexpr int64_t MR = 6;
+#endif
+typedef float vec __attribute__((vector_size(kVec * 4)));
 
-constexpr int64_t MR = 6;     // rows of the register tile
-constexpr int64_t NR = 16;    // columns of the register tile (two 8-float vectors)
-constexpr int64_t KC = 256;   // contraction block: a packed B panel is KC*NR*4 = 16 KiB (L1)
-constexpr int64_t MC = 144;   // row block: packed A is MC*KC*4 = 144 KiB (L2)
-constexpr int64_t NC = 1024;  // column block: packed B is KC*NC*4 = 1 MiB (L2)
+constexpr int64_t NR = 2 * kVec;  // columns of the register tile
+constexpr int64_t KC = 256;       // contraction block: a packed B panel is KC*NR*4 = 16 or 32 KiB (L1)
+constexpr int64_t MC = 144;       // row block (a multiple of both MRs): packed A is MC*KC*4 = 144 KiB (L2)
+constexpr int64_t NC = 1024;      // column block: packed B is KC*NC*4 = 1 MiB (L2)
 
 // bf16 is the top half of an f32.
 inline float to_f32(float x) { return x; }
@@ -145,7 +158,7 @@ void pack_b(View<T> b, int64_t kc, int64_t nc, float* packed) {
         for (int64_t p = p0; p < p1; ++p) {
           const T* src = b.data + p * b.rs + q;
           float* dst = packed + q * kc + p * NR;
-          if (cols == NR) {  // fixed trip count: vectorized (a 64-byte copy for f32)
+          if (cols == NR) {  // fixed trip count: vectorized
             for (int64_t j = 0; j < NR; ++j) dst[j] = to_f32(src[j]);
           } else {
             for (int64_t j = 0; j < NR; ++j) dst[j] = j < cols ? to_f32(src[j]) : 0.f;
@@ -184,35 +197,38 @@ enum class Store {
 // c. Only the top-left rows x cols of it are written.
 void tile(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, Store store,
           int64_t rows, int64_t cols) {
-  f32x8 acc[MR][2] = {};
+  vec acc[MR][2] = {};
   for (int64_t p = 0; p < kc; ++p) {
-    f32x8 b0, b1;
-    std::memcpy(&b0, b + p * NR, 32);
-    std::memcpy(&b1, b + p * NR + 8, 32);
-#pragma GCC unroll 6
+    vec b0, b1;
+    std::memcpy(&b0, b + p * NR, sizeof(vec));
+    std::memcpy(&b1, b + p * NR + kVec, sizeof(vec));
+#pragma GCC unroll 8  // all of MR: a partly unrolled loop spills the accumulators
     for (int64_t i = 0; i < MR; ++i) {
-      const float av = a[p * MR + i];
-      const f32x8 ai = {av, av, av, av, av, av, av, av};
+      const vec ai = a[p * MR + i] - vec{};  // broadcast
       acc[i][0] += ai * b0;
       acc[i][1] += ai * b1;
     }
   }
   if (rows == MR && cols == NR) {  // a whole tile: vector stores
-    const bool aligned = reinterpret_cast<uintptr_t>(c) % 32 == 0 && ldc % 8 == 0;
+    const bool aligned = reinterpret_cast<uintptr_t>(c) % sizeof(vec) == 0 && ldc % kVec == 0;
     for (int64_t i = 0; i < MR; ++i) {
       for (int64_t h = 0; h < 2; ++h) {
-        float* dst = c + i * ldc + 8 * h;
-        f32x8 v = acc[i][h];
+        float* dst = c + i * ldc + kVec * h;
+        vec v = acc[i][h];
         if (store == Store::kStream && aligned) {
+#ifdef __AVX512F__
+          _mm512_stream_ps(dst, reinterpret_cast<__m512>(v));
+#else
           _mm256_stream_ps(dst, reinterpret_cast<__m256>(v));
+#endif
           continue;
         }
         if (store == Store::kAccumulate) {
-          f32x8 old;
-          std::memcpy(&old, dst, 32);
+          vec old;
+          std::memcpy(&old, dst, sizeof(vec));
           v += old;
         }
-        std::memcpy(dst, &v, 32);
+        std::memcpy(dst, &v, sizeof(vec));
       }
     }
     return;

@@ -20,6 +20,9 @@ a C++ compiler, or on another platform than CPU.
 - Inputs f32 or bf16 (both operands alike; anything else runs in f32),
   accumulation in f32, output f32 or bf16 written by the kernel, other output
   dtypes cast from f32.
+- Instruction set: AVX-512 when the CPU has it (an 8 x 32 register tile), else
+  AVX2 (6 x 16). ``FUSEDMOE_CPU_ISA=avx2`` forces the AVX2 build, ``avx512``
+  the AVX-512 one; each build is cached separately.
 - Threads: one per core this process may use, or ``FUSEDMOE_CPU_THREADS``;
   they split each product's output columns, so skewed group sizes cannot
   unbalance them.
@@ -61,14 +64,42 @@ def _compiler() -> str | None:
     return None
 
 
+def _cpu_flags() -> str | None:
+    """The CPU's feature flags from /proc/cpuinfo, or None where there is none."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+
+
 def _cpu_has_avx2_fma() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: trust the compiler's target, checked at load
+    flags = _cpu_flags()
+    if flags is None:  # not Linux: trust the compiler's target, checked at load
         return sys.platform == "darwin"
     return " avx2" in flags and " fma" in flags
+
+
+_ISAS = ("avx2", "avx512")
+
+
+def _isa() -> str:
+    """The instruction set to build for: ``FUSEDMOE_CPU_ISA``, else the best the CPU has."""
+    requested = os.environ.get("FUSEDMOE_CPU_ISA", "").strip().lower()
+    if requested:
+        if requested not in _ISAS:
+            raise ValueError(
+                f"FUSEDMOE_CPU_ISA must be one of {', '.join(_ISAS)} (or unset for the best "
+                f"this CPU has), got {requested!r}"
+            )
+        return requested
+    flags = _cpu_flags()
+    return "avx512" if flags is not None and " avx512f" in flags else "avx2"
+
+
+def _flags() -> tuple[str, ...]:
+    return _FLAGS + (("-mavx512f",) if _isa() == "avx512" else ())
 
 
 def _cache_dir() -> Path:
@@ -86,7 +117,8 @@ def _compiler_version(cxx: str) -> str:
 def _build(cxx: str) -> Path:
     """Compile the kernel once per (source, flags, compiler, jaxlib); return the library."""
     include = jax.ffi.include_dir()
-    inputs = [_SOURCE.read_text(), *_FLAGS, _compiler_version(cxx), include, jax.__version__]
+    flags = _flags()
+    inputs = [_SOURCE.read_text(), *flags, _compiler_version(cxx), include, jax.__version__]
     key = hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:16]
     library = _cache_dir() / f"cpu_kernel-{key}.so"
     if library.exists():
@@ -97,7 +129,7 @@ def _build(cxx: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=library.parent, prefix=".cpu_kernel-", suffix=".so")
     os.close(fd)
     try:
-        command = [cxx, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", tmp]
+        command = [cxx, *flags, f"-I{include}", str(_SOURCE), "-o", tmp]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise RuntimeError(
@@ -129,6 +161,13 @@ def unavailable_reason() -> str | None:
         return f"it runs on CPU only (jax's default backend is {jax.default_backend()!r})"
     if not _cpu_has_avx2_fma():
         return f"it needs an x86-64 CPU with AVX2 and FMA (this is {platform.machine()})"
+    try:
+        isa = _isa()
+    except ValueError as exc:
+        return str(exc)
+    flags = _cpu_flags()
+    if isa == "avx512" and flags is not None and " avx512f" not in flags:
+        return "FUSEDMOE_CPU_ISA=avx512, but this CPU has no AVX-512"
     try:
         _load()
     except Exception as exc:

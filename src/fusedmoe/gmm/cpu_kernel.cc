@@ -217,15 +217,9 @@ inline void tile_steps(int64_t p0, int64_t p1, const float* a, const float* b, v
   }
 }
 
-void tile(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, Store store,
-          int64_t rows, int64_t cols, const char* const* prefetch = nullptr, int64_t prefetches = 0) {
-  vec acc[MR][2] = {};
-  int64_t p = 0;
-  for (int64_t f = 0; f < prefetches; ++f, p += kStepsPerPrefetch) {
-    _mm_prefetch(prefetch[f], _MM_HINT_T0);
-    tile_steps(p, std::min(kc, p + kStepsPerPrefetch), a, b, acc);
-  }
-  tile_steps(std::min(p, kc), kc, a, b, acc);
+// Store a register tile's accumulators to c; only the top-left rows x cols.
+inline void store_tile(const vec (&acc)[MR][2], float* c, int64_t ldc, Store store, int64_t rows,
+                       int64_t cols) {
   if (rows == MR && cols == NR) {  // a whole tile: vector stores
     const bool aligned = reinterpret_cast<uintptr_t>(c) % sizeof(vec) == 0 && ldc % kVec == 0;
     for (int64_t i = 0; i < MR; ++i) {
@@ -257,10 +251,137 @@ void tile(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, Sto
       c[i * ldc + j] = store == Store::kAccumulate ? c[i * ldc + j] + out[i][j] : out[i][j];
 }
 
+
+void tile(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, Store store,
+          int64_t rows, int64_t cols, const char* const* prefetch = nullptr, int64_t prefetches = 0) {
+  vec acc[MR][2] = {};
+  int64_t p = 0;
+  for (int64_t f = 0; f < prefetches; ++f, p += kStepsPerPrefetch) {
+    _mm_prefetch(prefetch[f], _MM_HINT_T0);
+    tile_steps(p, std::min(kc, p + kStepsPerPrefetch), a, b, acc);
+  }
+  tile_steps(std::min(p, kc), kc, a, b, acc);
+  store_tile(acc, c, ldc, store, rows, cols);
+}
+
+
+// bf16 inputs on a CPU with AVX-512 BF16 (compiled with -mavx512bf16 where
+// /proc/cpuinfo lists avx512_bf16): the register tile multiplies bf16 pairs
+// with vdpbf16ps, c[j] += a[2p]*b[2p][j] + a[2p+1]*b[2p+1][j] in f32, twice
+// the multiply-adds per instruction of the f32 tile and half the packed
+// bytes. Packing keeps the inputs in bf16, two consecutive contraction steps
+// side by side in one 32-bit word.
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Pairs = true;
+#else
+constexpr bool kBf16Pairs = false;
+#endif
+
+inline uint32_t pair(uint16_t lo, uint16_t hi) { return lo | static_cast<uint32_t>(hi) << 16; }
+
+// The functions below are templates so that a build without AVX-512 BF16
+// never instantiates them (kBf16Pairs is false there).
+
+// packed[s][q][i] = (A(s*MR + i, 2q), A(s*MR + i, 2q + 1)), rows past mc and
+// steps past kc zero.
+template <typename T>
+void pack_a_pairs(View<T> a, int64_t mc, int64_t kc, uint32_t* packed) {
+  const int64_t kp = (kc + 1) / 2;
+  for (int64_t s = 0; s < mc; s += MR) {
+    const int64_t rows = std::min(MR, mc - s);
+    uint32_t* dst = packed + s * kp;
+    for (int64_t i = 0; i < MR; ++i)
+      for (int64_t q = 0; q < kp; ++q) {
+        const bool row = i < rows, second = 2 * q + 1 < kc;
+        dst[q * MR + i] = row ? pair(a.at(s + i, 2 * q), second ? a.at(s + i, 2 * q + 1) : 0) : 0;
+      }
+  }
+}
+
+// packed[r][q][j] = (B(2q, r*NR + j), B(2q + 1, r*NR + j)), columns past nc
+// and steps past kc zero.
+template <typename T>
+void pack_b_pairs(View<T> b, int64_t kc, int64_t nc, uint32_t* packed) {
+  const int64_t kp = (kc + 1) / 2;
+  if (b.cs == 1) {
+    // Rows contiguous: two rows at a time, widened to 32 bits and interleaved
+    // (the second row in the high half), a few row pairs per sweep as in pack_b.
+    constexpr int64_t kPairsPerSweep = 4;
+    for (int64_t q0 = 0; q0 < kp; q0 += kPairsPerSweep) {
+      const int64_t q1 = std::min(kp, q0 + kPairsPerSweep);
+      for (int64_t r = 0; r < nc; r += NR) {
+        const int64_t cols = std::min(NR, nc - r);
+        for (int64_t q = q0; q < q1; ++q) {
+          const T* lo = b.data + 2 * q * b.rs + r;
+          const T* hi = 2 * q + 1 < kc ? lo + b.rs : nullptr;
+          uint32_t* dst = packed + r * kp + q * NR;
+          if (cols == NR) {
+            for (int64_t j = 0; j < NR; j += 16) {
+              const __m512i l = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + j)));
+              const __m512i h = hi ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi + j)))
+                                   : _mm512_setzero_si512();
+              _mm512_storeu_si512(dst + j, _mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
+            }
+          } else {
+            for (int64_t j = 0; j < NR; ++j) dst[j] = j < cols ? pair(lo[j], hi ? hi[j] : 0) : 0;
+          }
+        }
+      }
+    }
+  } else {
+    // Columns contiguous (the weight of dX): a pair is one 32-bit word of a
+    // weight row, so 8 x 8 blocks of words are transposed in registers.
+    const bool words = b.rs == 1 && b.cs % 2 == 0;
+    for (int64_t r = 0; r < nc; r += NR) {
+      const int64_t cols = std::min(NR, nc - r);
+      uint32_t* dst = packed + r * kp;
+      int64_t q = 0;
+      if (words && cols == NR) {
+        for (; 2 * (q + 8) <= kc; q += 8)
+          for (int64_t j = 0; j < NR; j += 8)
+            transpose8(reinterpret_cast<const float*>(b.data + (r + j) * b.cs + 2 * q), b.cs / 2,
+                       reinterpret_cast<float*>(dst + q * NR + j), NR);
+      }
+      for (; q < kp; ++q)
+        for (int64_t j = 0; j < NR; ++j)
+          dst[q * NR + j] =
+              j < cols ? pair(b.at(2 * q, r + j), 2 * q + 1 < kc ? b.at(2 * q + 1, r + j) : 0) : 0;
+    }
+  }
+}
+
+template <typename Word>
+void tile_pair_steps(int64_t q0, int64_t q1, const Word* a, const Word* b, vec (&acc)[MR][2]) {
+  for (int64_t q = q0; q < q1; ++q) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + q * NR);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + q * NR + kVec);
+#pragma GCC unroll 8
+    for (int64_t i = 0; i < MR; ++i) {
+      const __m512bh ai = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[q * MR + i]));
+      acc[i][0] = (vec)_mm512_dpbf16_ps((__m512)acc[i][0], ai, b0);
+      acc[i][1] = (vec)_mm512_dpbf16_ps((__m512)acc[i][1], ai, b1);
+    }
+  }
+}
+
+// The register tile over kp packed pairs (the f32 tile's counterpart).
+template <typename Word>
+void tile_pairs(int64_t kp, const Word* a, const Word* b, float* c, int64_t ldc, Store store,
+                int64_t rows, int64_t cols, const char* const* prefetch, int64_t prefetches) {
+  vec acc[MR][2] = {};
+  int64_t q = 0;
+  for (int64_t f = 0; f < prefetches; ++f, q += kStepsPerPrefetch) {
+    _mm_prefetch(prefetch[f], _MM_HINT_T0);
+    tile_pair_steps(std::min(q, kp), std::min(kp, q + kStepsPerPrefetch), a, b, acc);
+  }
+  tile_pair_steps(std::min(q, kp), kp, a, b, acc);
+  store_tile(acc, c, ldc, store, rows, cols);
+}
+
 // Each thread's packing buffers, and its f32 scratch for 16-bit outputs.
 struct Buffers {
-  std::vector<float> a = std::vector<float>(MC * KC);
-  std::vector<float> b = std::vector<float>(KC * NC);
+  std::vector<float> a, b;          // packed f32 operands
+  std::vector<uint32_t> a2, b2;     // packed bf16 pairs (kBf16Pairs)
   std::vector<float> c;
 };
 
@@ -321,6 +442,14 @@ void gemm_f32(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, float* 
     zero_columns(c, m, ldc, 0, n);
     return;
   }
+  constexpr bool pairs = kBf16Pairs && std::is_same_v<TIn, uint16_t>;
+  if constexpr (pairs) {
+    bufs.a2.resize(MC * KC / 2);
+    bufs.b2.resize(KC * NC / 2);
+  } else {
+    bufs.a.resize(MC * KC);
+    bufs.b.resize(KC * NC);
+  }
   const int64_t tiles_per_block = ((std::min(NC, n) + NR - 1) / NR) * ((m + MR - 1) / MR);
   for (int64_t jc = 0; jc < n; jc += NC) {
     const int64_t nc = std::min(NC, n - jc);
@@ -329,7 +458,10 @@ void gemm_f32(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, float* 
       const Store store = pc > 0 ? Store::kAccumulate
                           : k <= KC ? Store::kStream
                                     : Store::kOverwrite;
-      pack_b(View<TIn>{b.data + pc * b.rs + jc * b.cs, b.rs, b.cs}, kc, nc, bufs.b.data());
+      const View<TIn> block{b.data + pc * b.rs + jc * b.cs, b.rs, b.cs};
+      const int64_t steps = pairs ? (kc + 1) / 2 : kc;  // packed contraction steps
+      if constexpr (pairs) pack_b_pairs(block, kc, nc, bufs.b2.data());
+      else pack_b(block, kc, nc, bufs.b.data());
       BlockPrefetch<TIn> prefetch;  // of the next block, if B is read transposed
       if (b.cs == 1) {
       } else if (pc + KC < k)
@@ -342,16 +474,23 @@ void gemm_f32(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, float* 
         prefetch = BlockPrefetch<TIn>(next, std::min(KC, k), std::min(NC, n));
       const int64_t per_tile =
           std::min((prefetch.total() + tiles_per_block - 1) / tiles_per_block, kPrefetchesPerTile);
-      const char* addresses[kPrefetchesPerTile];
+      const char* addresses[kPrefetchesPerTile] = {};
       for (int64_t ic = 0; ic < m; ic += MC) {
         const int64_t mc = std::min(MC, m - ic);
-        pack_a(View<TIn>{a.data + ic * a.rs + pc * a.cs, a.rs, a.cs}, mc, kc, bufs.a.data());
+        const View<TIn> rows{a.data + ic * a.rs + pc * a.cs, a.rs, a.cs};
+        if constexpr (pairs) pack_a_pairs(rows, mc, kc, bufs.a2.data());
+        else pack_a(rows, mc, kc, bufs.a.data());
         for (int64_t jr = 0; jr < nc; jr += NR) {
           for (int64_t ir = 0; ir < mc; ir += MR) {
             const int64_t count = prefetch.next(per_tile, addresses);
-            tile(kc, bufs.a.data() + ir * kc, bufs.b.data() + jr * kc,
-                 c + (ic + ir) * ldc + jc + jr, ldc, store, std::min(MR, mc - ir),
-                 std::min(NR, nc - jr), addresses, count);
+            float* out = c + (ic + ir) * ldc + jc + jr;
+            const int64_t tile_rows = std::min(MR, mc - ir), tile_cols = std::min(NR, nc - jr);
+            if constexpr (pairs)
+              tile_pairs(steps, bufs.a2.data() + ir * steps, bufs.b2.data() + jr * steps, out, ldc,
+                         store, tile_rows, tile_cols, addresses, count);
+            else
+              tile(steps, bufs.a.data() + ir * steps, bufs.b.data() + jr * steps, out, ldc, store,
+                   tile_rows, tile_cols, addresses, count);
           }
         }
       }

@@ -21,8 +21,10 @@ a C++ compiler, or on another platform than CPU.
   accumulation in f32, output f32 or bf16 written by the kernel, other output
   dtypes cast from f32.
 - Instruction set: AVX-512 when the CPU has it (an 8 x 32 register tile), else
-  AVX2 (6 x 16). ``FUSEDMOE_CPU_ISA=avx2`` forces the AVX2 build, ``avx512``
-  the AVX-512 one; each build is cached separately.
+  AVX2 (6 x 16); with AVX-512 BF16 as well, bf16 inputs are multiplied as
+  bf16 pairs (``vdpbf16ps``) instead of being widened to f32.
+  ``FUSEDMOE_CPU_ISA=avx2`` forces the AVX2 build, ``avx512`` the AVX-512 one;
+  each build is cached separately.
 - Threads: one per core this process may use, or ``FUSEDMOE_CPU_THREADS``;
   they split each product's output columns, so skewed group sizes cannot
   unbalance them.
@@ -99,7 +101,11 @@ def _isa() -> str:
 
 
 def _flags() -> tuple[str, ...]:
-    return _FLAGS + (("-mavx512f",) if _isa() == "avx512" else ())
+    if _isa() != "avx512":
+        return _FLAGS
+    flags = _cpu_flags() or ""
+    # bf16 inputs multiply as bf16 pairs (vdpbf16ps) where the CPU has them.
+    return _FLAGS + ("-mavx512f",) + (("-mavx512bf16",) if " avx512_bf16" in flags else ())
 
 
 def _cache_dir() -> Path:

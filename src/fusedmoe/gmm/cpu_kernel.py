@@ -20,11 +20,10 @@ a C++ compiler, or on another platform than CPU.
 - Inputs f32 or bf16 (both operands alike; anything else runs in f32),
   accumulation in f32, output f32 or bf16 written by the kernel, other output
   dtypes cast from f32.
-- Instruction set: AVX-512 when the CPU has it (an 8 x 32 register tile), else
-  AVX2 (6 x 16); with AVX-512 BF16 as well, bf16 inputs are multiplied as
-  bf16 pairs (``vdpbf16ps``) instead of being widened to f32.
-  ``FUSEDMOE_CPU_ISA=avx2`` forces the AVX2 build, ``avx512`` the AVX-512 one;
-  each build is cached separately.
+- Instruction set: the best build this CPU runs. ``avx512bf16``: an 8 x 32
+  register tile, and bf16 inputs multiplied as bf16 pairs (``vdpbf16ps``);
+  ``avx512``: the same tile, bf16 widened to f32 while packing; ``avx2``: a
+  6 x 16 tile. ``FUSEDMOE_CPU_ISA`` picks one; each is cached separately.
 - Threads: one per core this process may use, or ``FUSEDMOE_CPU_THREADS``;
   they split each product's output columns, so skewed group sizes cannot
   unbalance them.
@@ -83,29 +82,41 @@ def _cpu_has_avx2_fma() -> bool:
     return " avx2" in flags and " fma" in flags
 
 
-_ISAS = ("avx2", "avx512")
+# Builds, each needing the CPU flags listed, from the least to the most.
+_ISAS = {
+    "avx2": ("avx2", "fma"),
+    "avx512": ("avx2", "fma", "avx512f"),
+    "avx512bf16": ("avx2", "fma", "avx512f", "avx512_bf16"),
+}
+_ISA_FLAGS = {
+    "avx2": (),
+    "avx512": ("-mavx512f",),
+    "avx512bf16": ("-mavx512f", "-mavx512bf16"),
+}
+
+
+def _cpu_has(isa: str) -> bool:
+    flags = _cpu_flags()
+    if flags is None:
+        return isa == "avx2" and _cpu_has_avx2_fma()
+    return all(f" {flag}" in flags for flag in _ISAS[isa])
 
 
 def _isa() -> str:
-    """The instruction set to build for: ``FUSEDMOE_CPU_ISA``, else the best the CPU has."""
+    """The build to use: ``FUSEDMOE_CPU_ISA``, else the best this CPU runs."""
     requested = os.environ.get("FUSEDMOE_CPU_ISA", "").strip().lower()
     if requested:
         if requested not in _ISAS:
             raise ValueError(
                 f"FUSEDMOE_CPU_ISA must be one of {', '.join(_ISAS)} (or unset for the best "
-                f"this CPU has), got {requested!r}"
+                f"this CPU runs), got {requested!r}"
             )
         return requested
-    flags = _cpu_flags()
-    return "avx512" if flags is not None and " avx512f" in flags else "avx2"
+    return next((isa for isa in reversed(_ISAS) if _cpu_has(isa)), "avx2")
 
 
 def _flags() -> tuple[str, ...]:
-    if _isa() != "avx512":
-        return _FLAGS
-    flags = _cpu_flags() or ""
-    # bf16 inputs multiply as bf16 pairs (vdpbf16ps) where the CPU has them.
-    return _FLAGS + ("-mavx512f",) + (("-mavx512bf16",) if " avx512_bf16" in flags else ())
+    return _FLAGS + _ISA_FLAGS[_isa()]
 
 
 def _cache_dir() -> Path:
@@ -171,9 +182,9 @@ def unavailable_reason() -> str | None:
         isa = _isa()
     except ValueError as exc:
         return str(exc)
-    flags = _cpu_flags()
-    if isa == "avx512" and flags is not None and " avx512f" not in flags:
-        return "FUSEDMOE_CPU_ISA=avx512, but this CPU has no AVX-512"
+    if not _cpu_has(isa):
+        needs = ", ".join(_ISAS[isa])
+        return f"FUSEDMOE_CPU_ISA={isa} needs the CPU flags {needs}, which this CPU lacks"
     try:
         _load()
     except Exception as exc:

@@ -23,3 +23,46 @@ def test_paired_ratio_cancels_a_slow_patch_that_moves_one_median():
 def test_paired_ratio_uses_only_the_rounds_both_ran():
     # A candidate past its time budget drops out of the later rounds.
     assert paired_ratio([3.0, 3.0], [1.0, 1.5, 100.0]) == pytest.approx(2.5)
+
+
+def _out_of_memory():
+    import jax
+
+    return jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 34.00GiB.\nBufferAssignment"
+    )
+
+
+def test_side_by_side_drops_a_candidate_out_of_memory_and_times_the_rest():
+    from fusedmoe.bench.timing import first_line, is_out_of_memory, time_side_by_side
+
+    calls = {"ok": 0, "oom": 0}
+
+    def ok():
+        calls["ok"] += 1
+        return 1
+
+    def oom():  # runs its warm-up, then fails in the first timed round
+        calls["oom"] += 1
+        if calls["oom"] > 1:
+            raise _out_of_memory()
+        return 1
+
+    failures = {}
+    timings = time_side_by_side({"ok": (ok, ()), "oom": (oom, ())}, 1, 3, failures=failures)
+    assert set(timings) == {"ok"} and len(timings["ok"].times) == 3
+    assert set(failures) == {"oom"} and calls["oom"] == 2  # not called again once failed
+    assert is_out_of_memory(failures["oom"])
+    assert first_line(failures["oom"]) == (
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 34.00GiB.")
+    # Without a failures dict, or for an error that is not out of memory, it raises.
+    calls["oom"] = 1
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        time_side_by_side({"oom": (oom, ())}, 1, 1)
+
+    def bug():
+        raise ValueError("a bug, not memory")
+
+    with pytest.raises(ValueError, match="a bug"):
+        time_side_by_side({"bug": (bug, ())}, 1, 1, failures={})
+    assert is_out_of_memory(MemoryError()) and not is_out_of_memory(ValueError("x"))

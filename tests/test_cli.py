@@ -77,6 +77,116 @@ def test_bench_row_that_fails_to_compile_is_skipped_not_fatal(tmp_path, monkeypa
     assert "fused_speedup" in rows["fused", "forward"]
 
 
+def _out_of_memory(gib: str):
+    import jax
+
+    return jax.errors.JaxRuntimeError(
+        f"RESOURCE_EXHAUSTED: Out of memory while trying to allocate {gib}GiB.\nmore")
+
+
+def test_bench_row_that_runs_out_of_memory_is_skipped_not_fatal(tmp_path, monkeypatch):
+    # The same when the compiled program runs out of memory when it is run.
+    from fusedmoe.bench import moe_bench
+
+    real_layer_fns = moe_bench._layer_fns
+
+    class RunsOutOfMemory:
+        def lower(self, *args):
+            return self
+
+        def compile(self):
+            return self
+
+        def __call__(self, *args):
+            raise _out_of_memory("64.00")
+
+    def layer_fns(config, tokens):
+        fwd, both, args = real_layer_fns(config, tokens)
+        return (fwd, RunsOutOfMemory(), args) if config.fused_moe_mlp else (fwd, both, args)
+
+    monkeypatch.setattr(moe_bench, "_layer_fns", layer_fns)
+    out_json = tmp_path / "rows.json"
+    assert main([*TINY_BENCH, "--json", str(out_json)]) == 0
+    payload = json.loads(out_json.read_text())
+    assert payload["complete"] is True
+    rows = {(r["layout"], r["pass"]): r for r in payload["rows"]}
+    assert rows["fused", "forward+backward"]["skipped"] == (
+        "did not run: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 64.00GiB.")
+    assert "median_s" in rows["unfused", "forward+backward"]
+    assert "median_s" in rows["fused", "forward"]
+
+
+def test_bench_prints_each_row_and_keeps_the_json_of_a_stopped_run(tmp_path, monkeypatch,
+                                                                   capsys):
+    # A run stopped by a time limit (here: interrupted when the second backend
+    # starts) keeps the first backend's rows, printed and in the JSON.
+    from fusedmoe.bench import moe_bench
+
+    real_measure = moe_bench._measure_backend
+
+    def measure(plan, base, tokens, backend, *rest):
+        if backend == "ragged_dot":
+            raise KeyboardInterrupt
+        return real_measure(plan, base, tokens, backend, *rest)
+
+    monkeypatch.setattr(moe_bench, "_measure_backend", measure)
+    out_json = tmp_path / "rows.json"
+    args = [*TINY_BENCH, "--backend", "megablox", "--backend", "ragged_dot",
+            "--json", str(out_json)]
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    payload = json.loads(out_json.read_text())
+    assert payload["complete"] is False
+    rows = payload["rows"]
+    assert [(r["backend"], r["layout"], r["pass"]) for r in rows if "median_s" in r] == [
+        ("tiled", layout, p) for p in ("forward", "forward+backward")
+        for layout in ("unfused", "fused")]
+    assert {r["backend"] for r in rows if "skipped" in r} == {"megablox"}
+    assert not list(tmp_path.glob(".rows.json.*"))  # no temporary left beside it
+    out = capsys.readouterr().out
+    lines = [line.split() for line in out.splitlines()]
+    for layout in ("unfused", "fused"):
+        for pass_name in ("forward", "forward+backward"):
+            assert any(line[:5] == ["tiny", "float32", "tiled", layout, pass_name]
+                       and "dense" in line for line in lines), out
+    assert any(line[:3] == ["tiny", "float32", "megablox:"] and "skipped:" in line
+               for line in lines), out
+    assert "fusedmoe bench: MoE layer" not in out  # the final table never came
+
+
+def test_bench_gmm_row_out_of_memory_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch,
+                                                                    capsys):
+    # On an H200 ragged_dot's bf16 forward+backward at G=64 ran out of memory and
+    # ended bench-gmm before it wrote its JSON.
+    from fusedmoe.bench import gmm_bench
+
+    real_programs = gmm_bench._programs
+
+    def programs(backend, dtype):
+        fwd, fwdbwd = real_programs(backend, dtype)
+        if backend != "ragged_dot":
+            return fwd, fwdbwd
+
+        def out_of_memory(*args):
+            raise _out_of_memory("34.00")
+
+        return fwd, out_of_memory
+
+    monkeypatch.setattr(gmm_bench, "_programs", programs)
+    out_json = tmp_path / "gmm.json"
+    args = ["bench-gmm", "--quick", "--groups", "8", "--dtype", "f32", "--dist", "balanced",
+            "--backend", "tiled,ragged_dot", "--repeats", "1", "--json", str(out_json)]
+    assert main(args) == 0
+    rows = {(r["backend"], r["mode"]): r for r in json.loads(out_json.read_text())["rows"]}
+    assert set(rows) == {(b, m) for b in ("tiled", "ragged_dot") for m in ("fwd", "fwdbwd")}
+    assert rows["ragged_dot", "fwdbwd"]["skipped"] == (
+        "did not run: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 34.00GiB.")
+    for key in (("tiled", "fwd"), ("tiled", "fwdbwd"), ("ragged_dot", "fwd")):
+        assert rows[key]["skipped"] is None and rows[key]["ratio"] > 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "ragged_dot fwdbwd float32 G=8 balanced skipped: did not run: RESOURCE_EXHAUSTED" in out
+
+
 @pytest.mark.parametrize(
     "args, words",
     [

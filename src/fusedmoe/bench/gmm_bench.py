@@ -10,6 +10,10 @@ one process, after a warm-up, the median of several runs of:
 and prints the ratio to dense (1.0 = as fast as the dense GEMM, the physical
 limit). ``--json PATH`` writes every row.
 
+A backend that runs out of memory in a case (``RESOURCE_EXHAUSTED``, e.g.
+``ragged_dot``'s dense expansion at G=64 on a GPU) gets a skipped row with the
+error's first line, and the run goes on (as ``fusedmoe bench`` does).
+
 Backends that lower to a masked dense product on this platform (``ragged_dot``,
 ``tokamax`` off GPU/TPU) cost about G times dense; they are skipped at more
 than ``--dense-expansion-max-groups`` groups (default 8) so the default run
@@ -156,12 +160,12 @@ def group_sizes(m: int, g: int, dist: str, alpha: float, seed: int):
     return sizes.astype(np.int32)
 
 
-def skip_reason(backend: str, g: int, opts: dict, platform: str) -> str | None:
-    """Why ``backend`` is not timed at ``g`` groups here, or None."""
+def skip_reason(backend: str, g: int, opts: dict, platform: str, dtype=None) -> str | None:
+    """Why ``backend`` is not timed at ``g`` groups on ``dtype`` inputs here, or None."""
     from fusedmoe.gmm import available_backends
     from fusedmoe.gmm.registry import auto_backend
 
-    name = auto_backend(platform) if backend == "auto" else backend
+    name = auto_backend(platform, dtype) if backend == "auto" else backend
     reason = available_backends()[name]
     if reason is not None:
         return reason
@@ -214,7 +218,7 @@ def run_cases(opts: dict, log=print) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
 
-    from fusedmoe.bench.timing import dense_flops, paired_ratio, time_side_by_side
+    from fusedmoe.bench.timing import dense_flops, first_line, paired_ratio, time_side_by_side
 
     platform = jax.default_backend()
     m, k, n = opts["m"], opts["k"], opts["n"]
@@ -241,7 +245,7 @@ def run_cases(opts: dict, log=print) -> list[dict]:
                     candidates = dict(dense)
                     skipped = {}
                     for backend in opts["backends"]:
-                        reason = skip_reason(backend, g, opts, platform)
+                        reason = skip_reason(backend, g, opts, platform, dtype)
                         if reason is not None:
                             skipped[backend] = reason
                             continue
@@ -250,8 +254,17 @@ def run_cases(opts: dict, log=print) -> list[dict]:
                             fb, (x, w, d, gs))
                     # A candidate ~10x+ slower than dense gets fewer repeats.
                     budget = 12.0 if mode == "fwdbwd" else 4.0
-                    timings = time_side_by_side(candidates, 1, opts["repeats"], budget)
-                    ref = timings["dense"]
+                    # A candidate out of memory drops out with a skipped row; the
+                    # others of the case are still timed.
+                    failures: dict[str, BaseException] = {}
+                    timings = time_side_by_side(
+                        candidates, 1, opts["repeats"], budget, failures=failures)
+                    ran_out = {name: f"did not run: {first_line(exc)}"
+                               for name, exc in failures.items()}
+                    if "dense" in ran_out:  # nothing left to compare with
+                        why = ran_out.pop("dense")
+                        ran_out.update({name: f"dense reference {why}" for name in timings})
+                    ref = timings.get("dense")
                     common = {
                         "mode": mode, "dtype": dtype_name, "groups": g, "dist": dist,
                         "m": m, "k": k, "n": n, "platform": platform,
@@ -260,7 +273,9 @@ def run_cases(opts: dict, log=print) -> list[dict]:
                     for backend in opts["backends"]:
                         row = {"backend": backend, **common}
                         if backend in skipped:
-                            row.update(skipped=skipped[backend])
+                            row.update(skipped=skipped[backend], skip_scope="backend")
+                        elif backend in ran_out:
+                            row.update(skipped=ran_out[backend], skip_scope="row")
                         else:
                             t = timings[backend]
                             row.update(
@@ -338,13 +353,12 @@ def run(args) -> int:
     )
 
     def log(row):
-        if row["skipped"]:
-            return
-        console.print(
-            f"  {row['backend']:>10} {row['mode']:>6} {row['dtype']:>8} G={row['groups']:<3} "
-            f"{row['dist']:<8} {row['ratio']:.2f}x dense",
-            highlight=False,
-        )
+        head = (f"  {row['backend']:>10} {row['mode']:>6} {row['dtype']:>8} "
+                f"G={row['groups']:<3} {row['dist']:<8}")
+        if not row["skipped"]:
+            console.print(f"{head} {row['ratio']:.2f}x dense", highlight=False)
+        elif row.get("skip_scope") == "row":  # a failure; unrunnable backends come at the end
+            console.print(f"{head} skipped: {row['skipped']}", highlight=False)
 
     rows = run_cases(opts, log)
     console.print(render_table(rows))

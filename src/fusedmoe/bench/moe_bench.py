@@ -10,6 +10,11 @@ Columns: median time and spread (min-max), achieved FLOP/s on the expert
 FLOPs, ratio to dense, fused speed-up over unfused, grouped-matmul operations
 in the program, XLA's cost analysis (FLOPs, bytes accessed) and the peak of
 XLA's buffer assignment (arguments + outputs + temporaries).
+
+Each row is printed as it is measured, and with ``--json`` the file is
+rewritten (atomically) after every backend, its ``complete`` false until the
+end: a run stopped by a time limit keeps what it measured. A row that does not
+compile, or runs out of memory, is recorded as skipped with the reason.
 """
 
 from __future__ import annotations
@@ -114,7 +119,7 @@ def run(args) -> int:
     rows = run_plan(plan)
     print_table(rows)
     if plan.json_path:
-        write_json(plan.json_path, rows, plan)
+        write_json(plan.json_path, rows, plan, complete=True)
     if plan.plot_path:
         write_plot(plan.plot_path, rows)
     return 0
@@ -242,18 +247,22 @@ def _layer_fns(config, tokens: int):
     return jax.jit(forward), jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (state, x)
 
 
-def _measure_job(plan: BenchPlan, preset, base, tokens: int, progress, task):
+def _measure_job(plan: BenchPlan, preset, base, tokens: int, progress, task, log=None,
+                 save=None):
     """Rows of one (preset, dtype), one backend at a time: its two layouts and the
     dense GEMMs timed round-robin per pass (:func:`time_side_by_side`), so load
     hits them alike. Only one backend's layers are alive at a time, and the
     memory they freed is handed back before the next: the ``fusedmoe`` command
     keeps freed memory for reuse, so a process holds its high-water mark
-    (docs/backends.md, "Host memory on CPU"). Returns (rows, dense median
-    seconds per pass, the median over the backends measured)."""
+    (docs/backends.md, "Host memory on CPU"). ``log(row)`` gets each row as it
+    is made, ``save(rows)`` this job's rows so far after each backend. Returns
+    (rows, dense median seconds per pass, the median over the backends measured)."""
     import gc
     import statistics
 
     from fusedmoe import allocator
+
+    log = log or (lambda row: None)
 
     common = dict(preset=preset.name, dtype=base.dtype, tokens=tokens,
                   rows=tokens * base.num_experts_per_tok, experts=base.num_experts,
@@ -266,15 +275,19 @@ def _measure_job(plan: BenchPlan, preset, base, tokens: int, progress, task):
     for backend in plan.backends:
         reason = _skip_reason(backend, base, tokens)
         if reason is not None:
-            rows += [{**common, "backend": backend, "layout": layout, "pass": p,
-                      "skipped": reason, "skip_scope": "backend"}
-                     for layout in ("unfused", "fused") for p in PASSES]
+            skipped = [{**common, "backend": backend, "layout": layout, "pass": p,
+                        "skipped": reason, "skip_scope": "backend"}
+                       for layout in ("unfused", "fused") for p in PASSES]
+            log(skipped[0])  # printed once for the backend
+            rows += skipped
         else:
             backend_rows, backend_dense = _measure_backend(
-                plan, base, tokens, backend, dense_compiled, common, progress, task)
+                plan, base, tokens, backend, dense_compiled, common, progress, task, log)
             rows += backend_rows
             for pass_name, seconds in backend_dense.items():
                 dense[pass_name].append(seconds)
+        if save is not None:
+            save(rows)
         progress.advance(task, len(PASSES))
         gc.collect()
         allocator.release_free_memory()
@@ -282,10 +295,11 @@ def _measure_job(plan: BenchPlan, preset, base, tokens: int, progress, task):
 
 
 def _measure_backend(plan: BenchPlan, base, tokens: int, backend: str, dense_compiled,
-                     common, progress, task) -> tuple[list[dict[str, Any]], dict[str, float]]:
+                     common, progress, task, log) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """The rows of one backend's two layouts, and the dense median seconds of each
-    pass timed beside them."""
-    from fusedmoe.bench.timing import paired_ratio, time_side_by_side
+    pass timed beside them. A layout that does not compile or runs out of memory
+    (:func:`fusedmoe.bench.timing.is_out_of_memory`) gets a skipped row."""
+    from fusedmoe.bench.timing import first_line, paired_ratio, time_side_by_side
 
     flops = expert_flops(base, tokens)
     layers = {}
@@ -302,12 +316,23 @@ def _measure_backend(plan: BenchPlan, base, tokens: int, backend: str, dense_com
             try:
                 candidates[layout] = ((fwd, both)[index].lower(*args).compile(), args)
             except Exception as exc:  # one backend out of memory must not end the run
-                reason = f"did not compile: {str(exc).strip().splitlines()[0][:200]}"
                 rows.append({**common, "backend": backend, "layout": layout,
-                             "pass": pass_name, "skipped": reason})
-        timings = time_side_by_side(candidates, repeats=plan.repeats)
-        dense_timing = timings.pop("dense")
-        dense[pass_name] = dense_timing.median
+                             "pass": pass_name, "skipped": f"did not compile: {first_line(exc)}"})
+                log(rows[-1])
+        failures: dict[str, BaseException] = {}
+        timings = time_side_by_side(candidates, repeats=plan.repeats, failures=failures)
+        ran_out = {name: f"did not run: {first_line(exc)}" for name, exc in failures.items()}
+        dense_timing = timings.pop("dense", None)
+        if dense_timing is None:  # nothing to compare the layouts with
+            why = ran_out.pop("dense")
+            ran_out.update({layout: f"dense reference {why}" for layout in timings})
+            timings = {}
+        else:
+            dense[pass_name] = dense_timing.median
+        for layout, reason in ran_out.items():
+            rows.append({**common, "backend": backend, "layout": layout,
+                         "pass": pass_name, "skipped": reason})
+            log(rows[-1])
         for layout, timing in timings.items():
             config = layers[layout][0]
             pass_flops = flops * (1 if pass_name == "forward" else 3)
@@ -323,28 +348,43 @@ def _measure_backend(plan: BenchPlan, base, tokens: int, backend: str, dense_com
                 "grouped_matmuls": layer_grouped_matmuls(config, pass_name == "forward"),
                 **_xla_costs(candidates[layout][0]),
             })
+            log(rows[-1])
     return rows, dense
 
 
 def run_plan(plan: BenchPlan) -> list[dict[str, Any]]:
-    """Measure every (preset, dtype, backend, layout, pass) row of ``plan``."""
+    """Measure every (preset, dtype, backend, layout, pass) row of ``plan``,
+    printing each row as it is measured and, with ``plan.json_path``, writing
+    the rows so far (``complete`` false) after every backend and every job."""
     import gc
 
     import jax
+    from rich.console import Console
     from rich.progress import Progress
 
     from fusedmoe.config import MoEConfig
 
     rows: list[dict[str, Any]] = []
     jobs = [(p, d) for p in plan.presets for d in plan.dtypes]
-    with Progress(transient=True) as progress:
+    # Wide enough for a row's line also when the output is a log file (80 columns).
+    console = Console(width=max(160, Console().width))
+    with Progress(transient=True, console=console) as progress:
+
+        def log(row):
+            progress.console.print(row_line(row), highlight=False)
+
+        def save(job_rows):
+            if plan.json_path:
+                write_json(plan.json_path, rows + job_rows, plan, complete=False)
+
         steps = len(plan.backends) * len(PASSES) + plan.peer
         task = progress.add_task("fusedmoe bench", total=len(jobs) * steps)
         for preset_name, dtype in jobs:
             preset = PRESETS[preset_name]
             tokens = plan.tokens or preset.tokens
             base = MoEConfig(**preset.config, dtype=dtype, weight_dtype=dtype)
-            job_rows, dense = _measure_job(plan, preset, base, tokens, progress, task)
+            job_rows, dense = _measure_job(plan, preset, base, tokens, progress, task, log,
+                                           save)
             gc.collect()
             if plan.peer:
                 progress.update(task, description=f"{preset_name} {dtype}: transformers peer")
@@ -352,8 +392,21 @@ def run_plan(plan: BenchPlan) -> list[dict[str, Any]]:
                 progress.advance(task)
             _add_speedups(job_rows)
             rows += job_rows
+            save([])
             jax.clear_caches()
     return rows
+
+
+def row_line(row: dict[str, Any]) -> str:
+    """One row as the line printed when it is measured."""
+    if row.get("skip_scope") == "backend":
+        return f"  {row['preset']} {row['dtype']} {row['backend']}: skipped: {row['skipped']}"
+    head = (f"  {row['preset']:<11} {row['dtype']:<8} {row['backend']:>10} "
+            f"{row['layout']:>7} {row['pass']:<16}")
+    if "skipped" in row:
+        return f"{head} skipped: {row['skipped']}"
+    return (f"{head} {row['median_s'] * 1e3:9.1f} ms  {row['ratio_to_dense']:.2f}x dense "
+            f"(paired {row['ratio_to_dense_paired']:.2f})")
 
 
 def _add_peer(rows, preset, config, tokens: int, dense, repeats: int) -> None:
@@ -475,12 +528,15 @@ def _environment() -> dict[str, Any]:
     }
 
 
-def write_json(path: str, rows: list[dict[str, Any]], plan: BenchPlan) -> None:
-    """Write atomically (:func:`fusedmoe.atomic.write_json`)."""
+def write_json(path: str, rows: list[dict[str, Any]], plan: BenchPlan,
+               complete: bool = True) -> None:
+    """Write atomically (:func:`fusedmoe.atomic.write_json`: a temporary file
+    beside ``path``, renamed over it). ``complete`` is false in the files written
+    while the run goes on."""
     from fusedmoe.atomic import write_json as write_json_atomic
 
     write_json_atomic(path, {"environment": _environment(), "plan": dataclasses.asdict(plan),
-                             "rows": rows})
+                             "complete": complete, "rows": rows})
 
 
 def write_plot(path: str, rows: list[dict[str, Any]]) -> None:

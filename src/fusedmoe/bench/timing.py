@@ -78,25 +78,68 @@ def time_side_by_side(
     warmup: int = 1,
     repeats: int = 5,
     max_total_s: float | None = None,
+    failures: dict[str, BaseException] | None = None,
 ) -> dict[str, Timing]:
     """Time several ``name -> (fn, args)`` round-robin: repeat r runs every
     candidate once before repeat r+1, so background load affects them alike.
     ``max_total_s`` bounds each candidate's timed calls (see :func:`time_fn`);
-    a candidate past its bound drops out of later rounds."""
+    a candidate past its bound drops out of later rounds.
+
+    ``failures``: when given, a candidate whose call runs out of memory
+    (:func:`is_out_of_memory`; compiling counts, it happens in the first call)
+    drops out instead of ending the run: its exception goes into ``failures``
+    and it has no :class:`Timing` in the result. Other errors propagate."""
     if warmup < 1 or repeats < 1:
         raise ValueError(f"warmup and repeats must be >= 1, got {warmup} and {repeats}")
+    failed = failures if failures is not None else {}
+
+    def call(name: str) -> float | None:
+        fn, args = candidates[name]
+        try:
+            return _call(fn, args)
+        except Exception as exc:
+            if failures is None or not is_out_of_memory(exc):
+                raise
+            failed[name] = exc
+            return None
+
     first: dict[str, float] = {}
-    for name, (fn, args) in candidates.items():
-        first[name] = _call(fn, args)
-        for _ in range(warmup - 1):
-            _call(fn, args)
+    for name in candidates:
+        for i in range(warmup):
+            seconds = call(name)
+            if seconds is None:
+                break
+            if i == 0:
+                first[name] = seconds
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
-        for name, (fn, args) in candidates.items():
+        for name in candidates:
+            if name in failed:
+                continue
             if max_total_s is not None and times[name] and sum(times[name]) >= max_total_s:
                 continue
-            times[name].append(_call(fn, args))
-    return {name: Timing(tuple(times[name]), first[name]) for name in candidates}
+            seconds = call(name)
+            if seconds is not None:
+                times[name].append(seconds)
+    return {
+        name: Timing(tuple(times[name]), first[name]) for name in candidates if name not in failed
+    }
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: XLA's ``RESOURCE_EXHAUSTED``
+    (``jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying
+    to allocate 34.00GiB`` on a GPU) or Python's ``MemoryError``."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of ``exc``'s message (its class name if it has none), cut
+    to ``limit`` characters: the reason a benchmark row was skipped."""
+    return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:limit]
 
 
 def ratio(candidate: Timing, reference: Timing) -> float:

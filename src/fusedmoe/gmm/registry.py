@@ -53,15 +53,23 @@ def auto_backend(platform: str | None = None, dtype=None) -> str:
       bf16 dots use the CPU's bf16 instructions where ``cpu_kernel`` computes
       in f32 (``ragged_dot`` lowers to a masked dense product on CPU, G x the
       FLOPs; docs/backends.md has the measurements).
-    - GPU: ``tokamax`` when installed and its kernels run here (Triton/Mosaic
-      GPU; its ``unavailable_reason`` runs a small product once), else ``tiled``,
-      which beat ``ragged_dot`` on an H200 in 12 of 16 benchmark cells, and
-      whose memory does not grow with G x rows as ``ragged_dot``'s expansion does.
+    - GPU: for 16-bit inputs (bf16, f16) ``tokamax`` when installed and its
+      kernels run here (its ``unavailable_reason`` runs a small product once),
+      else ``tiled``. f32 and other inputs take ``tiled``: tokamax's GPU kernels
+      are 16-bit only, and its f32 fallback ran 2x (forward) to 3.3x
+      (forward+backward) ``tiled``'s time at G=64 on an H200. ``tiled`` beat
+      ``ragged_dot`` there in 12 of 16 benchmark cells, and its memory does not
+      grow with G x rows as ``ragged_dot``'s expansion does.
     """
     platform = platform or jax.default_backend()
     if platform == "tpu":
         return "megablox"
-    if platform in ("gpu", "cuda", "rocm") and _load("tokamax").unavailable_reason() is None:
+    sixteen_bit = dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    if (
+        platform in ("gpu", "cuda", "rocm")
+        and sixteen_bit
+        and _load("tokamax").unavailable_reason() is None
+    ):
         return "tokamax"
     f32 = dtype is None or jnp.dtype(dtype) == jnp.float32
     if platform == "cpu" and f32 and _load("cpu_kernel").unavailable_reason() is None:

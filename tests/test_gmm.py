@@ -373,18 +373,19 @@ def test_under_jit_and_checkpoint(backend):
     assert_close(grads[1], rdw, jnp.float32)
 
 
-@pytest.mark.parametrize(
-    ("dtype", "expected"),
-    [(jnp.float32, "cpu_kernel"), (jnp.bfloat16, "tiled"), (jnp.float16, "tiled")],
-)
-def test_auto_on_cpu_by_dtype(dtype, expected):
-    # f32 takes the compiled kernel where it can run; other dtypes (computed in
-    # f32 by the kernel) take tiled.
+@pytest.mark.parametrize("pairs", [False, True], ids=["widens-bf16", "bf16-pairs"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_auto_on_cpu_by_dtype(dtype, pairs, monkeypatch):
+    # f32 takes the compiled kernel where it can run; bf16 only a build that
+    # multiplies bf16 pairs; other dtypes take tiled.
+    from fusedmoe.gmm import cpu_kernel
     from fusedmoe.gmm.registry import auto_backend
 
-    if expected == "cpu_kernel" and available_backends()["cpu_kernel"] is not None:
-        expected = "tiled"
-    assert auto_backend("cpu", dtype) == expected
+    kernel_runs = available_backends()["cpu_kernel"] is None
+    assert cpu_kernel.multiplies_bf16_pairs() == (kernel_runs and cpu_kernel._isa() == "avx512bf16")
+    monkeypatch.setattr(cpu_kernel, "multiplies_bf16_pairs", lambda: pairs and kernel_runs)
+    takes_kernel = dtype == jnp.float32 or (dtype == jnp.bfloat16 and pairs)
+    assert auto_backend("cpu", dtype) == ("cpu_kernel" if takes_kernel and kernel_runs else "tiled")
 
 
 def _fake_tokamax(monkeypatch, ragged_dot_general):

@@ -115,6 +115,12 @@ def _isa() -> str:
     return next((isa for isa in reversed(_ISAS) if _cpu_has(isa)), "avx2")
 
 
+def multiplies_bf16_pairs() -> bool:
+    """Whether the build this process loaded multiplies bf16 inputs as bf16 pairs
+    (``avx512bf16``) rather than widening them to f32; False if none loads."""
+    return unavailable_reason() is None and _load() == "avx512bf16"
+
+
 def _flags() -> tuple[str, ...]:
     return _FLAGS + _ISA_FLAGS[_isa()]
 
@@ -131,10 +137,11 @@ def _compiler_version(cxx: str) -> str:
     return result.stdout.splitlines()[0] if result.stdout else cxx
 
 
-def _build(cxx: str) -> Path:
-    """Compile the kernel once per (source, flags, compiler, jaxlib); return the library."""
+def _build(cxx: str, isa: str | None = None) -> Path:
+    """Compile the kernel once per (source, flags, compiler, jaxlib) for ``isa``
+    (default :func:`_isa`); return the library."""
     include = jax.ffi.include_dir()
-    flags = _flags()
+    flags = _FLAGS + _ISA_FLAGS[isa or _isa()]
     inputs = [_SOURCE.read_text(), *flags, _compiler_version(cxx), include, jax.__version__]
     key = hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:16]
     library = _cache_dir() / f"cpu_kernel-{key}.so"
@@ -160,16 +167,19 @@ def _build(cxx: str) -> Path:
 
 
 @functools.cache
-def _load() -> None:
-    """Compile (or find) the kernel and register its FFI targets with jax, once."""
+def _load() -> str:
+    """Compile (or find) the kernel and register its FFI targets with jax, once;
+    return the build's instruction set (:func:`_isa` when first called)."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
-    library = ctypes.CDLL(str(_build(cxx)))
+    isa = _isa()
+    library = ctypes.CDLL(str(_build(cxx, isa)))
     for symbol in _TARGETS.values():
         jax.ffi.register_ffi_target(
             symbol, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
         )
+    return isa
 
 
 @functools.cache

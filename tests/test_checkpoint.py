@@ -476,3 +476,23 @@ def test_hf_sharded_checkpoint(tmp_path):
                   str(sharded / f"model-0000{i + 1}-of-00002.safetensors"))
     _assert_equal_dicts(orbax_io.module_state(hf.load_moe_layer(sharded, 1, fused_moe_mlp=False)),
                         orbax_io.module_state(whole))
+
+
+def test_atomic_files_get_the_mode_open_would_give(tmp_path):
+    # mkstemp makes its temporaries 0600; the renamed file must not stay that
+    # private (benchmark JSON, plots, checkpoints are meant to be shared).
+    from fusedmoe.atomic import write_json
+
+    umask = os.umask(0o022)
+    try:
+        import fusedmoe.atomic as atomic
+
+        old_mode = atomic._FILE_MODE
+        atomic._FILE_MODE = atomic._file_mode()
+        try:
+            write_json(tmp_path / "rows.json", {"a": 1})
+        finally:
+            atomic._FILE_MODE = old_mode
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "rows.json").stat().st_mode & 0o777 == 0o644

@@ -101,7 +101,8 @@ def test_mesh_equals_single_device(runs, shape, fused):
 
 
 # "auto" is the CPU default (cpu_kernel for these f32 tests, tiled where it
-# cannot be built); tiled is the default for bf16 and on GPU without tokamax.
+# cannot be built); tiled is also what "auto" takes for f32 on GPU, and for
+# bf16 where cpu_kernel does not multiply bf16 pairs or tokamax cannot run.
 CPU_BACKENDS = ["auto", "tiled"]
 
 

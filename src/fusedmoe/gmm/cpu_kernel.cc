@@ -19,8 +19,9 @@
 // Loops, outside in: column block (NC) -> contraction block (KC, pack B into a
 // KC x NC buffer) -> row block (MC, pack A) -> NR-column panel -> MR-row
 // sliver -> the MR x NR register tile over KC. Packing copies the operands
-// into the order the register tile reads them (and converts bf16 to f32), so
-// the tile's loads are sequential whatever the strides. Accumulation is f32.
+// into the order the register tile reads them (and converts bf16 to f32, or
+// keeps it as bf16 pairs where the CPU multiplies those: kBf16Pairs), so the
+// tile's loads are sequential whatever the strides. Accumulation is f32.
 //
 // Threads split each product's output COLUMNS: thread t owns columns
 // [n_lo, n_hi) of every group's output, so no two threads write the same
@@ -198,11 +199,7 @@ enum class Store {
 constexpr int64_t kStepsPerPrefetch = 4;
 constexpr int64_t kPrefetchesPerTile = (KC + kStepsPerPrefetch - 1) / kStepsPerPrefetch;
 
-// The register tile: acc[MR x NR] = sum_p a[p][:] (x) b[p][:], then stored to
-// c. Only the top-left rows x cols of it are written. It also prefetches the
-// `prefetches` lines at `prefetch` (at most kPrefetchesPerTile), one every
-// kStepsPerPrefetch steps.
-
+// Steps p0..p1 of the register tile, into acc.
 inline void tile_steps(int64_t p0, int64_t p1, const float* a, const float* b, vec (&acc)[MR][2]) {
   for (int64_t p = p0; p < p1; ++p) {
     vec b0, b1;
@@ -251,7 +248,10 @@ inline void store_tile(const vec (&acc)[MR][2], float* c, int64_t ldc, Store sto
       c[i * ldc + j] = store == Store::kAccumulate ? c[i * ldc + j] + out[i][j] : out[i][j];
 }
 
-
+// The register tile: acc[MR x NR] = sum_p a[p][:] (x) b[p][:], then stored to
+// c. Only the top-left rows x cols of it are written. It also prefetches the
+// `prefetches` lines at `prefetch` (at most kPrefetchesPerTile), one every
+// kStepsPerPrefetch steps.
 void tile(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, Store store,
           int64_t rows, int64_t cols, const char* const* prefetch = nullptr, int64_t prefetches = 0) {
   vec acc[MR][2] = {};

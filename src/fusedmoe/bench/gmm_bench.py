@@ -343,13 +343,14 @@ def run(args) -> int:
     from rich.console import Console
 
     from fusedmoe import allocator
+    from fusedmoe.gmm import cpu_kernel
 
     console = Console(width=max(Console().width, 100))
     console.print(
         f"bench-gmm on {jax.default_backend()} ({jax.devices()[0].device_kind}): "
         f"M={opts['m']} K={opts['k']} N={opts['n']} G={opts['groups']} "
         f"dtypes={opts['dtypes']} repeats={opts['repeats']} "
-        f"malloc: {allocator.status()}"
+        f"malloc: {allocator.status()}; cpu_kernel: {cpu_kernel.build_name()}"
     )
 
     def log(row):
@@ -368,7 +369,7 @@ def run(args) -> int:
         write_json(
             opts["json"],
             {"command": " ".join(["fusedmoe", *sys.argv[1:]]), "jax": jax.__version__,
-             "malloc": allocator.status(),
+             "malloc": allocator.status(), "cpu_kernel": cpu_kernel.build_name(),
              "rows": rows},
         )
         console.print(f"wrote {opts['json']}")

@@ -476,10 +476,12 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     from fusedmoe import allocator
+    from fusedmoe.gmm import cpu_kernel
 
     table = Table(title="fusedmoe bench: MoE layer vs the dense GEMMs of equal FLOPs "
                         "(ratio = layer time / dense time, same process; "
-                        f"malloc: {allocator.status()})")
+                        f"malloc: {allocator.status()}; "
+                        f"cpu_kernel: {cpu_kernel.build_name()})")
     columns = ("preset", "dtype", "backend", "layout", "pass", "median (min-max)",
                "GFLOP/s", "x dense (paired)", "fused speed-up (paired)", "peer x dense",
                "gmm ops", "XLA GFLOP", "XLA bytes", "peak mem")
@@ -518,6 +520,7 @@ def _environment() -> dict[str, Any]:
     import jax
 
     from fusedmoe import allocator
+    from fusedmoe.gmm import cpu_kernel
 
     return {
         "jax": jax.__version__, "platform": jax.default_backend(),
@@ -525,6 +528,7 @@ def _environment() -> dict[str, Any]:
         "python": platform.python_version(), "machine": platform.machine(),
         "command": " ".join(["fusedmoe", *sys.argv[1:]]),
         "malloc": allocator.status(),
+        "cpu_kernel": cpu_kernel.build_name(),
     }
 
 

@@ -115,6 +115,13 @@ def _isa() -> str:
     return next((isa for isa in reversed(_ISAS) if _cpu_has(isa)), "avx2")
 
 
+def build_name() -> str:
+    """The instruction set of the build this process loaded (``avx512bf16``,
+    ``avx512``, ``avx2``), or why none loads: for benchmark records."""
+    reason = unavailable_reason()
+    return _load() if reason is None else f"unavailable ({reason})"
+
+
 def multiplies_bf16_pairs() -> bool:
     """Whether the build this process loaded multiplies bf16 inputs as bf16 pairs
     (``avx512bf16``) rather than widening them to f32; False if none loads."""

@@ -54,27 +54,34 @@ def test_bench_lists_unrunnable_backends_as_skipped(tmp_path):
 def test_bench_row_that_fails_to_compile_is_skipped_not_fatal(tmp_path, monkeypatch):
     # On a GPU, ragged_dot's dense expansion at real sizes runs out of memory in
     # compilation: that row says so and the others are still timed.
-    from fusedmoe.bench import moe_bench
-
-    real_layer_fns = moe_bench._layer_fns
-
     class OutOfMemory:
         def lower(self, *args):
             raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 64 GiB\nmore")
 
-    def layer_fns(config, tokens):
-        fwd, both, args = real_layer_fns(config, tokens)
-        return (fwd, OutOfMemory(), args) if config.fused_moe_mlp else (fwd, both, args)
-
-    monkeypatch.setattr(moe_bench, "_layer_fns", layer_fns)
-    out_json = tmp_path / "rows.json"
-    assert main([*TINY_BENCH, "--json", str(out_json)]) == 0
-    rows = {(r["layout"], r["pass"]): r for r in json.loads(out_json.read_text())["rows"]}
+    payload = _bench_with_fused_backward(OutOfMemory(), tmp_path, monkeypatch)
+    rows = {(r["layout"], r["pass"]): r for r in payload["rows"]}
     failed = rows["fused", "forward+backward"]
     assert failed["skipped"] == (
         "did not compile: RESOURCE_EXHAUSTED: Out of memory allocating 64 GiB")
     assert "median_s" in rows["unfused", "forward+backward"]
     assert "fused_speedup" in rows["fused", "forward"]
+
+
+def _bench_with_fused_backward(replacement, tmp_path, monkeypatch) -> dict:
+    """Run the tiny layer bench with the fused forward+backward program replaced
+    by ``replacement`` (jitted-function-like); return the JSON it wrote."""
+    from fusedmoe.bench import moe_bench
+
+    real_layer_fns = moe_bench._layer_fns
+
+    def layer_fns(config, tokens):
+        fwd, both, args = real_layer_fns(config, tokens)
+        return (fwd, replacement, args) if config.fused_moe_mlp else (fwd, both, args)
+
+    monkeypatch.setattr(moe_bench, "_layer_fns", layer_fns)
+    out_json = tmp_path / "rows.json"
+    assert main([*TINY_BENCH, "--json", str(out_json)]) == 0
+    return json.loads(out_json.read_text())
 
 
 def _out_of_memory(gib: str):
@@ -86,10 +93,6 @@ def _out_of_memory(gib: str):
 
 def test_bench_row_that_runs_out_of_memory_is_skipped_not_fatal(tmp_path, monkeypatch):
     # The same when the compiled program runs out of memory when it is run.
-    from fusedmoe.bench import moe_bench
-
-    real_layer_fns = moe_bench._layer_fns
-
     class RunsOutOfMemory:
         def lower(self, *args):
             return self
@@ -100,14 +103,7 @@ def test_bench_row_that_runs_out_of_memory_is_skipped_not_fatal(tmp_path, monkey
         def __call__(self, *args):
             raise _out_of_memory("64.00")
 
-    def layer_fns(config, tokens):
-        fwd, both, args = real_layer_fns(config, tokens)
-        return (fwd, RunsOutOfMemory(), args) if config.fused_moe_mlp else (fwd, both, args)
-
-    monkeypatch.setattr(moe_bench, "_layer_fns", layer_fns)
-    out_json = tmp_path / "rows.json"
-    assert main([*TINY_BENCH, "--json", str(out_json)]) == 0
-    payload = json.loads(out_json.read_text())
+    payload = _bench_with_fused_backward(RunsOutOfMemory(), tmp_path, monkeypatch)
     assert payload["complete"] is True
     rows = {(r["layout"], r["pass"]): r for r in payload["rows"]}
     assert rows["fused", "forward+backward"]["skipped"] == (

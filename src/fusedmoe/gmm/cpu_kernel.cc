@@ -248,23 +248,6 @@ inline void store_tile(const vec (&acc)[MR][2], float* c, int64_t ldc, Store sto
       c[i * ldc + j] = store == Store::kAccumulate ? c[i * ldc + j] + out[i][j] : out[i][j];
 }
 
-// The register tile: acc[MR x NR] = sum_p a[p][:] (x) b[p][:], then stored to
-// c. Only the top-left rows x cols of it are written. It also prefetches the
-// `prefetches` lines at `prefetch` (at most kPrefetchesPerTile), one every
-// kStepsPerPrefetch steps.
-void tile(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, Store store,
-          int64_t rows, int64_t cols, const char* const* prefetch = nullptr, int64_t prefetches = 0) {
-  vec acc[MR][2] = {};
-  int64_t p = 0;
-  for (int64_t f = 0; f < prefetches; ++f, p += kStepsPerPrefetch) {
-    _mm_prefetch(prefetch[f], _MM_HINT_T0);
-    tile_steps(p, std::min(kc, p + kStepsPerPrefetch), a, b, acc);
-  }
-  tile_steps(std::min(p, kc), kc, a, b, acc);
-  store_tile(acc, c, ldc, store, rows, cols);
-}
-
-
 // bf16 inputs on a CPU with AVX-512 BF16 (compiled with -mavx512bf16 where
 // /proc/cpuinfo lists avx512_bf16): the register tile multiplies bf16 pairs
 // with vdpbf16ps, c[j] += a[2p]*b[2p][j] + a[2p+1]*b[2p+1][j] in f32, twice
@@ -364,17 +347,25 @@ void tile_pair_steps(int64_t q0, int64_t q1, const Word* a, const Word* b, vec (
   }
 }
 
-// The register tile over kp packed pairs (the f32 tile's counterpart).
-template <typename Word>
-void tile_pairs(int64_t kp, const Word* a, const Word* b, float* c, int64_t ldc, Store store,
-                int64_t rows, int64_t cols, const char* const* prefetch, int64_t prefetches) {
+// The register tile: acc[MR x NR] = sum_p a[p][:] (x) b[p][:] over `steps`
+// packed contraction steps (f32 values, or bf16 pairs), then stored to c.
+// Only the top-left rows x cols of it are written. It also prefetches the
+// `prefetches` lines at `prefetch` (at most kPrefetchesPerTile), one every
+// kStepsPerPrefetch steps.
+template <typename Packed>
+void tile(int64_t steps, const Packed* a, const Packed* b, float* c, int64_t ldc, Store store,
+          int64_t rows, int64_t cols, const char* const* prefetch, int64_t prefetches) {
   vec acc[MR][2] = {};
-  int64_t q = 0;
-  for (int64_t f = 0; f < prefetches; ++f, q += kStepsPerPrefetch) {
+  auto run = [&](int64_t p0, int64_t p1) {
+    if constexpr (std::is_same_v<Packed, float>) tile_steps(p0, p1, a, b, acc);
+    else tile_pair_steps(p0, p1, a, b, acc);
+  };
+  int64_t p = 0;
+  for (int64_t f = 0; f < prefetches; ++f, p += kStepsPerPrefetch) {
     _mm_prefetch(prefetch[f], _MM_HINT_T0);
-    tile_pair_steps(std::min(q, kp), std::min(kp, q + kStepsPerPrefetch), a, b, acc);
+    run(std::min(p, steps), std::min(steps, p + kStepsPerPrefetch));
   }
-  tile_pair_steps(std::min(q, kp), kp, a, b, acc);
+  run(std::min(p, steps), steps);
   store_tile(acc, c, ldc, store, rows, cols);
 }
 
@@ -486,8 +477,8 @@ void gemm_f32(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, float* 
             float* out = c + (ic + ir) * ldc + jc + jr;
             const int64_t tile_rows = std::min(MR, mc - ir), tile_cols = std::min(NR, nc - jr);
             if constexpr (pairs)
-              tile_pairs(steps, bufs.a2.data() + ir * steps, bufs.b2.data() + jr * steps, out, ldc,
-                         store, tile_rows, tile_cols, addresses, count);
+              tile(steps, bufs.a2.data() + ir * steps, bufs.b2.data() + jr * steps, out, ldc, store,
+                   tile_rows, tile_cols, addresses, count);
             else
               tile(steps, bufs.a.data() + ir * steps, bufs.b.data() + jr * steps, out, ldc, store,
                    tile_rows, tile_cols, addresses, count);

@@ -128,8 +128,9 @@ def multiplies_bf16_pairs() -> bool:
     return unavailable_reason() is None and _load() == "avx512bf16"
 
 
-def _flags() -> tuple[str, ...]:
-    return _FLAGS + _ISA_FLAGS[_isa()]
+def _flags(isa: str | None = None) -> tuple[str, ...]:
+    """The compiler flags of the build for ``isa`` (default :func:`_isa`)."""
+    return _FLAGS + _ISA_FLAGS[isa or _isa()]
 
 
 def _cache_dir() -> Path:
@@ -148,7 +149,7 @@ def _build(cxx: str, isa: str | None = None) -> Path:
     """Compile the kernel once per (source, flags, compiler, jaxlib) for ``isa``
     (default :func:`_isa`); return the library."""
     include = jax.ffi.include_dir()
-    flags = _FLAGS + _ISA_FLAGS[isa or _isa()]
+    flags = _flags(isa)
     inputs = [_SOURCE.read_text(), *flags, _compiler_version(cxx), include, jax.__version__]
     key = hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:16]
     library = _cache_dir() / f"cpu_kernel-{key}.so"

@@ -173,7 +173,9 @@ def test_bench_gmm_row_out_of_memory_is_skipped_and_the_run_goes_on(tmp_path, mo
     args = ["bench-gmm", "--quick", "--groups", "8", "--dtype", "f32", "--dist", "balanced",
             "--backend", "tiled,ragged_dot", "--repeats", "1", "--json", str(out_json)]
     assert main(args) == 0
-    rows = {(r["backend"], r["mode"]): r for r in json.loads(out_json.read_text())["rows"]}
+    payload = json.loads(out_json.read_text())
+    assert payload["complete"] is True
+    rows = {(r["backend"], r["mode"]): r for r in payload["rows"]}
     assert set(rows) == {(b, m) for b in ("tiled", "ragged_dot") for m in ("fwd", "fwdbwd")}
     assert rows["ragged_dot", "fwdbwd"]["skipped"] == (
         "did not run: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 34.00GiB.")
@@ -181,6 +183,33 @@ def test_bench_gmm_row_out_of_memory_is_skipped_and_the_run_goes_on(tmp_path, mo
         assert rows[key]["skipped"] is None and rows[key]["ratio"] > 0
     out = " ".join(capsys.readouterr().out.split())
     assert "ragged_dot fwdbwd float32 G=8 balanced skipped: did not run: RESOURCE_EXHAUSTED" in out
+
+
+def test_bench_gmm_stopped_run_keeps_its_json(tmp_path, monkeypatch):
+    # Stopped by a time limit (here: interrupted when the forward+backward case
+    # starts), bench-gmm keeps the rows it measured, marked incomplete.
+    from fusedmoe.bench import gmm_bench
+
+    real_programs = gmm_bench._programs
+
+    def programs(backend, dtype):
+        fwd, fwdbwd = real_programs(backend, dtype)
+
+        def interrupted(*args):
+            raise KeyboardInterrupt
+
+        return fwd, interrupted
+
+    monkeypatch.setattr(gmm_bench, "_programs", programs)
+    out_json = tmp_path / "gmm.json"
+    args = ["bench-gmm", "--quick", "--groups", "8", "--dtype", "f32", "--dist", "balanced",
+            "--backend", "tiled", "--repeats", "1", "--json", str(out_json)]
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    payload = json.loads(out_json.read_text())
+    assert payload["complete"] is False
+    assert [(r["backend"], r["mode"]) for r in payload["rows"]] == [("tiled", "fwd")]
+    assert payload["rows"][0]["ratio"] > 0
 
 
 @pytest.mark.parametrize(

@@ -353,6 +353,18 @@ def run(args) -> int:
         f"malloc: {allocator.status()}; cpu_kernel: {cpu_kernel.build_name()}"
     )
 
+    measured: list[dict] = []
+
+    def save(complete: bool) -> None:
+        # Rewritten (atomically) after every row, "complete" false until the
+        # end: a run stopped by a time limit keeps what it measured.
+        write_json(
+            opts["json"],
+            {"command": " ".join(["fusedmoe", *sys.argv[1:]]), "jax": jax.__version__,
+             "malloc": allocator.status(), "cpu_kernel": cpu_kernel.build_name(),
+             "complete": complete, "rows": measured},
+        )
+
     def log(row):
         head = (f"  {row['backend']:>10} {row['mode']:>6} {row['dtype']:>8} "
                 f"G={row['groups']:<3} {row['dist']:<8}")
@@ -360,18 +372,16 @@ def run(args) -> int:
             console.print(f"{head} {row['ratio']:.2f}x dense", highlight=False)
         elif row.get("skip_scope") == "row":  # a failure; unrunnable backends come at the end
             console.print(f"{head} skipped: {row['skipped']}", highlight=False)
+        measured.append(row)
+        if opts["json"]:
+            save(complete=False)
 
     rows = run_cases(opts, log)
     console.print(render_table(rows))
     for line in skipped_lines(rows):
         console.print(line, highlight=False)
     if opts["json"]:
-        write_json(
-            opts["json"],
-            {"command": " ".join(["fusedmoe", *sys.argv[1:]]), "jax": jax.__version__,
-             "malloc": allocator.status(), "cpu_kernel": cpu_kernel.build_name(),
-             "rows": rows},
-        )
+        save(complete=True)
         console.print(f"wrote {opts['json']}")
     return 0
 

@@ -66,3 +66,15 @@ def test_side_by_side_drops_a_candidate_out_of_memory_and_times_the_rest():
     with pytest.raises(ValueError, match="a bug"):
         time_side_by_side({"bug": (bug, ())}, 1, 1, failures={})
     assert is_out_of_memory(MemoryError()) and not is_out_of_memory(ValueError("x"))
+
+
+def test_skip_reasons_name_the_failure_and_a_failed_reference():
+    from fusedmoe.bench.timing import Timing, skip_reasons
+
+    oom = MemoryError("RESOURCE_EXHAUSTED: Out of memory\nmore")
+    timed = {"dense": Timing((1.0,), 1.0), "tiled": Timing((2.0,), 2.0)}
+    assert skip_reasons({"cpu_kernel": oom}, timed) == {
+        "cpu_kernel": "did not run: RESOURCE_EXHAUSTED: Out of memory"}
+    # The reference ran out: every timed candidate lacks its ratio too.
+    assert skip_reasons({"dense": oom}, {"tiled": Timing((2.0,), 2.0)}) == {
+        "tiled": "dense reference did not run: RESOURCE_EXHAUSTED: Out of memory"}

@@ -218,7 +218,7 @@ def run_cases(opts: dict, log=print) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
 
-    from fusedmoe.bench.timing import dense_flops, first_line, paired_ratio, time_side_by_side
+    from fusedmoe.bench.timing import dense_flops, paired_ratio, skip_reasons, time_side_by_side
 
     platform = jax.default_backend()
     m, k, n = opts["m"], opts["k"], opts["n"]
@@ -259,11 +259,7 @@ def run_cases(opts: dict, log=print) -> list[dict]:
                     failures: dict[str, BaseException] = {}
                     timings = time_side_by_side(
                         candidates, 1, opts["repeats"], budget, failures=failures)
-                    ran_out = {name: f"did not run: {first_line(exc)}"
-                               for name, exc in failures.items()}
-                    if "dense" in ran_out:  # nothing left to compare with
-                        why = ran_out.pop("dense")
-                        ran_out.update({name: f"dense reference {why}" for name in timings})
+                    ran_out = skip_reasons(failures, timings)
                     ref = timings.get("dense")
                     common = {
                         "mode": mode, "dtype": dtype_name, "groups": g, "dist": dist,

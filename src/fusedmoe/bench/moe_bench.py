@@ -299,7 +299,7 @@ def _measure_backend(plan: BenchPlan, base, tokens: int, backend: str, dense_com
     """The rows of one backend's two layouts, and the dense median seconds of each
     pass timed beside them. A layout that does not compile or runs out of memory
     (:func:`fusedmoe.bench.timing.is_out_of_memory`) gets a skipped row."""
-    from fusedmoe.bench.timing import first_line, paired_ratio, time_side_by_side
+    from fusedmoe.bench.timing import first_line, paired_ratio, skip_reasons, time_side_by_side
 
     flops = expert_flops(base, tokens)
     layers = {}
@@ -321,11 +321,9 @@ def _measure_backend(plan: BenchPlan, base, tokens: int, backend: str, dense_com
                 log(rows[-1])
         failures: dict[str, BaseException] = {}
         timings = time_side_by_side(candidates, repeats=plan.repeats, failures=failures)
-        ran_out = {name: f"did not run: {first_line(exc)}" for name, exc in failures.items()}
+        ran_out = skip_reasons(failures, timings)
         dense_timing = timings.pop("dense", None)
         if dense_timing is None:  # nothing to compare the layouts with
-            why = ran_out.pop("dense")
-            ran_out.update({layout: f"dense reference {why}" for layout in timings})
             timings = {}
         else:
             dense[pass_name] = dense_timing.median

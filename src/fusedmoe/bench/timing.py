@@ -136,6 +136,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
+def skip_reasons(failures: dict[str, BaseException], timings: dict[str, Timing],
+                 reference: str = "dense") -> dict[str, str]:
+    """Why each candidate of :func:`time_side_by_side` has no ratio: ``did not
+    run: <first line>`` for those in ``failures``; if the ``reference`` itself
+    failed, every candidate that was timed, since nothing is left to compare with."""
+    reasons = {name: f"did not run: {first_line(exc)}" for name, exc in failures.items()}
+    if reference in reasons:
+        why = reasons.pop(reference)
+        reasons.update({name: f"{reference} reference {why}" for name in timings})
+    return reasons
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of ``exc``'s message (its class name if it has none), cut
     to ``limit`` characters: the reason a benchmark row was skipped."""

@@ -231,7 +231,9 @@ def test_tiled_last_group_ends_at_m():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_cpu_kernel_every_block_path(dtype):
     # The kernel's loops at sizes that reach each of their paths: groups over
-    # the 144-row block (300) and under one register tile (1, 5); N past one
+    # the 144-row block (300) and under one register tile (1, 5), and group
+    # ends that leave every row count of a part tile (1-7 rows of the AVX-512
+    # build's 8, 1-5 of the AVX2 build's 6); N past one
     # 1024-column block, ending in a part panel (1040 = 65 x 16 = 32.5 x 32); K past one
     # 256 contraction block (520), so the output accumulates, and bf16 output
     # goes through the f32 scratch; dX packs the weight transposed (8 x 8
@@ -239,7 +241,7 @@ def test_cpu_kernel_every_block_path(dtype):
     # of 300 rows accumulated; empty groups give zero slabs; 3 rows past the
     # groups give zeros.
     _skip_unavailable("cpu_kernel")
-    sizes = [300, 0, 1, 64, 5, 0]
+    sizes = [300, 0, 1, 64, 5, 0, 2, 3, 6, 7, 10]
     x, w, c, gs = make_inputs(sum(sizes) + 3, 520, 1040, sizes, dtype, seed=11)
     check_all("cpu_kernel", x, w, c, gs, dtype)
     dw = fusedmoe.tgmm(x, c, gs, backend="cpu_kernel")
@@ -267,13 +269,13 @@ import numpy as np, jax, jax.numpy as jnp, fusedmoe
 from fusedmoe.gmm import cpu_kernel
 assert cpu_kernel._isa() == ISA, cpu_kernel._isa()
 rng = np.random.default_rng(0)
-sizes = np.array([300, 0, 1, 64, 5, 0], np.int32)
+sizes = np.array([300, 0, 1, 64, 5, 0, 2, 3, 6, 7, 10], np.int32)
 gs = jnp.asarray(sizes)
 arrays = {"sizes": sizes}
 for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
-    x = jnp.asarray(rng.standard_normal((373, 520)), dtype)
-    w = jnp.asarray(rng.standard_normal((6, 520, 1040)), dtype)
-    c = jnp.asarray(rng.standard_normal((373, 1040)), dtype)
+    x = jnp.asarray(rng.standard_normal((401, 520)), dtype)
+    w = jnp.asarray(rng.standard_normal((11, 520, 1040)), dtype)
+    c = jnp.asarray(rng.standard_normal((401, 1040)), dtype)
     out = fusedmoe.gmm(x, w, gs, backend="cpu_kernel", preferred_element_type=jnp.float32)
     dx = fusedmoe.gmm(c, jnp.swapaxes(w, 1, 2), gs, backend="cpu_kernel",
                       preferred_element_type=jnp.float32)

@@ -199,14 +199,16 @@ enum class Store {
 constexpr int64_t kStepsPerPrefetch = 4;
 constexpr int64_t kPrefetchesPerTile = (KC + kStepsPerPrefetch - 1) / kStepsPerPrefetch;
 
-// Steps p0..p1 of the register tile, into acc.
-inline void tile_steps(int64_t p0, int64_t p1, const float* a, const float* b, vec (&acc)[MR][2]) {
+// Steps p0..p1 of the register tile's top R rows, into acc. (A's packed
+// slivers hold MR rows per step whatever R is.)
+template <int R>
+inline void tile_steps(int64_t p0, int64_t p1, const float* a, const float* b, vec (&acc)[R][2]) {
   for (int64_t p = p0; p < p1; ++p) {
     vec b0, b1;
     std::memcpy(&b0, b + p * NR, sizeof(vec));
     std::memcpy(&b1, b + p * NR + kVec, sizeof(vec));
-#pragma GCC unroll 8  // all of MR: a partly unrolled loop spills the accumulators
-    for (int64_t i = 0; i < MR; ++i) {
+#pragma GCC unroll 8  // all of R: a partly unrolled loop spills the accumulators
+    for (int64_t i = 0; i < R; ++i) {
       const vec ai = a[p * MR + i] - vec{};  // broadcast
       acc[i][0] += ai * b0;
       acc[i][1] += ai * b1;
@@ -214,12 +216,13 @@ inline void tile_steps(int64_t p0, int64_t p1, const float* a, const float* b, v
   }
 }
 
-// Store a register tile's accumulators to c; only the top-left rows x cols.
-inline void store_tile(const vec (&acc)[MR][2], float* c, int64_t ldc, Store store, int64_t rows,
+// Store the accumulators of a tile's R rows to c; only the top-left rows x cols.
+template <int R>
+inline void store_tile(const vec (&acc)[R][2], float* c, int64_t ldc, Store store, int64_t rows,
                        int64_t cols) {
-  if (rows == MR && cols == NR) {  // a whole tile: vector stores
+  if (rows == R && cols == NR) {  // whole rows: vector stores
     const bool aligned = reinterpret_cast<uintptr_t>(c) % sizeof(vec) == 0 && ldc % kVec == 0;
-    for (int64_t i = 0; i < MR; ++i) {
+    for (int64_t i = 0; i < R; ++i) {
       for (int64_t h = 0; h < 2; ++h) {
         float* dst = c + i * ldc + kVec * h;
         vec v = acc[i][h];
@@ -241,7 +244,7 @@ inline void store_tile(const vec (&acc)[MR][2], float* c, int64_t ldc, Store sto
     }
     return;
   }
-  float out[MR][NR];
+  float out[R][NR];
   std::memcpy(out, acc, sizeof(out));
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j)
@@ -333,13 +336,13 @@ void pack_b_pairs(View<T> b, int64_t kc, int64_t nc, uint32_t* packed) {
   }
 }
 
-template <typename Word>
-void tile_pair_steps(int64_t q0, int64_t q1, const Word* a, const Word* b, vec (&acc)[MR][2]) {
+template <int R, typename Word>
+void tile_pair_steps(int64_t q0, int64_t q1, const Word* a, const Word* b, vec (&acc)[R][2]) {
   for (int64_t q = q0; q < q1; ++q) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + q * NR);
     const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + q * NR + kVec);
 #pragma GCC unroll 8
-    for (int64_t i = 0; i < MR; ++i) {
+    for (int64_t i = 0; i < R; ++i) {
       const __m512bh ai = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[q * MR + i]));
       acc[i][0] = (vec)_mm512_dpbf16_ps((__m512)acc[i][0], ai, b0);
       acc[i][1] = (vec)_mm512_dpbf16_ps((__m512)acc[i][1], ai, b1);
@@ -347,18 +350,23 @@ void tile_pair_steps(int64_t q0, int64_t q1, const Word* a, const Word* b, vec (
   }
 }
 
-// The register tile: acc[MR x NR] = sum_p a[p][:] (x) b[p][:] over `steps`
+// The register tile: acc[R x NR] = sum_p a[p][:R] (x) b[p][:] over `steps`
 // packed contraction steps (f32 values, or bf16 pairs), then stored to c.
 // Only the top-left rows x cols of it are written. It also prefetches the
 // `prefetches` lines at `prefetch` (at most kPrefetchesPerTile), one every
 // kStepsPerPrefetch steps.
-template <typename Packed>
+//
+// R is MR but for a group's last few rows, which get a tile of just as many
+// rows (row_tile below): groups are cut at arbitrary rows, and with ~64 rows
+// per group a full MR-row tile over the remainder computed ~5% of the
+// product's rows for nothing.
+template <typename Packed, int R>
 void tile(int64_t steps, const Packed* a, const Packed* b, float* c, int64_t ldc, Store store,
           int64_t rows, int64_t cols, const char* const* prefetch, int64_t prefetches) {
-  vec acc[MR][2] = {};
+  vec acc[R][2] = {};
   auto run = [&](int64_t p0, int64_t p1) {
-    if constexpr (std::is_same_v<Packed, float>) tile_steps(p0, p1, a, b, acc);
-    else tile_pair_steps(p0, p1, a, b, acc);
+    if constexpr (std::is_same_v<Packed, float>) tile_steps<R>(p0, p1, a, b, acc);
+    else tile_pair_steps<R>(p0, p1, a, b, acc);
   };
   int64_t p = 0;
   for (int64_t f = 0; f < prefetches; ++f, p += kStepsPerPrefetch) {
@@ -366,7 +374,20 @@ void tile(int64_t steps, const Packed* a, const Packed* b, float* c, int64_t ldc
     run(std::min(p, steps), std::min(steps, p + kStepsPerPrefetch));
   }
   run(std::min(p, steps), steps);
-  store_tile(acc, c, ldc, store, rows, cols);
+  store_tile<R>(acc, c, ldc, store, rows, cols);
+}
+
+// tile<Packed, R> with R = rows (1 <= rows <= MR), chosen at run time.
+template <typename Packed, int R = MR>
+void row_tile(int64_t steps, const Packed* a, const Packed* b, float* c, int64_t ldc, Store store,
+               int64_t rows, int64_t cols, const char* const* prefetch, int64_t prefetches) {
+  if constexpr (R > 1) {
+    if (rows < R) {
+      row_tile<Packed, R - 1>(steps, a, b, c, ldc, store, rows, cols, prefetch, prefetches);
+      return;
+    }
+  }
+  tile<Packed, R>(steps, a, b, c, ldc, store, rows, cols, prefetch, prefetches);
 }
 
 // Each thread's packing buffers, and its f32 scratch for 16-bit outputs.
@@ -477,11 +498,11 @@ void gemm_f32(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, float* 
             float* out = c + (ic + ir) * ldc + jc + jr;
             const int64_t tile_rows = std::min(MR, mc - ir), tile_cols = std::min(NR, nc - jr);
             if constexpr (pairs)
-              tile(steps, bufs.a2.data() + ir * steps, bufs.b2.data() + jr * steps, out, ldc, store,
-                   tile_rows, tile_cols, addresses, count);
+              row_tile(steps, bufs.a2.data() + ir * steps, bufs.b2.data() + jr * steps, out, ldc, store,
+                       tile_rows, tile_cols, addresses, count);
             else
-              tile(steps, bufs.a.data() + ir * steps, bufs.b.data() + jr * steps, out, ldc, store,
-                   tile_rows, tile_cols, addresses, count);
+              row_tile(steps, bufs.a.data() + ir * steps, bufs.b.data() + jr * steps, out, ldc, store,
+                       tile_rows, tile_cols, addresses, count);
           }
         }
       }

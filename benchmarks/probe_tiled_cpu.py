@@ -1,6 +1,6 @@
 """Probes behind the CPU numbers of ``docs/backends.md`` ("What limits `tiled` on CPU").
 
-Not a test and not the benchmark: four side-by-side measurements that explain
+Not a test and not the benchmark: side-by-side measurements that explain
 why the ``tiled`` backend stops where it does on a CPU. Each prints, per
 candidate, the paired ratio to a dense GEMM of equal FLOPs timed round-robin
 in the same process (median over rounds of candidate/dense) and the ratio of
@@ -11,6 +11,7 @@ the fastest runs.
     python benchmarks/probe_tiled_cpu.py copy-free     # weight copy vs in place
     python benchmarks/probe_tiled_cpu.py tile-size     # cost of a dot by its rows
     python benchmarks/probe_tiled_cpu.py fold-activation  # activation inside the FFN1 loop
+    python benchmarks/probe_tiled_cpu.py row-tiles     # tiled's whole-tile sizes, G=8
     python benchmarks/probe_tiled_cpu.py copy-free \\
         --xla-flags=--xla_cpu_experimental_ynn_fusion_type=dot
 
@@ -118,6 +119,57 @@ def _tile_loop(lhs, rhs, rows: int):
     return jax.lax.fori_loop(0, lhs.shape[0] // rows, body, init)
 
 
+def _with_row_tiles(tiles: tuple[int, ...], fn, args):
+    """``fn`` compiled for ``args`` while ``tiled`` cuts groups into whole
+    tiles of ``tiles`` (its ``ROW_TILES`` is read when a product is traced)."""
+    import jax
+
+    from fusedmoe.gmm import tiled
+
+    saved = tiled.ROW_TILES
+    tiled.ROW_TILES = tiles
+    try:
+        # A fresh function object: jax.jit's trace cache is keyed on the
+        # function, so jitting ``fn`` itself again would reuse its first trace.
+        return jax.jit(lambda *a: fn(*a)).lower(*args).compile()
+    finally:
+        tiled.ROW_TILES = saved
+
+
+def _row_tile_candidates():
+    """The benchmark's G=8 shape (M=4096, K=1024, N=2048, f32), balanced and
+    skewed, forward and forward+backward, under the current ``ROW_TILES`` and
+    the earlier ``(256, 64)``."""
+    import jax
+
+    import fusedmoe
+    from fusedmoe.bench.gmm_bench import _dense_programs, group_sizes
+    from fusedmoe.gmm import tiled
+
+    m, k, n, groups = 4096, 1024, 2048, 8
+    kx, kw, kd = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, (m, k))
+    w = jax.random.normal(kw, (groups, k, n))
+    d = jax.random.normal(kd, (m, n))
+
+    def fwd(x, w, gs):
+        return fusedmoe.gmm(x, w, gs, backend="tiled")
+
+    def fwdbwd(x, w, d, gs):
+        out, vjp = jax.vjp(lambda x, w: fusedmoe.gmm(x, w, gs, backend="tiled"), x, w)
+        return (out, *vjp(d))
+
+    dense_fwd, dense_fwdbwd = _dense_programs()
+    out = {"dense fwd": (dense_fwd, (x, w[0])), "dense fwd+bwd": (dense_fwdbwd, (x, w[0], d))}
+    for dist in ("balanced", "skewed"):
+        gs = jax.numpy.asarray(group_sizes(m, groups, dist, alpha=0.3, seed=0))
+        for tiles in (tiled.ROW_TILES, (256, 64)):
+            out[f"fwd {dist} {tiles}"] = (_with_row_tiles(tiles, fwd, (x, w, gs)), (x, w, gs))
+            out[f"fwd+bwd {dist} {tiles}"] = (
+                _with_row_tiles(tiles, fwdbwd, (x, w, d, gs)), (x, w, d, gs))
+    return out
+
+
 def _candidates(probe: str):
     """``name -> (fn, args)``, the dense reference under ``"dense"``."""
     import jax
@@ -125,6 +177,8 @@ def _candidates(probe: str):
 
     import fusedmoe
 
+    if probe == "row-tiles":
+        return _row_tile_candidates()
     key = jax.random.PRNGKey(0)
     tiled = jax.jit(lambda x, w, gs: fusedmoe.gmm(x, w, gs, backend="tiled"))
     dense = jax.jit(lambda x, w: x @ w)
@@ -187,7 +241,7 @@ def _candidates(probe: str):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("probe", choices=("weight-size", "fused-ffn1", "copy-free", "tile-size",
-                                          "fold-activation"))
+                                          "fold-activation", "row-tiles"))
     parser.add_argument("--rounds", type=int, default=9, help="timed rounds (default 9)")
     parser.add_argument("--xla-flags", default=None, help="XLA_FLAGS for this process")
     args = parser.parse_args(argv)
@@ -220,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _reference_of(name: str, timings: dict) -> str:
     """The dense reference of a candidate: ``dense N=..`` where the candidate
-    names its width (weight-size, tile-size), ``dense`` otherwise."""
+    names its width (weight-size, tile-size), ``dense fwd`` / ``dense fwd+bwd``
+    where it names its pass (row-tiles), ``dense`` otherwise."""
+    for pass_ in ("fwd+bwd", "fwd"):
+        if name.startswith(pass_ + " ") and f"dense {pass_}" in timings:
+            return f"dense {pass_}"
     width = name[name.index("N=") :] if "N=" in name else None
     return f"dense {width}" if width and f"dense {width}" in timings else "dense"
 

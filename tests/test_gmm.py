@@ -167,11 +167,12 @@ def test_tgmm_gradients(backend):
 
 
 def test_tiled_every_tile_class():
-    # Whole 256- and 64-row tiles, then one masked rest dot: 300 = 256 + a
-    # 48-row dot for 44; 77 = 64 + 16 for 13; 1 row; exactly 64 (no rest);
-    # 330 = 256 + 64 + 16 for 10; 63 in the largest class (64); 258's rest dot
-    # of 8 rows runs into the 5 rows past the groups; empty groups between.
-    sizes = [300, 0, 77, 1, 64, 0, 330, 63, 258]
+    # Whole 512-, 256-, 128- and 64-row tiles, then one masked rest dot:
+    # 300 = 256 + a 48-row dot for 44; 77 = 64 + 16 for 13; 1 row; exactly 64
+    # (no rest); 330 = 256 + 64 + 16 for 10; 63 in the largest class (64);
+    # 710 = 512 + 128 + 64 + 8 for 6; 258's rest dot of 8 rows runs into the 5
+    # rows past the groups; empty groups between.
+    sizes = [300, 0, 77, 1, 64, 0, 330, 63, 710, 258]
     x, w, c, gs = make_inputs(sum(sizes) + 5, 3, 4, sizes, seed=4)
     check_all("tiled", x, w, c, gs, jnp.float32)
     out = fusedmoe.tgmm(x, c, gs, backend="tiled")

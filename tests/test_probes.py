@@ -54,6 +54,27 @@ def test_static_group_loops_are_gmm(probe):
     np.testing.assert_allclose(probe._static_group_loops(x, w, gs), want, rtol=1e-5, atol=1e-5)
 
 
+def test_row_tile_variant_is_compiled_with_its_tiles_and_restores_them(probe):
+    # The row-tiles probe compiles tiled under other whole-tile sizes: the
+    # same numbers, a different program, and the module's setting untouched.
+    from fusedmoe.gmm import tiled
+
+    x, w, gs = _problem(GROUPS)
+    before = tiled.ROW_TILES
+    want = fusedmoe.gmm(x, w, gs, backend="tiled")
+
+    def fwd(x, w, gs):
+        return fusedmoe.gmm(x, w, gs, backend="tiled")
+
+    texts = []
+    for tiles in ((128, 64), (16,)):
+        compiled = probe._with_row_tiles(tiles, fwd, (x, w, gs))
+        np.testing.assert_allclose(compiled(x, w, gs), want, rtol=1e-5, atol=1e-5)
+        texts.append(compiled.as_text())
+    assert texts[0] != texts[1]
+    assert before == tiled.ROW_TILES
+
+
 def test_column_loop_with_the_folded_activation(probe):
     x, w, gs = _problem(GROUPS, n=24)
     h = fusedmoe.gmm(x, w, gs, backend="tiled")

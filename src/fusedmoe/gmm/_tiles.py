@@ -6,8 +6,9 @@ sizes and ONE dot over the rest, of the smallest of a few static *remainder
 classes* that holds it. That dot may run past the group; the rows outside it
 are masked. So a group ends with at most one small dot, whatever its size:
 
-- rows times the weight (gmm forward, dX): whole tiles of 256, then 64 rows,
-  then one dot of 8, 16, ..., 64 rows (at most 7 rows computed and dropped);
+- rows times the weight (gmm forward, dX): whole tiles of 512, 256, 128, then
+  64 rows, then one dot of 8, 16, ..., 64 rows (at most 7 rows computed and
+  dropped);
 - rows contracted into dW (tgmm): whole 512-row chunks, then one dot of
   8, 16, 24, 32, 48, ..., 384, 512 rows (at most 1.5x the rows it keeps,
   or 7 rows more).
@@ -29,7 +30,13 @@ import jax.numpy as jnp
 
 # Whole tiles of products whose output rows are the lhs rows (gmm forward, dX),
 # largest first; the rest (fewer rows than the smallest) goes in one dot.
-ROW_TILES = (256, 64)
+# Large tiles because XLA:CPU's dot packs its whole weight operand on every
+# call: at 512 rows per group (G=8 of the benchmark's 4096) one 512-row dot
+# instead of two of 256 took the forward from 1.05x to 1.01x the dense GEMM
+# (skewed groups 1.16x -> 1.09x; forward+backward 1.13x -> 1.09x and
+# 1.18x -> 1.16x; `benchmarks/probe_tiled_cpu.py row-tiles`). The powers of
+# two between them keep a group to one dot per size; 64-row groups are as before.
+ROW_TILES = (512, 256, 128, 64)
 
 # Whole chunks of the transposed product (tgmm, dW), which *contracts* over
 # rows: each chunk is a rank-c update of a [K, N] f32 accumulator, whose memory

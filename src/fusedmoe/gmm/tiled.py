@@ -9,8 +9,8 @@ Structure of every product (see :mod:`fusedmoe.gmm._tiles` for the schedule):
   group's weight ``rhs[g]`` once: a dynamic index of ``[G, K, N]`` is a copy
   on XLA:CPU (a whole ``[K, N]``), so doing it per group rather than per row
   tile removes most of the cost of a naive tile loop at many groups;
-- inner loops over the group's rows: whole tiles of 256, then 64 rows,
-  written with a plain ``dynamic_update_slice``, then ONE dot over the rest,
+- inner loops over the group's rows: whole tiles of 512, 256, 128, then 64
+  rows, written with a plain ``dynamic_update_slice``, then ONE dot over the rest,
   of the smallest multiple of 8 rows that holds it; only that dot reads back
   the rows it must keep. Small dots are bound by reading the weight on a CPU,
   so a group never takes more than one.

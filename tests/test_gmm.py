@@ -234,13 +234,13 @@ def test_cpu_kernel_every_block_path(dtype):
     # The kernel's loops at sizes that reach each of their paths: groups over
     # the 144-row block (300) and under one register tile (1, 5), and group
     # ends that leave every row count of a part tile (1-7 rows of the AVX-512
-    # build's 8, 1-5 of the AVX2 build's 6); N past one
-    # 1024-column block, ending in a part panel (1040 = 65 x 16 = 32.5 x 32); K past one
-    # 256 contraction block (520), so the output accumulates, and bf16 output
-    # goes through the f32 scratch; dX packs the weight transposed (8 x 8
-    # blocks, then a part panel); dW of groups <= 256 rows is streamed,
-    # of 300 rows accumulated; empty groups give zero slabs; 3 rows past the
-    # groups give zeros.
+    # build's 8, 1-5 of the AVX2 build's 6); N of 1040 = 32.5 x 32, so a
+    # thread's columns can end in a part panel; dX contracts N=1040 past its
+    # 256-step block, so its output accumulates (bf16 output through the f32
+    # scratch), and packs the weight transposed (8 x 8 blocks, then a part
+    # panel); the forward and dW (K=520, groups <= 1024 rows) fit one
+    # contraction block and are streamed; empty groups give zero slabs; 3 rows
+    # past the groups give zeros.
     _skip_unavailable("cpu_kernel")
     sizes = [300, 0, 1, 64, 5, 0, 2, 3, 6, 7, 10]
     x, w, c, gs = make_inputs(sum(sizes) + 3, 520, 1040, sizes, dtype, seed=11)
@@ -248,6 +248,11 @@ def test_cpu_kernel_every_block_path(dtype):
     dw = fusedmoe.tgmm(x, c, gs, backend="cpu_kernel")
     assert dw.dtype == dtype
     assert not np.any(np.asarray(dw, np.float32)[[1, 5]])
+    # Past the forward's and dW's 1024-step contraction block: K=1030, and a
+    # group of 1030 rows, so both accumulate.
+    sizes = [1030, 0, 9]
+    x, w, c, gs = make_inputs(sum(sizes) + 2, 1030, 48, sizes, dtype, seed=13)
+    check_all("cpu_kernel", x, w, c, gs, dtype)
 
 
 def test_cpu_kernel_build_failure_is_clear_and_leaves_nothing(tmp_path, monkeypatch):
@@ -270,21 +275,28 @@ import numpy as np, jax, jax.numpy as jnp, fusedmoe
 from fusedmoe.gmm import cpu_kernel
 assert cpu_kernel._isa() == ISA, cpu_kernel._isa()
 rng = np.random.default_rng(0)
-sizes = np.array([300, 0, 1, 64, 5, 0, 2, 3, 6, 7, 10], np.int32)
-gs = jnp.asarray(sizes)
-arrays = {"sizes": sizes}
-for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
-    x = jnp.asarray(rng.standard_normal((401, 520)), dtype)
-    w = jnp.asarray(rng.standard_normal((11, 520, 1040)), dtype)
-    c = jnp.asarray(rng.standard_normal((401, 1040)), dtype)
-    out = fusedmoe.gmm(x, w, gs, backend="cpu_kernel", preferred_element_type=jnp.float32)
-    dx = fusedmoe.gmm(c, jnp.swapaxes(w, 1, 2), gs, backend="cpu_kernel",
-                      preferred_element_type=jnp.float32)
-    dw = fusedmoe.tgmm(x, c, gs, backend="cpu_kernel", preferred_element_type=jnp.float32)
-    for key, value in (("x", x), ("w", w), ("c", c), ("out", out), ("dx", dx), ("dw", dw)):
-        arrays[f"{name}_{key}"] = np.asarray(value, np.float32)
+arrays = {}
+for case, sizes, m, k, n in CASES:
+    sizes = np.array(sizes, np.int32)
+    gs = jnp.asarray(sizes)
+    for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
+        x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+        w = jnp.asarray(rng.standard_normal((len(sizes), k, n)), dtype)
+        c = jnp.asarray(rng.standard_normal((m, n)), dtype)
+        out = fusedmoe.gmm(x, w, gs, backend="cpu_kernel", preferred_element_type=jnp.float32)
+        dx = fusedmoe.gmm(c, jnp.swapaxes(w, 1, 2), gs, backend="cpu_kernel",
+                          preferred_element_type=jnp.float32)
+        dw = fusedmoe.tgmm(x, c, gs, backend="cpu_kernel", preferred_element_type=jnp.float32)
+        for key, value in (("x", x), ("w", w), ("c", c), ("out", out), ("dx", dx), ("dw", dw)):
+            arrays[f"{case}_{name}_{key}"] = np.asarray(value, np.float32)
 np.savez(OUT, **arrays)
 """
+
+# (name, group sizes, M, K, N): the block paths of test_cpu_kernel_every_block_path.
+_OTHER_BUILD_CASES = [
+    ("short", [300, 0, 1, 64, 5, 0, 2, 3, 6, 7, 10], 401, 520, 1040),
+    ("long", [1030, 0, 9], 1041, 1030, 48),
+]
 
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512", "avx512bf16"])
@@ -304,16 +316,22 @@ def test_cpu_kernel_other_builds(isa, tmp_path):
         pytest.skip(f"this CPU cannot run the {isa} build")
     out_file = tmp_path / "other.npz"
     env = {**os.environ, "FUSEDMOE_CPU_ISA": isa, "JAX_PLATFORMS": "cpu"}
-    script = _OTHER_BUILD_SCRIPT.replace("OUT", repr(str(out_file))).replace("ISA", repr(isa))
+    script = (
+        _OTHER_BUILD_SCRIPT.replace("OUT", repr(str(out_file)))
+        .replace("ISA", repr(isa))
+        .replace("CASES", repr(_OTHER_BUILD_CASES))
+    )
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
     got = np.load(out_file)
-    sizes = got["sizes"]
-    for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
-        x, w, c = (got[f"{name}_{k}"].astype(np.float64) for k in ("x", "w", "c"))
-        what = f"{isa} {name}"
-        assert_close(got[f"{name}_out"], ref_gmm(x, w, sizes), dtype, what)
-        assert_close(got[f"{name}_dx"], ref_gmm(c, np.swapaxes(w, 1, 2), sizes), dtype, what)
-        assert_close(got[f"{name}_dw"], ref_tgmm(x, c, sizes), dtype, what)
+    for case, sizes, *_ in _OTHER_BUILD_CASES:
+        sizes = np.asarray(sizes)
+        for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
+            x, w, c = (got[f"{case}_{name}_{k}"].astype(np.float64) for k in ("x", "w", "c"))
+            what = f"{isa} {case} {name}"
+            assert_close(got[f"{case}_{name}_out"], ref_gmm(x, w, sizes), dtype, what)
+            assert_close(got[f"{case}_{name}_dx"], ref_gmm(c, np.swapaxes(w, 1, 2), sizes), dtype,
+                         what)
+            assert_close(got[f"{case}_{name}_dw"], ref_tgmm(x, c, sizes), dtype, what)
 
 
 def test_cpu_kernel_isa_setting_is_checked(monkeypatch):

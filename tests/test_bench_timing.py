@@ -78,3 +78,47 @@ def test_skip_reasons_name_the_failure_and_a_failed_reference():
     # The reference ran out: every timed candidate lacks its ratio too.
     assert skip_reasons({"dense": oom}, {"tiled": Timing((2.0,), 2.0)}) == {
         "tiled": "dense reference did not run: RESOURCE_EXHAUSTED: Out of memory"}
+
+
+def _fault_counter(monkeypatch, faults_per_call: list[int]):
+    """Make every timed function fault in ``faults_per_call[i]`` pages on its
+    i-th call overall (0 past the list); return the call log."""
+    from fusedmoe.bench import timing as timing_module
+
+    state = {"faults": 0, "calls": []}
+    monkeypatch.setattr(timing_module, "minor_page_faults", lambda: state["faults"])
+
+    def make(name):
+        def fn():
+            i = len(state["calls"])
+            state["faults"] += faults_per_call[i] if i < len(faults_per_call) else 0
+            state["calls"].append(name)
+            return 0
+
+        return fn
+
+    return state, make
+
+
+def test_settle_rounds_run_until_a_round_stops_faulting(monkeypatch):
+    from fusedmoe.bench.timing import SETTLED_PAGE_FAULTS, time_side_by_side
+
+    big = SETTLED_PAGE_FAULTS * 10
+    # Warm-up (a, b), then settle rounds: (a, b) still growing, (a, b) quiet.
+    state, make = _fault_counter(monkeypatch, [big, big, big, 0, 0, 0])
+    timings = time_side_by_side({"a": (make("a"), ()), "b": (make("b"), ())}, 1, 2,
+                                settle_rounds=4)
+    assert state["calls"] == ["a", "b"] * 5  # warm-up, 2 settle rounds, 2 timed rounds
+    assert timings["a"].settle_rounds == 2 and len(timings["a"].times) == 2
+
+
+def test_settle_rounds_are_capped_and_off_by_default(monkeypatch):
+    from fusedmoe.bench.timing import SETTLED_PAGE_FAULTS, time_side_by_side
+
+    always = [SETTLED_PAGE_FAULTS * 10] * 100
+    state, make = _fault_counter(monkeypatch, always)
+    timings = time_side_by_side({"a": (make("a"), ())}, 1, 1, settle_rounds=3)
+    assert len(state["calls"]) == 1 + 3 + 1 and timings["a"].settle_rounds == 3
+    state, make = _fault_counter(monkeypatch, always)
+    timings = time_side_by_side({"a": (make("a"), ())}, 1, 1)
+    assert len(state["calls"]) == 2 and timings["a"].settle_rounds == 0

@@ -143,3 +143,49 @@ def test_profile_layer_runs_on_the_tiny_preset(profile_layer, capsys):
     assert profile_layer.main(["--preset", "tiny", "--runs", "1"]) == 0
     out = capsys.readouterr().out
     assert "wall (median)" in out and "dots, backward" in out
+
+
+MOE_TABLE = Path(__file__).parents[1] / "benchmarks" / "moe_table.py"
+
+
+def test_moe_table_pairs_layouts_and_leaves_out_skipped_rows(tmp_path):
+    moe_table = _load_script(MOE_TABLE)
+    common = {"preset": "qwen3", "dtype": "float32", "backend": "cpu_kernel", "pass": "forward"}
+    rows = [
+        {**common, "layout": "unfused", "median_s": 1.0, "ratio_to_dense": 1.2,
+         "peak_bytes": 2**30},
+        {**common, "layout": "fused", "median_s": 0.9, "ratio_to_dense": 1.1,
+         "ratio_to_dense_paired": 1.05, "fused_speedup": 1.111, "fused_speedup_paired": 1.08,
+         "peer_ratio_to_dense": 1.37, "peak_bytes": 3 * 2**29},
+        {**common, "backend": "ragged_dot", "layout": "unfused", "median_s": None},
+        {**common, "backend": "ragged_dot", "layout": "fused", "median_s": None},
+    ]
+    lines = moe_table.table(rows).splitlines()
+    assert lines[0] == moe_table.HEADER.splitlines()[0]
+    assert lines[2:] == [
+        "| qwen3 | float32 | cpu_kernel | forward | 1.20 | 1.10 (1.05) | 1.11x (1.08x) | 1.37 "
+        "| 1.50 / 1.00 GiB |"
+    ]
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    with pytest.raises(SystemExit):
+        moe_table.main([str(bad)])
+
+
+AB_CPU_KERNEL = Path(__file__).parents[1] / "benchmarks" / "ab_cpu_kernel.py"
+
+
+def test_ab_cpu_kernel_times_builds_that_agree():
+    # The A/B script behind docs/backends.md's kernel numbers: two builds
+    # (here the cached library twice), every product, one round.
+    from fusedmoe.gmm import available_backends, cpu_kernel
+
+    if available_backends()["cpu_kernel"] is not None:
+        pytest.skip(available_backends()["cpu_kernel"])
+    ab = _load_script(AB_CPU_KERNEL)
+    library = cpu_kernel._build(cpu_kernel._compiler())
+    lines = ab.run([library, library], 40, 24, 40, 3, "skewed", 1, ["fwd", "dx", "dw"],
+                   "float32", names=["old", "new"])
+    assert lines[0].startswith("M=40 K=24 N=40 G=3 skewed float32, 1 rounds; b0 = old, b1 = new")
+    assert [line.split()[0] for line in lines[1:]] == ["fwd", "dx", "dw"]
+    assert all(line.count("paired") == 2 for line in lines[1:])

@@ -218,7 +218,13 @@ def run_cases(opts: dict, log=print) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
 
-    from fusedmoe.bench.timing import dense_flops, paired_ratio, skip_reasons, time_side_by_side
+    from fusedmoe.bench.timing import (
+        dense_flops,
+        paired_ratio,
+        settle_rounds_for_malloc,
+        skip_reasons,
+        time_side_by_side,
+    )
 
     platform = jax.default_backend()
     m, k, n = opts["m"], opts["k"], opts["n"]
@@ -258,7 +264,8 @@ def run_cases(opts: dict, log=print) -> list[dict]:
                     # others of the case are still timed.
                     failures: dict[str, BaseException] = {}
                     timings = time_side_by_side(
-                        candidates, 1, opts["repeats"], budget, failures=failures)
+                        candidates, 1, opts["repeats"], budget, failures=failures,
+                        settle_rounds=settle_rounds_for_malloc())
                     ran_out = skip_reasons(failures, timings)
                     ref = timings.get("dense")
                     common = {
@@ -280,6 +287,7 @@ def run_cases(opts: dict, log=print) -> list[dict]:
                                 min_s=t.min,
                                 max_s=t.max,
                                 runs=len(t.times),
+                                settle_rounds=t.settle_rounds,
                                 dense_median_s=ref.median,
                                 dense_min_s=ref.min,
                                 ratio=t.median / ref.median,

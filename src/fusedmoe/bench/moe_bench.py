@@ -299,7 +299,13 @@ def _measure_backend(plan: BenchPlan, base, tokens: int, backend: str, dense_com
     """The rows of one backend's two layouts, and the dense median seconds of each
     pass timed beside them. A layout that does not compile or runs out of memory
     (:func:`fusedmoe.bench.timing.is_out_of_memory`) gets a skipped row."""
-    from fusedmoe.bench.timing import first_line, paired_ratio, skip_reasons, time_side_by_side
+    from fusedmoe.bench.timing import (
+        first_line,
+        paired_ratio,
+        settle_rounds_for_malloc,
+        skip_reasons,
+        time_side_by_side,
+    )
 
     flops = expert_flops(base, tokens)
     layers = {}
@@ -320,7 +326,8 @@ def _measure_backend(plan: BenchPlan, base, tokens: int, backend: str, dense_com
                              "pass": pass_name, "skipped": f"did not compile: {first_line(exc)}"})
                 log(rows[-1])
         failures: dict[str, BaseException] = {}
-        timings = time_side_by_side(candidates, repeats=plan.repeats, failures=failures)
+        timings = time_side_by_side(candidates, repeats=plan.repeats, failures=failures,
+                                    settle_rounds=settle_rounds_for_malloc())
         ran_out = skip_reasons(failures, timings)
         dense_timing = timings.pop("dense", None)
         if dense_timing is None:  # nothing to compare the layouts with
@@ -341,6 +348,7 @@ def _measure_backend(plan: BenchPlan, base, tokens: int, backend: str, dense_com
                 "ratio_to_dense": timing.median / dense_timing.median,
                 "ratio_to_dense_paired": paired_ratio(timing.times, dense_timing.times),
                 "times_s": list(timing.times),
+                "settle_rounds": timing.settle_rounds,
                 "expert_flops": pass_flops,
                 "achieved_flops_per_s": pass_flops / timing.median,
                 "grouped_matmuls": layer_grouped_matmuls(config, pass_name == "forward"),

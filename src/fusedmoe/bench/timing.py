@@ -9,6 +9,7 @@ them alike) and :func:`ratio` compares two :class:`Timing` by their medians;
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ class Timing:
 
     times: tuple[float, ...]
     first_call_s: float  # the first warm-up call: compilation + one run
+    settle_rounds: int = 0  # untimed rounds run until the heap stopped growing
 
     @property
     def median(self) -> float:
@@ -73,17 +75,46 @@ def time_fn(
     return time_side_by_side({"fn": (fn, args)}, warmup, repeats, max_total_s)["fn"]
 
 
+# A round of calls that faults in fewer pages than this (16 MiB of 4 KiB pages)
+# has stopped growing the heap.
+SETTLED_PAGE_FAULTS = 4096
+
+
+def minor_page_faults() -> int:
+    """Page faults of this process so far that needed no disk (fresh pages)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def settle_rounds_for_malloc() -> int:
+    """How many untimed rounds to allow for the heap to settle: 4 where malloc
+    keeps freed memory (:mod:`fusedmoe.allocator`), where it takes 3-7 calls
+    of a program for the heap to grow to fit them; 0 otherwise, where every
+    call faults in its large buffers afresh and waiting would not end it."""
+    from fusedmoe import allocator
+
+    return 4 if allocator.started_with_tunables() else 0
+
+
 def time_side_by_side(
     candidates: dict[str, tuple[Callable, Sequence]],
     warmup: int = 1,
     repeats: int = 5,
     max_total_s: float | None = None,
     failures: dict[str, BaseException] | None = None,
+    settle_rounds: int = 0,
 ) -> dict[str, Timing]:
     """Time several ``name -> (fn, args)`` round-robin: repeat r runs every
     candidate once before repeat r+1, so background load affects them alike.
     ``max_total_s`` bounds each candidate's timed calls (see :func:`time_fn`);
     a candidate past its bound drops out of later rounds.
+
+    ``settle_rounds``: after the warm-up, up to this many more untimed rounds,
+    until one faults in fewer than :data:`SETTLED_PAGE_FAULTS` pages. With
+    malloc keeping freed memory the heap grows over a program's first calls
+    (more so when candidates of different sizes take turns), and a timed call
+    that grows it pays for page faults the steady state never sees: a
+    DeepSeek-shaped layer's forward+backward took 5.8 s in one timed round
+    against 1.4-1.8 s in the others.
 
     ``failures``: when given, a candidate whose call runs out of memory
     (:func:`is_out_of_memory`; compiling counts, it happens in the first call)
@@ -111,6 +142,15 @@ def time_side_by_side(
                 break
             if i == 0:
                 first[name] = seconds
+    settled = 0
+    while settled < settle_rounds:
+        faults = minor_page_faults()
+        for name in candidates:
+            if name not in failed:
+                call(name)
+        settled += 1
+        if minor_page_faults() - faults < SETTLED_PAGE_FAULTS:
+            break
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name in candidates:
@@ -122,7 +162,8 @@ def time_side_by_side(
             if seconds is not None:
                 times[name].append(seconds)
     return {
-        name: Timing(tuple(times[name]), first[name]) for name in candidates if name not in failed
+        name: Timing(tuple(times[name]), first[name], settled)
+        for name in candidates if name not in failed
     }
 
 

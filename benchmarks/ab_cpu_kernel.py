@@ -1,0 +1,183 @@
+"""Builds of ``cpu_kernel.cc`` side by side: paired against XLA's dense GEMM.
+
+How the kernel changes in docs/backends.md were measured. Each source (or
+prebuilt ``.so``) is loaded into one process under FFI target names of its
+own, and every build's forward, dX and dW, and the dense GEMM of equal FLOPs,
+are timed round-robin (order shuffled per round), so the builds share
+whatever the machine is doing. Printed per product: each build's median and
+its paired ratio (median over rounds of build / dense). Builds must agree on
+the numbers (checked first).
+
+    git show HEAD~1:src/fusedmoe/gmm/cpu_kernel.cc > /tmp/old.cc
+    python benchmarks/ab_cpu_kernel.py /tmp/old.cc src/fusedmoe/gmm/cpu_kernel.cc \\
+        --groups 64 --dist skewed --rounds 9
+
+A source may carry extra compiler flags after a colon, for variants of one
+file: ``"src/fusedmoe/gmm/cpu_kernel.cc:-DSOME_MACRO=1"``. Sources are
+compiled with the flags of the build this CPU gets (``fusedmoe.gmm.cpu_kernel``).
+Like the ``fusedmoe`` command, the script restarts itself once with malloc
+keeping freed memory, unless ``FUSEDMOE_MALLOC=0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SYMBOLS = ("fusedmoe_times_weight", "fusedmoe_t_times_rows")
+
+
+def compile_source(spec: str, out_dir: Path) -> Path:
+    """Compile ``path[:extra flags]`` with the kernel's own flags into ``out_dir``."""
+    import jax
+
+    from fusedmoe.gmm import cpu_kernel
+
+    path, _, extra = spec.partition(":")
+    if not Path(path).is_file():
+        raise SystemExit(f"build {spec!r}: no such source file {path!r}")
+    cxx = cpu_kernel._compiler()
+    if cxx is None:
+        raise SystemExit("no C++ compiler found (set CXX, or install g++ or clang++)")
+    library = out_dir / f"build{len(list(out_dir.iterdir()))}.so"
+    command = [cxx, *cpu_kernel._flags(), *extra.split(), f"-I{jax.ffi.include_dir()}", path,
+               "-o", str(library)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"build {spec!r} failed ({' '.join(command)}):\n{result.stderr[-4000:]}")
+    return library
+
+
+def register(library: Path, index: int) -> None:
+    """Register ``library``'s handlers as ``<symbol>_<index>``."""
+    import jax
+
+    lib = ctypes.CDLL(str(library))
+    for symbol in SYMBOLS:
+        jax.ffi.register_ffi_target(f"{symbol}_{index}", jax.ffi.pycapsule(getattr(lib, symbol)),
+                                    platform="cpu")
+
+
+def programs(index: int, m: int, k: int, n: int, groups: int, dtype):
+    """Build ``index``'s forward, dX and dW as jitted functions of the inputs."""
+    import jax
+
+    def call(symbol, shape, *args, **attrs):
+        return jax.ffi.ffi_call(f"{symbol}_{index}", jax.ShapeDtypeStruct(shape, dtype))(
+            *args, **attrs)
+
+    return {
+        "fwd": jax.jit(lambda x, w, d, gs: call(SYMBOLS[0], (m, n), x, w, gs,
+                                                 transpose_rhs=False)),
+        "dx": jax.jit(lambda x, w, d, gs: call(SYMBOLS[0], (m, k), d, w, gs,
+                                                transpose_rhs=True)),
+        "dw": jax.jit(lambda x, w, d, gs: call(SYMBOLS[1], (groups, k, n), x, d, gs)),
+    }
+
+
+def dense_programs():
+    import jax
+
+    return {
+        "fwd": jax.jit(lambda x, w, d, gs: x @ w[0]),
+        "dx": jax.jit(lambda x, w, d, gs: d @ w[0].T),
+        "dw": jax.jit(lambda x, w, d, gs: x.T @ d),
+    }
+
+
+def run(libraries: list[Path], m: int, k: int, n: int, groups: int, dist: str, rounds: int,
+        ops: list[str], dtype_name: str, names: list[str] | None = None,
+        seed: int = 0) -> list[str]:
+    """Time the builds (``names`` for the header, default their paths); return
+    the printed lines."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from fusedmoe.bench.gmm_bench import group_sizes
+
+    dtype = jnp.dtype(dtype_name)
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    w = jnp.asarray(rng.standard_normal((groups, k, n)), dtype)
+    d = jnp.asarray(rng.standard_normal((m, n)), dtype)
+    gs = jnp.asarray(group_sizes(m, groups, dist, alpha=0.3, seed=seed))
+    args = (x, w, d, gs)
+    for i, library in enumerate(libraries):
+        register(library, i)
+    candidates = {"dense": dense_programs()}
+    candidates.update({f"b{i}": programs(i, m, k, n, groups, dtype) for i in range(len(libraries))})
+    tolerance = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+    for op in ops:
+        outs = [np.asarray(candidates[f"b{i}"][op](*args), np.float32)
+                for i in range(len(libraries))]
+        for i, out in enumerate(outs[1:], 1):
+            err = np.abs(out - outs[0]).max() / max(np.abs(outs[0]).max(), 1e-30)
+            if err > tolerance:
+                raise SystemExit(f"{op}: build b{i} differs from b0 (relative error {err:.2e})")
+    times = {c: {op: [] for op in ops} for c in candidates}
+    for c in candidates:
+        for op in ops:
+            jax.block_until_ready(candidates[c][op](*args))
+    for r in range(rounds):
+        for op in ops:
+            order = list(candidates)
+            np.random.default_rng(r).shuffle(order)
+            for c in order:
+                start = time.perf_counter()
+                jax.block_until_ready(candidates[c][op](*args))
+                times[c][op].append(time.perf_counter() - start)
+    lines = [f"M={m} K={k} N={n} G={groups} {dist} {dtype.name}, {rounds} rounds; "
+             + ", ".join(f"b{i} = {name}" for i, name in enumerate(names or libraries))]
+    for op in ops:
+        dense = times["dense"][op]
+        line = f"{op:4s} dense {statistics.median(dense) * 1e3:7.1f} ms |"
+        for i in range(len(libraries)):
+            own = times[f"b{i}"][op]
+            paired = statistics.median(a / b for a, b in zip(own, dense, strict=True))
+            line += f" b{i} {statistics.median(own) * 1e3:7.1f} ms paired {paired:.3f}x |"
+        lines.append(line)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("builds", nargs="+",
+                        help="cpu_kernel sources (path[:extra flags]) or built .so files")
+    parser.add_argument("--shape", default="4096,1024,2048", help="M,K,N (default 4096,1024,2048)")
+    parser.add_argument("--groups", type=int, default=64, help="G (default 64)")
+    parser.add_argument("--dist", default="balanced", choices=("balanced", "skewed"))
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (default 7)")
+    parser.add_argument("--ops", default="fwd,dx,dw", help="comma list of fwd, dx, dw")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    args = parser.parse_args(argv)
+    try:
+        m, k, n = (int(v) for v in args.shape.split(","))
+    except ValueError:
+        parser.error(f"--shape: expected three integers M,K,N, got {args.shape!r}")
+    if min(m, k, n) < 1 or args.groups < 1 or args.rounds < 1:
+        parser.error(f"--shape, --groups, --rounds: expected positive values, got "
+                     f"{args.shape!r}, {args.groups}, {args.rounds}")
+    ops = args.ops.split(",")
+    if not ops or set(ops) - {"fwd", "dx", "dw"}:
+        parser.error(f"--ops: expected a comma list of fwd, dx, dw, got {args.ops!r}")
+    with tempfile.TemporaryDirectory(prefix="ab_cpu_kernel-") as tmp:
+        libraries = [Path(b) if b.endswith(".so") else compile_source(b, Path(tmp))
+                     for b in args.builds]
+        for line in run(libraries, m, k, n, args.groups, args.dist, args.rounds, ops,
+                        args.dtype, names=args.builds):
+            print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    from fusedmoe.allocator import reexec_with_tunables
+
+    reexec_with_tunables()
+    sys.exit(main())

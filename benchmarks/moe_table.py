@@ -1,0 +1,77 @@
+"""The README's benchmark table, as Markdown, from a ``fusedmoe bench --json`` file.
+
+    python benchmarks/moe_table.py docs/bench/moe.json
+
+One line per (preset, dtype, backend, pass) where both layouts were measured:
+unfused and fused time over the dense GEMMs of equal FLOPs (fused with its
+paired ratio), the fused speed-up (unfused / fused, then paired), the peer's
+time over dense, and peak memory fused / unfused. Rows the benchmark skipped
+(a backend that does not run at that size) are left out, as in the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HEADER = (
+    "| preset | dtype | backend | pass | unfused x dense | fused x dense (paired) "
+    "| fused speed-up (paired) | transformers x dense | peak memory (fused / unfused) |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def _gib(n) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f}"
+
+
+def _num(x, suffix: str = "") -> str:
+    return "-" if x is None else f"{x:.2f}{suffix}"
+
+
+def table(rows: list[dict]) -> str:
+    """The Markdown table of ``rows`` (the ``rows`` of a bench JSON file)."""
+    measured = {}
+    for row in rows:
+        if row.get("median_s") is None:
+            continue
+        key = (row["preset"], row["dtype"], row["backend"], row["pass"])
+        measured.setdefault(key, {})[row["layout"]] = row
+    lines = [HEADER]
+    for (preset, dtype, backend, pass_), layouts in measured.items():
+        fused, unfused = layouts.get("fused"), layouts.get("unfused")
+        if fused is None or unfused is None:
+            continue
+        lines.append(
+            f"| {preset} | {dtype} | {backend} | {pass_} "
+            f"| {_num(unfused['ratio_to_dense'])} "
+            f"| {_num(fused['ratio_to_dense'])} ({_num(fused.get('ratio_to_dense_paired'))}) "
+            f"| {_num(fused.get('fused_speedup'), 'x')} "
+            f"({_num(fused.get('fused_speedup_paired'), 'x')}) "
+            f"| {_num(fused.get('peer_ratio_to_dense'))} "
+            f"| {_gib(fused.get('peak_bytes'))} / {_gib(unfused.get('peak_bytes'))} GiB |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json_path", help="a file written by `fusedmoe bench --json`")
+    args = parser.parse_args(argv)
+    try:
+        with open(args.json_path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        parser.error(f"json_path: cannot read {args.json_path!r} as a bench JSON file ({e})")
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        parser.error(f"json_path: {args.json_path!r} has no 'rows' list; expected the output "
+                     "of `fusedmoe bench --json`")
+    if not data.get("complete", True):
+        print("note: the run did not finish (complete: false)", file=sys.stderr)
+    print(table(data["rows"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -145,11 +145,11 @@ def test_profile_layer_runs_on_the_tiny_preset(profile_layer, capsys):
     assert "wall (median)" in out and "dots, backward" in out
 
 
-MOE_TABLE = Path(__file__).parents[1] / "benchmarks" / "moe_table.py"
+BENCH_TABLE = Path(__file__).parents[1] / "benchmarks" / "bench_table.py"
 
 
-def test_moe_table_pairs_layouts_and_leaves_out_skipped_rows(tmp_path):
-    moe_table = _load_script(MOE_TABLE)
+def test_bench_table_pairs_layouts_and_leaves_out_skipped_rows(tmp_path):
+    bench_table = _load_script(BENCH_TABLE)
     common = {"preset": "qwen3", "dtype": "float32", "backend": "cpu_kernel", "pass": "forward"}
     rows = [
         {**common, "layout": "unfused", "median_s": 1.0, "ratio_to_dense": 1.2,
@@ -160,8 +160,8 @@ def test_moe_table_pairs_layouts_and_leaves_out_skipped_rows(tmp_path):
         {**common, "backend": "ragged_dot", "layout": "unfused", "median_s": None},
         {**common, "backend": "ragged_dot", "layout": "fused", "median_s": None},
     ]
-    lines = moe_table.table(rows).splitlines()
-    assert lines[0] == moe_table.HEADER.splitlines()[0]
+    lines = bench_table.table(rows).splitlines()
+    assert lines[0] == bench_table.HEADER.splitlines()[0]
     assert lines[2:] == [
         "| qwen3 | float32 | cpu_kernel | forward | 1.20 | 1.10 (1.05) | 1.11x (1.08x) | 1.37 "
         "| 1.50 / 1.00 GiB |"
@@ -169,7 +169,7 @@ def test_moe_table_pairs_layouts_and_leaves_out_skipped_rows(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("[]")
     with pytest.raises(SystemExit):
-        moe_table.main([str(bad)])
+        bench_table.main([str(bad)])
 
 
 AB_CPU_KERNEL = Path(__file__).parents[1] / "benchmarks" / "ab_cpu_kernel.py"
@@ -189,3 +189,16 @@ def test_ab_cpu_kernel_times_builds_that_agree():
     assert lines[0].startswith("M=40 K=24 N=40 G=3 skewed float32, 1 rounds; b0 = old, b1 = new")
     assert [line.split()[0] for line in lines[1:]] == ["fwd", "dx", "dw"]
     assert all(line.count("paired") == 2 for line in lines[1:])
+
+
+def test_bench_table_of_a_gmm_run():
+    bench_table = _load_script(BENCH_TABLE)
+    common = {"mode": "fwd", "dtype": "float32", "groups": 64, "dist": "skewed"}
+    rows = [
+        {**common, "backend": "cpu_kernel", "median_s": 0.1037, "dense_median_s": 0.0896,
+         "ratio": 1.157, "ratio_min": 1.12, "ratio_paired": 1.13},
+        {**common, "backend": "ragged_dot", "skipped": "G x dense"},
+    ]
+    assert bench_table.gmm_table(rows).splitlines()[2:] == [
+        "| cpu_kernel | fwd | f32 | 64 | skewed | 104 | 90 | 1.16x | 1.12x | 1.13x |"
+    ]

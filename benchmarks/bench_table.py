@@ -1,12 +1,18 @@
-"""The README's benchmark table, as Markdown, from a ``fusedmoe bench --json`` file.
+"""The docs' benchmark tables, as Markdown, from a benchmark's JSON file.
 
-    python benchmarks/moe_table.py docs/bench/moe.json
+    python benchmarks/bench_table.py docs/bench/moe.json   # README, `fusedmoe bench`
+    python benchmarks/bench_table.py docs/bench/gmm.json   # docs/backends.md, `bench-gmm`
 
-One line per (preset, dtype, backend, pass) where both layouts were measured:
+For the layer (``fusedmoe bench --json``), one line per (preset, dtype,
+backend, pass) where both layouts were measured:
 unfused and fused time over the dense GEMMs of equal FLOPs (fused with its
 paired ratio), the fused speed-up (unfused / fused, then paired), the peer's
 time over dense, and peak memory fused / unfused. Rows the benchmark skipped
 (a backend that does not run at that size) are left out, as in the README.
+
+For the grouped matmul (``fusedmoe bench-gmm --json``), one line per measured
+row: time and dense time in ms, and the ratios by medians, fastest runs and
+rounds (paired).
 """
 
 from __future__ import annotations
@@ -14,6 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+GMM_HEADER = (
+    "| backend | mode | dtype | G | dist | ms | dense ms | ratio (median) | ratio (min) "
+    "| paired |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
+)
+_SHORT_DTYPES = {"float32": "f32", "bfloat16": "bf16"}
 
 HEADER = (
     "| preset | dtype | backend | pass | unfused x dense | fused x dense (paired) "
@@ -55,6 +68,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def gmm_table(rows: list[dict]) -> str:
+    """The Markdown table of a ``bench-gmm`` file's ``rows``."""
+    lines = [GMM_HEADER]
+    for row in rows:
+        if row.get("median_s") is None:
+            continue
+        lines.append(
+            f"| {row['backend']} | {row['mode']} "
+            f"| {_SHORT_DTYPES.get(row['dtype'], row['dtype'])} | {row['groups']} | {row['dist']} "
+            f"| {row['median_s'] * 1e3:.0f} | {row['dense_median_s'] * 1e3:.0f} "
+            f"| {_num(row['ratio'], 'x')} | {_num(row.get('ratio_min'), 'x')} "
+            f"| {_num(row.get('ratio_paired'), 'x')} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json_path", help="a file written by `fusedmoe bench --json`")
@@ -69,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                      "of `fusedmoe bench --json`")
     if not data.get("complete", True):
         print("note: the run did not finish (complete: false)", file=sys.stderr)
-    print(table(data["rows"]))
+    rows = data["rows"]
+    print(gmm_table(rows) if any("mode" in row for row in rows) else table(rows))
     return 0
 
 

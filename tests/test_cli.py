@@ -278,3 +278,46 @@ def test_bench_peer_column_times_the_transformers_block(tmp_path):
         assert "peer_skipped" not in r, r.get("peer_skipped")
         assert r["peer"].startswith("transformers mixtral")
         assert r["peer_median_s"] > 0 and r["peer_ratio_to_dense"] > 0
+
+
+def test_cache_lists_and_cleans_only_stale_builds(tmp_path, monkeypatch, capsys):
+    # A current build, a stale one, a partial build old enough to be a killed
+    # one, a partial build still young, and a file that is not ours.
+    import os
+    import time
+
+    from fusedmoe.gmm import cpu_kernel
+
+    monkeypatch.setenv("FUSEDMOE_CACHE_DIR", str(tmp_path))
+    current = cpu_kernel.current_libraries()
+    for library in current:
+        library.write_bytes(b"current")
+    stale = tmp_path / "cpu_kernel-0000000000000000.so"
+    stale.write_bytes(b"stale")
+    killed = tmp_path / ".cpu_kernel-abc.so"
+    killed.write_bytes(b"")
+    old = time.time() - 3600
+    os.utime(killed, (old, old))
+    young = tmp_path / ".cpu_kernel-def.so"
+    young.write_bytes(b"")
+    other = tmp_path / "notes.txt"
+    other.write_text("mine")
+
+    assert main(["cache"]) == 0
+    listing = capsys.readouterr().out
+    assert str(tmp_path) in listing and "stale" in listing and "killed" in listing
+    assert stale.exists() and killed.exists()  # listing removes nothing
+
+    assert main(["cache", "--clean"]) == 0
+    assert not stale.exists() and not killed.exists()
+    assert young.exists() and other.exists()
+    assert all(library.exists() for library in current)
+
+    assert main(["cache", "--clean", "--all"]) == 0
+    assert not any(library.exists() for library in current)
+    assert young.exists() and other.exists()
+
+
+def test_cache_all_needs_clean(capsys):
+    assert main(["cache", "--all"]) == 2
+    assert "--all: only with --clean" in capsys.readouterr().err

@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("fusedmoe.checkpoint.convert_cli", "convert Hugging Face <-> orbax checkpoints"),
     "train": ("fusedmoe.train", "train the small MoE language model"),
     "generate": ("fusedmoe.generate", "generate text from a trained checkpoint"),
+    "cache": ("fusedmoe.cache_cli", "list, or clean, the compiled cpu_kernel builds on disk"),
 }
 
 

@@ -5,7 +5,7 @@ kernel need not: a dot cannot read one expert's weight in place out of
 ``[G, K, N]`` nor write a gradient slab into ``[G, K, N]``, so every product
 copies weights and slabs (docs/backends.md, "Where the layer's step goes").
 ``cpu_kernel.cc`` beside this file is a blocked GEMM (the BLIS loop
-structure, an AVX2 register tile) that reads every operand where it lies and
+structure, an AVX2 or AVX-512 register tile) that reads every operand where it lies and
 writes every output where it belongs; the three products of a grouped matmul
 (forward, dX, dW) are one kernel with different strides.
 
@@ -28,7 +28,9 @@ a C++ compiler, or on another platform than CPU.
   they split each product's output columns, so skewed group sizes cannot
   unbalance them.
 - The cache directory: ``FUSEDMOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/fusedmoe``,
-  else ``~/.cache/fusedmoe``.
+  else ``~/.cache/fusedmoe``. A change of source, flags, compiler or jax
+  builds a new library beside the old ones; ``fusedmoe cache --clean``
+  removes those no build of this checkout would load.
 """
 
 from __future__ import annotations
@@ -133,11 +135,35 @@ def _flags(isa: str | None = None) -> tuple[str, ...]:
     return _FLAGS + _ISA_FLAGS[isa or _isa()]
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where compiled builds are kept (see the module docstring)."""
     if os.environ.get("FUSEDMOE_CACHE_DIR"):
         return Path(os.environ["FUSEDMOE_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "fusedmoe"
+
+
+LIBRARY_GLOB = "cpu_kernel-*.so"  # the cached builds
+PARTIAL_GLOB = ".cpu_kernel-*.so"  # builds in progress (or left by a killed one)
+
+
+def library_path(cxx: str, isa: str | None = None) -> Path:
+    """The cached library of the build for ``isa`` (default :func:`_isa`) with
+    compiler ``cxx``: named by a hash of the source, flags, compiler and jax."""
+    flags = _flags(isa)
+    include = jax.ffi.include_dir()
+    inputs = [_SOURCE.read_text(), *flags, _compiler_version(cxx), include, jax.__version__]
+    key = hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:16]
+    return cache_dir() / f"cpu_kernel-{key}.so"
+
+
+def current_libraries() -> list[Path]:
+    """The cached libraries this checkout would load: one per build the CPU
+    runs, with the compiler found now (none without a compiler)."""
+    cxx = _compiler()
+    if cxx is None:
+        return []
+    return [library_path(cxx, isa) for isa in _ISAS if _cpu_has(isa)]
 
 
 def _compiler_version(cxx: str) -> str:
@@ -150,9 +176,7 @@ def _build(cxx: str, isa: str | None = None) -> Path:
     (default :func:`_isa`); return the library."""
     include = jax.ffi.include_dir()
     flags = _flags(isa)
-    inputs = [_SOURCE.read_text(), *flags, _compiler_version(cxx), include, jax.__version__]
-    key = hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:16]
-    library = _cache_dir() / f"cpu_kernel-{key}.so"
+    library = library_path(cxx, isa)
     if library.exists():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)

@@ -86,7 +86,8 @@ def gmm_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json_path", help="a file written by `fusedmoe bench --json`")
+    parser.add_argument("json_path",
+                        help="a file written by `fusedmoe bench --json` or `bench-gmm --json`")
     args = parser.parse_args(argv)
     try:
         with open(args.json_path) as f:
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"json_path: cannot read {args.json_path!r} as a bench JSON file ({e})")
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
         parser.error(f"json_path: {args.json_path!r} has no 'rows' list; expected the output "
-                     "of `fusedmoe bench --json`")
+                     "of `fusedmoe bench --json` or `fusedmoe bench-gmm --json`")
     if not data.get("complete", True):
         print("note: the run did not finish (complete: false)", file=sys.stderr)
     rows = data["rows"]

@@ -229,6 +229,28 @@ def test_tiled_last_group_ends_at_m():
     check_all("tiled", x, w, c, gs, jnp.float32)
 
 
+def test_tiled_constant_operands_stay_behind_a_barrier():
+    # A constant operand (jnp.ones, or the broadcast cotangent of .sum())
+    # made every tile's dot loop-invariant, and XLA hoisted all of them out of
+    # their loops (21x the dense GEMM at G=64). Each product now hides its
+    # operands behind an optimization barrier; the numbers stay right.
+    sizes = [70, 0, 5, 64]
+    x, w, _, gs = make_inputs(sum(sizes) + 3, 6, 5, sizes, seed=9)
+
+    def loss(x, w):
+        return jnp.sum(fusedmoe.gmm(x, w, gs, backend="tiled"))
+
+    dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+    ones = np.ones((x.shape[0], w.shape[2]))
+    rdx, rdw = ref_grads(as64(x), as64(w), ones, np.asarray(sizes))
+    assert_close(dx, rdx, jnp.float32, "d lhs of sum")
+    assert_close(dw, rdw, jnp.float32, "d rhs of sum")
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text()
+    assert lowered.count("optimization_barrier") == 2  # dX and dW (no forward needed)
+    forward = jax.jit(lambda w: fusedmoe.gmm(jnp.ones_like(x), w, gs, backend="tiled"))
+    assert "optimization_barrier" in forward.lower(w).as_text()
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_cpu_kernel_every_block_path(dtype):
     # The kernel's loops at sizes that reach each of their paths: groups over

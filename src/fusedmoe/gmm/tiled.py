@@ -65,6 +65,20 @@ def _bits(x):
     return x
 
 
+def _opaque(*arrays):
+    """``arrays`` unchanged, but XLA may not look through them.
+
+    An operand XLA knows to be constant along its rows (``jnp.ones``, or the
+    cotangent of ``.sum()``, a broadcast) makes every row slice of it the
+    same, so each tile's dot no longer depends on its loop: XLA hoists it out
+    of the tile loops into the group loop and runs all of them, 0-trip loops
+    included, for every group. Measured (G=64, the dX of
+    ``grad(lambda x: gmm(x, w, gs).sum())``): 21x the dense GEMM instead of
+    ~1.3x. A barrier on the whole operand, outside the loops, keeps each
+    slice tied to its row. It moves no data."""
+    return jax.lax.optimization_barrier(arrays)
+
+
 def _unbits(x, dtype):
     """Inverse of :func:`_bits`: view ``x`` as ``dtype`` again."""
     return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
@@ -100,7 +114,7 @@ def _rows_times_weight(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool):
     m = lhs.shape[0]
     n_out = rhs.shape[2] if contract_rhs_axis == 1 else rhs.shape[1]
     lhs_dtype, rhs_dtype = lhs.dtype, rhs.dtype
-    lhs, rhs = _bits(lhs), _bits(rhs)  # sliced as bits (see _bits)
+    lhs, rhs = _opaque(_bits(lhs), _bits(rhs))  # sliced as bits (see _bits)
     out_bits = _bits(jnp.zeros((), out_dtype)).dtype
     whole_tiles = tuple(c for c in ROW_TILES if c <= m)
     # Multiples of 8 below the smallest whole tile (or M itself, if smaller).
@@ -174,7 +188,7 @@ def _rows_t_times_rows(lhs, dout, group_sizes, out_dtype):
     m, k = lhs.shape
     n = dout.shape[1]
     lhs_dtype, dout_dtype = lhs.dtype, dout.dtype
-    lhs, dout = _bits(lhs), _bits(dout)  # sliced as bits (see _bits)
+    lhs, dout = _opaque(_bits(lhs), _bits(dout))  # sliced as bits (see _bits)
     out_bits = _bits(jnp.zeros((), out_dtype)).dtype
     chunk_rows = min(CONTRACT_CHUNK, m)
     classes = remainder_classes(chunk_rows)

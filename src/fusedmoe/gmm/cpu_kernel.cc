@@ -394,7 +394,7 @@ void tile(int64_t steps, const Packed* a, const Packed* b, float* c, int64_t ldc
 // tile<Packed, R> with R = rows (1 <= rows <= MR), chosen at run time.
 template <typename Packed, int R = MR>
 void row_tile(int64_t steps, const Packed* a, const Packed* b, float* c, int64_t ldc, Store store,
-               int64_t rows, int64_t cols, const char* const* prefetch, int64_t prefetches) {
+              int64_t rows, int64_t cols, const char* const* prefetch, int64_t prefetches) {
   if constexpr (R > 1) {
     if (rows < R) {
       row_tile<Packed, R - 1>(steps, a, b, c, ldc, store, rows, cols, prefetch, prefetches);

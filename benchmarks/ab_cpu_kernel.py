@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,8 +34,6 @@ SYMBOLS = ("fusedmoe_times_weight", "fusedmoe_t_times_rows")
 
 def compile_source(spec: str, out_dir: Path) -> Path:
     """Compile ``path[:extra flags]`` with the kernel's own flags into ``out_dir``."""
-    import jax
-
     from fusedmoe.gmm import cpu_kernel
 
     path, _, extra = spec.partition(":")
@@ -46,11 +43,10 @@ def compile_source(spec: str, out_dir: Path) -> Path:
     if cxx is None:
         raise SystemExit("no C++ compiler found (set CXX, or install g++ or clang++)")
     library = out_dir / f"build{len(list(out_dir.iterdir()))}.so"
-    command = [cxx, *cpu_kernel._flags(), *extra.split(), f"-I{jax.ffi.include_dir()}", path,
-               "-o", str(library)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise SystemExit(f"build {spec!r} failed ({' '.join(command)}):\n{result.stderr[-4000:]}")
+    try:
+        cpu_kernel.compile_library(cxx, Path(path), library, extra_flags=tuple(extra.split()))
+    except RuntimeError as exc:
+        raise SystemExit(f"build {spec!r}: {exc}") from None
     return library
 
 

@@ -171,11 +171,23 @@ def _compiler_version(cxx: str) -> str:
     return result.stdout.splitlines()[0] if result.stdout else cxx
 
 
+def compile_library(cxx: str, source: Path, out: str | Path, isa: str | None = None,
+                    extra_flags: tuple[str, ...] = ()) -> None:
+    """Compile ``source`` into the shared library ``out`` with the flags of the
+    build for ``isa`` (default :func:`_isa`) against jaxlib's FFI headers;
+    a ``RuntimeError`` naming the source and the command if it fails."""
+    include = jax.ffi.include_dir()
+    command = [cxx, *_flags(isa), *extra_flags, f"-I{include}", str(source), "-o", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"compiling {Path(source).name} failed ({' '.join(command)}):\n{result.stderr[-4000:]}"
+        )
+
+
 def _build(cxx: str, isa: str | None = None) -> Path:
     """Compile the kernel once per (source, flags, compiler, jaxlib) for ``isa``
     (default :func:`_isa`); return the library."""
-    include = jax.ffi.include_dir()
-    flags = _flags(isa)
     library = library_path(cxx, isa)
     if library.exists():
         return library
@@ -185,12 +197,7 @@ def _build(cxx: str, isa: str | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(dir=library.parent, prefix=".cpu_kernel-", suffix=".so")
     os.close(fd)
     try:
-        command = [cxx, *flags, f"-I{include}", str(_SOURCE), "-o", tmp]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(
-                f"compiling {_SOURCE.name} failed ({' '.join(command)}):\n{result.stderr[-4000:]}"
-            )
+        compile_library(cxx, _SOURCE, tmp, isa)
         os.replace(tmp, library)
     finally:
         if os.path.exists(tmp):

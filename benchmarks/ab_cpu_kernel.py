@@ -1,6 +1,6 @@
 """Builds of ``cpu_kernel.cc`` side by side: paired against XLA's dense GEMM.
 
-How the kernel changes in docs/backends.md were measured. Each source (or
+How the kernel changes in docs/notebook.md were measured. Each source (or
 prebuilt ``.so``) is loaded into one process under FFI target names of its
 own, and every build's forward, dX and dW, and the dense GEMM of equal FLOPs,
 are timed round-robin (order shuffled per round), so the builds share

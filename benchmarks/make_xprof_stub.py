@@ -5,7 +5,7 @@ imported (``tokamax/_src/benchmarking.py``) and uses it only for its own
 xprof-timed benchmarks. The real xprof wheel is 32 MB and pulls in more
 (duckdb, google-cloud-storage, ...); this stub holds only that module, whose
 ``compute_kernel_stats`` raises ``NotImplementedError``. With it tokamax 0.0.17
-imported on jax 0.11.2 (CPU and an H200, 2026-11-27; docs/backends.md).
+imported on jax 0.11.2 (CPU and an H200, 2026-11-27; docs/notebook.md).
 
     python3 benchmarks/make_xprof_stub.py [OUT_DIR]     # default: .whl/
 """

@@ -1,4 +1,4 @@
-"""Probes behind the CPU numbers of ``docs/backends.md`` ("What limits `tiled` on CPU").
+"""Probes behind the CPU numbers of ``docs/notebook.md`` ("What limits `tiled` on CPU").
 
 Not a test and not the benchmark: side-by-side measurements that explain
 why the ``tiled`` backend stops where it does on a CPU. Each prints, per

@@ -176,7 +176,7 @@ AB_CPU_KERNEL = Path(__file__).parents[1] / "benchmarks" / "ab_cpu_kernel.py"
 
 
 def test_ab_cpu_kernel_times_builds_that_agree():
-    # The A/B script behind docs/backends.md's kernel numbers: two builds
+    # The A/B script behind docs/notebook.md's kernel numbers: two builds
     # (here the cached library twice), every product, one round.
     from fusedmoe.gmm import available_backends, cpu_kernel
 

@@ -4,7 +4,7 @@
 // use and registers the two handlers below). Why a kernel outside plain JAX:
 // on XLA:CPU a dot cannot read a weight in place out of a [G, K, N] array nor
 // write its result into a slab of a larger one, so a plain-JAX grouped matmul
-// copies every expert's weight and every gradient slab (docs/backends.md,
+// copies every expert's weight and every gradient slab (docs/notebook.md,
 // "Where the layer's step goes"). Here each group's product reads its operands
 // where they lie and writes its output where it belongs.
 //
@@ -460,7 +460,7 @@ struct BlockPrefetch {
 // paired against the dense GEMM, 11 rounds): dX 1.38x -> 1.29x balanced,
 // 1.29x -> 1.25x skewed. Where B's rows are contiguous (forward, dW) the
 // hardware prefetcher keeps up, and neither this nor packing the next block
-// between the tiles helped (docs/backends.md, "Tried").
+// between the tiles helped (docs/notebook.md, "`cpu_kernel`").
 template <typename TIn>
 void gemm_f32(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, float* c, int64_t ldc,
               Buffers& bufs, View<TIn> next = {}) {

@@ -3,7 +3,7 @@
 ``tiled`` is plain JAX, and on XLA:CPU plain JAX pays for memory traffic a
 kernel need not: a dot cannot read one expert's weight in place out of
 ``[G, K, N]`` nor write a gradient slab into ``[G, K, N]``, so every product
-copies weights and slabs (docs/backends.md, "Where the layer's step goes").
+copies weights and slabs (docs/notebook.md, "Where the layer's step goes").
 ``cpu_kernel.cc`` beside this file is a blocked GEMM (the BLIS loop
 structure, an AVX2 or AVX-512 register tile) that reads every operand where it lies and
 writes every output where it belongs; the three products of a grouped matmul

@@ -5,8 +5,9 @@ prebuilt ``.so``) is loaded into one process under FFI target names of its
 own, and every build's forward, dX and dW, and the dense GEMM of equal FLOPs,
 are timed round-robin (order shuffled per round), so the builds share
 whatever the machine is doing. Printed per product: each build's median and
-its paired ratio (median over rounds of build / dense). Builds must agree on
-the numbers (checked first).
+its paired ratio (median over rounds of build / dense), and for every build
+after the first its paired ratio to the first. Builds must agree on the
+numbers (checked first).
 
     git show HEAD~1:src/fusedmoe/gmm/cpu_kernel.cc > /tmp/old.cc
     python benchmarks/ab_cpu_kernel.py /tmp/old.cc src/fusedmoe/gmm/cpu_kernel.cc \\
@@ -137,7 +138,11 @@ def run(libraries: list[Path], m: int, k: int, n: int, groups: int, dist: str, r
         for i in range(len(libraries)):
             own = times[f"b{i}"][op]
             paired = statistics.median(a / b for a, b in zip(own, dense, strict=True))
-            line += f" b{i} {statistics.median(own) * 1e3:7.1f} ms paired {paired:.3f}x |"
+            line += f" b{i} {statistics.median(own) * 1e3:7.1f} ms paired {paired:.3f}x"
+            if i > 0:  # the comparison that matters, without the dense GEMM's own noise
+                first = times["b0"][op]
+                line += f" ({statistics.median(a / b for a, b in zip(own, first)):.3f}x b0)"
+            line += " |"
         lines.append(line)
     return lines
 

@@ -261,8 +261,11 @@ def test_cpu_kernel_every_block_path(dtype):
     # 256-step block, so its output accumulates (bf16 output through the f32
     # scratch), and packs the weight transposed (8 x 8 blocks, then a part
     # panel); the forward and dW (K=520, groups <= 1024 rows) fit one
-    # contraction block and are streamed; empty groups give zero slabs; 3 rows
-    # past the groups give zeros.
+    # contraction block and are streamed; the f32 forward of the groups of at
+    # most 144 rows packs the weight a panel at a time, each next panel copied
+    # by the tiles of the one before (by a part tile too, in groups under 8
+    # rows), the part panel at a thread's end packed on its own; empty groups
+    # give zero slabs; 3 rows past the groups give zeros.
     _skip_unavailable("cpu_kernel")
     sizes = [300, 0, 1, 64, 5, 0, 2, 3, 6, 7, 10]
     x, w, c, gs = make_inputs(sum(sizes) + 3, 520, 1040, sizes, dtype, seed=11)

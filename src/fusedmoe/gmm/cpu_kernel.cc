@@ -18,7 +18,10 @@
 //
 // Loops, outside in: column block (NC) -> contraction block (KC, pack B into a
 // KC x NC buffer) -> row block (MC, pack A) -> NR-column panel -> MR-row
-// sliver -> the MR x NR register tile over KC. Packing copies the operands
+// sliver -> the MR x NR register tile over KC. (An f32 product of few output
+// rows with B's rows contiguous, above all the forward of a small group,
+// takes another order, gemm_few_rows: B is packed one panel at a time by the
+// tiles of the panel before.) Packing copies the operands
 // into the order the register tile reads them (and converts bf16 to f32, or
 // keeps it as bf16 pairs where the CPU multiplies those: kBf16Pairs), so the
 // tile's loads are sequential whatever the strides. Accumulation is f32.
@@ -207,11 +210,13 @@ enum class Store {
                 // (a weight gradient slab) is not read for ownership first
 };
 
-// Contraction steps of the register tile between two of the prefetches it is
-// handed: spread out, they do not fill the miss buffers and stall the FMAs.
-constexpr int64_t kStepsPerPrefetch = 4;
-// (Only B read transposed, in blocks of KC_COLS, is prefetched this way.)
-constexpr int64_t kPrefetchesPerTile = (KC_COLS + kStepsPerPrefetch - 1) / kStepsPerPrefetch;
+// A register tile does some memory work on the side, a little every
+// kStepsBetween contraction steps: spread out, its loads overlap the FMAs
+// instead of stalling them (a burst of 64 prefetches after a tile stalled
+// them). What the work is, is the tile's Side (below).
+constexpr int64_t kStepsBetween = 4;
+// (Only B read transposed, in blocks of KC_COLS, is prefetched, one line per turn.)
+constexpr int64_t kPrefetchesPerTile = (KC_COLS + kStepsBetween - 1) / kStepsBetween;
 
 // Steps p0..p1 of the register tile's top R rows, into acc. (A's packed
 // slivers hold MR rows per step whatever R is.)
@@ -364,44 +369,98 @@ void tile_pair_steps(int64_t q0, int64_t q1, const Word* a, const Word* b, vec (
   }
 }
 
+// Side work of a register tile (see kStepsBetween): while busy(i), turn(i)
+// runs before the i-th group of steps; finish() runs after the last step.
+struct NoSideWork {
+  bool busy(int64_t) const { return false; }
+  void turn(int64_t) {}
+  void finish() {}
+};
+
+// Prefetch `count` lines (at most kPrefetchesPerTile), one per turn.
+struct PrefetchLines {
+  const char* const* lines;
+  int64_t count;
+  bool busy(int64_t i) const { return i < count; }
+  void turn(int64_t i) { _mm_prefetch(lines[i], _MM_HINT_T0); }
+  void finish() {}
+};
+
+// Copy `rows` rows of a B panel (NR floats each, source row stride `rs`)
+// into their packed place (row stride NR), as two vectors per row, spread
+// evenly over the turns: gemm_few_rows packs the next panel this way while
+// the tiles of the current one run. Each row is prefetched into L2
+// kPanelPrefetchRows rows ahead, not into L1: the source rows are a whole
+// weight row (8 KiB at N=2048) apart, so they all fall in the same few L1
+// sets (measured: hint T0 1.42x the time of T1).
+constexpr int64_t kPanelPrefetchRows = 24;
+struct CopyPanelRows {
+  const float* src;
+  int64_t rs;
+  float* dst;
+  int64_t rows;
+  int64_t rows_in_source;  // rows readable from src (prefetches stay inside)
+  int64_t per_turn = 0;    // vectors per turn
+  int64_t done = 0;        // vectors copied
+
+  void plan(int64_t steps) {
+    const int64_t turns = (steps + kStepsBetween - 1) / kStepsBetween;
+    per_turn = turns > 0 ? (2 * rows + turns - 1) / turns : 2 * rows;
+  }
+  void copy(int64_t v) {
+    const int64_t r = v / 2, h = v % 2;
+    if (r + kPanelPrefetchRows < rows_in_source)
+      _mm_prefetch(reinterpret_cast<const char*>(src + (r + kPanelPrefetchRows) * rs + h * kVec),
+                   _MM_HINT_T1);
+    std::memcpy(dst + r * NR + h * kVec, src + r * rs + h * kVec, sizeof(vec));
+  }
+  bool busy(int64_t) const { return done < 2 * rows; }
+  void turn(int64_t) {
+    for (const int64_t end = std::min(2 * rows, done + per_turn); done < end; ++done) copy(done);
+  }
+  void finish() {
+    for (; done < 2 * rows; ++done) copy(done);
+  }
+};
+
 // The register tile: acc[R x NR] = sum_p a[p][:R] (x) b[p][:] over `steps`
 // packed contraction steps (f32 values, or bf16 pairs), then stored to c.
-// Only the top-left rows x cols of it are written. It also prefetches the
-// `prefetches` lines at `prefetch` (at most kPrefetchesPerTile), one every
-// kStepsPerPrefetch steps.
+// Only the top-left rows x cols of it are written. `side` runs between its
+// steps (see kStepsBetween).
 //
 // R is MR but for a group's last few rows, which get a tile of just as many
 // rows (row_tile below): groups are cut at arbitrary rows, and with ~64 rows
 // per group a full MR-row tile over the remainder computed ~5% of the
 // product's rows for nothing.
-template <typename Packed, int R>
+template <typename Packed, int R, typename Side>
 void tile(int64_t steps, const Packed* a, const Packed* b, float* c, int64_t ldc, Store store,
-          int64_t rows, int64_t cols, const char* const* prefetch, int64_t prefetches) {
+          int64_t rows, int64_t cols, Side& side) {
   vec acc[R][2] = {};
   auto run = [&](int64_t p0, int64_t p1) {
     if constexpr (std::is_same_v<Packed, float>) tile_steps<R>(p0, p1, a, b, acc);
     else tile_pair_steps<R>(p0, p1, a, b, acc);
   };
   int64_t p = 0;
-  for (int64_t f = 0; f < prefetches; ++f, p += kStepsPerPrefetch) {
-    _mm_prefetch(prefetch[f], _MM_HINT_T0);
-    run(std::min(p, steps), std::min(steps, p + kStepsPerPrefetch));
+  for (int64_t i = 0; p < steps && side.busy(i); p += kStepsBetween, ++i) {
+    side.turn(i);
+    run(p, std::min(steps, p + kStepsBetween));
   }
   run(std::min(p, steps), steps);
+  side.finish();
   store_tile<R>(acc, c, ldc, store, rows, cols);
 }
 
 // tile<Packed, R> with R = rows (1 <= rows <= MR), chosen at run time.
-template <typename Packed, int R = MR>
+template <typename Packed, typename Side, int R = MR>
 void row_tile(int64_t steps, const Packed* a, const Packed* b, float* c, int64_t ldc, Store store,
-              int64_t rows, int64_t cols, const char* const* prefetch, int64_t prefetches) {
+              int64_t rows, int64_t cols, Side& side) {
   if constexpr (R > 1) {
     if (rows < R) {
-      row_tile<Packed, R - 1>(steps, a, b, c, ldc, store, rows, cols, prefetch, prefetches);
+      row_tile<Packed, Side, R - 1>(steps, a, b, c, ldc, store, rows, cols, side);
       return;
     }
   }
-  tile<Packed, R>(steps, a, b, c, ldc, store, rows, cols, prefetch, prefetches);
+  tile<Packed, R>(steps, a, b, c, ldc, store, rows, cols, side);
 }
 
 // Each thread's packing buffers, and its f32 scratch for 16-bit outputs.
@@ -449,6 +508,47 @@ struct BlockPrefetch {
   }
 };
 
+// c[0:m, 0:n] = A[0:m, 0:k] @ B[0:k, 0:n] for f32 operands with B's rows
+// contiguous, k <= KC_ROWS and m <= MC: a group of an expert's weight with
+// few rows (64 at G=64 in the benchmark), where reading the weight costs
+// about a fifth of the arithmetic. Instead of packing a whole KC x NC block
+// of B first (memory-bound, the FMAs idle) and then computing on it (the
+// memory idles), B is packed one NR-column panel at a time into two
+// alternating buffers: the first panel up front, each next one by the tiles
+// of the current panel, a few rows per tile, between their steps
+// (CopyPanelRows). A is packed once; every output tile is written once.
+// Measured at M=4096, K=1024, N=2048 f32, G=64 balanced, builds side by side
+// (benchmarks/ab_cpu_kernel.py, 11 rounds, three runs): the forward 0.91x-0.97x
+// the time of packing whole blocks first, 1.04x-1.09x the dense GEMM against
+// 1.10x-1.16x.
+inline void gemm_few_rows(int64_t m, int64_t n, int64_t k, View<float> a, View<float> b, float* c,
+                          int64_t ldc, Buffers& bufs) {
+  const int64_t tiles = (m + MR - 1) / MR;
+  bufs.a.resize(std::max(bufs.a.size(), static_cast<size_t>(MC * k)));
+  bufs.b.resize(std::max(bufs.b.size(), static_cast<size_t>(2 * k * NR)));
+  pack_a(a, m, k, bufs.a.data());
+  float* panels[2] = {bufs.b.data(), bufs.b.data() + k * NR};
+  pack_b(b, k, std::min(NR, n), panels[0]);
+  for (int64_t q = 0; q * NR < n; ++q) {
+    const float* panel = panels[q % 2];
+    float* next_panel = panels[(q + 1) % 2];
+    const int64_t cols = std::min(NR, n - q * NR);
+    const int64_t next_cols = std::min(NR, n - (q + 1) * NR);  // <= 0: this is the last
+    const bool copy_next = next_cols == NR;  // a narrower last panel is packed below, padded
+    for (int64_t t = 0; t < tiles; ++t) {
+      // This tile's share of the next panel's rows: [r0, r1).
+      const int64_t r0 = copy_next ? k * t / tiles : 0, r1 = copy_next ? k * (t + 1) / tiles : 0;
+      CopyPanelRows side{b.data + r0 * b.rs + (q + 1) * NR, b.rs, next_panel + r0 * NR, r1 - r0,
+                         k - r0};
+      side.plan(k);
+      row_tile(k, bufs.a.data() + t * MR * k, panel, c + t * MR * ldc + q * NR, ldc, Store::kStream,
+               std::min(MR, m - t * MR), cols, side);
+    }
+    if (next_cols > 0 && !copy_next)
+      pack_b(View<float>{b.data + (q + 1) * NR, b.rs, 1}, k, next_cols, next_panel);
+  }
+}
+
 // c[0:m, 0:n] = A[0:m, 0:k] @ B[0:k, 0:n], c of row stride ldc. `next` is
 // the B of the product that follows on this thread (data null if none), of
 // the same k and n.
@@ -460,13 +560,20 @@ struct BlockPrefetch {
 // paired against the dense GEMM, 11 rounds): dX 1.38x -> 1.29x balanced,
 // 1.29x -> 1.25x skewed. Where B's rows are contiguous (forward, dW) the
 // hardware prefetcher keeps up, and neither this nor packing the next block
-// between the tiles helped (docs/notebook.md, "`cpu_kernel`").
+// between the tiles helped (docs/notebook.md, "`cpu_kernel`"); what did help,
+// for groups of few rows, is packing one panel at a time (gemm_few_rows).
 template <typename TIn>
 void gemm_f32(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, float* c, int64_t ldc,
               Buffers& bufs, View<TIn> next = {}) {
   if (k == 0) {  // an empty sum: no contraction block would write c
     zero_columns(c, m, ldc, 0, n);
     return;
+  }
+  if constexpr (std::is_same_v<TIn, float>) {
+    if (b.cs == 1 && k <= KC_ROWS && m <= MC) {
+      gemm_few_rows(m, n, k, a, b, c, ldc, bufs);
+      return;
+    }
   }
   constexpr bool pairs = kBf16Pairs && std::is_same_v<TIn, uint16_t>;
   const int64_t KC = b.cs == 1 ? KC_ROWS : KC_COLS;  // contraction block (see KC_ROWS)
@@ -509,15 +616,15 @@ void gemm_f32(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, float* 
         else pack_a(rows, mc, kc, bufs.a.data());
         for (int64_t jr = 0; jr < nc; jr += NR) {
           for (int64_t ir = 0; ir < mc; ir += MR) {
-            const int64_t count = prefetch.next(per_tile, addresses);
+            PrefetchLines side{addresses, prefetch.next(per_tile, addresses)};
             float* out = c + (ic + ir) * ldc + jc + jr;
             const int64_t tile_rows = std::min(MR, mc - ir), tile_cols = std::min(NR, nc - jr);
             if constexpr (pairs)
               row_tile(steps, bufs.a2.data() + ir * steps, bufs.b2.data() + jr * steps, out, ldc, store,
-                       tile_rows, tile_cols, addresses, count);
+                       tile_rows, tile_cols, side);
             else
               row_tile(steps, bufs.a.data() + ir * steps, bufs.b.data() + jr * steps, out, ldc, store,
-                       tile_rows, tile_cols, addresses, count);
+                       tile_rows, tile_cols, side);
           }
         }
       }

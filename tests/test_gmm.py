@@ -274,9 +274,14 @@ def test_cpu_kernel_every_block_path(dtype):
     assert dw.dtype == dtype
     assert not np.any(np.asarray(dw, np.float32)[[1, 5]])
     # Past the forward's and dW's 1024-step contraction block: K=1030, and a
-    # group of 1030 rows, so both accumulate.
+    # group of 1030 rows, so both accumulate (the 9-row group's forward, a
+    # panel at a time, does not: it takes up to 4096 steps in one).
     sizes = [1030, 0, 9]
     x, w, c, gs = make_inputs(sum(sizes) + 2, 1030, 48, sizes, dtype, seed=13)
+    check_all("cpu_kernel", x, w, c, gs, dtype)
+    # Past those 4096 steps, a few rows go through the blocked loops again.
+    sizes = [5, 3]
+    x, w, c, gs = make_inputs(sum(sizes), 4100, 40, sizes, dtype, seed=17)
     check_all("cpu_kernel", x, w, c, gs, dtype)
 
 

@@ -508,9 +508,14 @@ struct BlockPrefetch {
   }
 };
 
+// The longest contraction gemm_few_rows takes: its two panels are then
+// 4096 x NR floats each, 1 MiB together, the size of L2. Measured up to there
+// (64 and 136 rows per group at K=4096: 0.94x and 0.91x the blocked loops).
+constexpr int64_t kFewRowsMaxSteps = 4096;
+
 // c[0:m, 0:n] = A[0:m, 0:k] @ B[0:k, 0:n] for f32 operands with B's rows
-// contiguous, k <= KC_ROWS and m <= MC: a group of an expert's weight with
-// few rows (64 at G=64 in the benchmark), where reading the weight costs
+// contiguous, k <= kFewRowsMaxSteps and m <= MC: a group of an expert's weight
+// with few rows (64 at G=64 in the benchmark), where reading the weight costs
 // about a fifth of the arithmetic. Instead of packing a whole KC x NC block
 // of B first (memory-bound, the FMAs idle) and then computing on it (the
 // memory idles), B is packed one NR-column panel at a time into two
@@ -520,7 +525,10 @@ struct BlockPrefetch {
 // Measured at M=4096, K=1024, N=2048 f32, G=64 balanced, builds side by side
 // (benchmarks/ab_cpu_kernel.py, 11 rounds, three runs): the forward 0.91x-0.97x
 // the time of packing whole blocks first, 1.04x-1.09x the dense GEMM against
-// 1.10x-1.16x.
+// 1.10x-1.16x. At the layer benchmark's shapes (7 rounds): Qwen3's fused FFN1
+// (G=128, 64 rows, K=2048) 0.90x, its FFN2 (K=768) 0.90x, DeepSeek's fused
+// FFN1 (G=256, 32 rows, K=1792) 0.79x. At 64 skewed groups, many of a few
+// rows (too little arithmetic to hide their weight's reads), no clear gain.
 inline void gemm_few_rows(int64_t m, int64_t n, int64_t k, View<float> a, View<float> b, float* c,
                           int64_t ldc, Buffers& bufs) {
   const int64_t tiles = (m + MR - 1) / MR;
@@ -570,7 +578,7 @@ void gemm_f32(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, float* 
     return;
   }
   if constexpr (std::is_same_v<TIn, float>) {
-    if (b.cs == 1 && k <= KC_ROWS && m <= MC) {
+    if (b.cs == 1 && k <= kFewRowsMaxSteps && m <= MC) {
       gemm_few_rows(m, n, k, a, b, c, ldc, bufs);
       return;
     }

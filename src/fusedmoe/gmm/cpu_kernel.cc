@@ -369,13 +369,9 @@ void tile_pair_steps(int64_t q0, int64_t q1, const Word* a, const Word* b, vec (
   }
 }
 
-// Side work of a register tile (see kStepsBetween): while busy(i), turn(i)
-// runs before the i-th group of steps; finish() runs after the last step.
-struct NoSideWork {
-  bool busy(int64_t) const { return false; }
-  void turn(int64_t) {}
-  void finish() {}
-};
+// Side work of a register tile (see kStepsBetween) has three methods: while
+// busy(i), turn(i) runs before the i-th group of steps; finish() runs after
+// the last step. There are two kinds, below.
 
 // Prefetch `count` lines (at most kPrefetchesPerTile), one per turn.
 struct PrefetchLines {

@@ -132,16 +132,19 @@ def run(libraries: list[Path], m: int, k: int, n: int, groups: int, dist: str, r
                 times[c][op].append(time.perf_counter() - start)
     lines = [f"M={m} K={k} N={n} G={groups} {dist} {dtype.name}, {rounds} rounds; "
              + ", ".join(f"b{i} = {name}" for i, name in enumerate(names or libraries))]
+    def paired(own, reference):
+        # Median over rounds of each round's ratio: both ran in that round.
+        return statistics.median(a / b for a, b in zip(own, reference, strict=True))
+
     for op in ops:
         dense = times["dense"][op]
         line = f"{op:4s} dense {statistics.median(dense) * 1e3:7.1f} ms |"
         for i in range(len(libraries)):
             own = times[f"b{i}"][op]
-            paired = statistics.median(a / b for a, b in zip(own, dense, strict=True))
-            line += f" b{i} {statistics.median(own) * 1e3:7.1f} ms paired {paired:.3f}x"
+            line += (f" b{i} {statistics.median(own) * 1e3:7.1f} ms"
+                     f" paired {paired(own, dense):.3f}x")
             if i > 0:  # the comparison that matters, without the dense GEMM's own noise
-                first = times["b0"][op]
-                line += f" ({statistics.median(a / b for a, b in zip(own, first)):.3f}x b0)"
+                line += f" ({paired(own, times['b0'][op]):.3f}x b0)"
             line += " |"
         lines.append(line)
     return lines

@@ -8,7 +8,9 @@ one process, after a warm-up, the median of several runs of:
   ``x @ w``, ``dout @ w.T``, ``x.T @ dout``.
 
 and prints the ratio to dense (1.0 = as fast as the dense GEMM, the physical
-limit). ``--json PATH`` writes every row.
+limit). ``--json PATH`` writes every row. Where the run includes f32 cases
+at the default shape on a CPU, it ends with which backends meet the CPU
+targets (``TARGETS``: forward at most 1.15x, forward+backward at most 1.3x).
 
 A backend that runs out of memory in a case (``RESOURCE_EXHAUSTED``, e.g.
 ``ragged_dot``'s dense expansion at G=64 on a GPU) gets a skipped row with the
@@ -41,6 +43,9 @@ QUICK = {"m": 512, "k": 256, "n": 512}
 # Above this many multiply-adds megablox (interpreted off TPU) takes minutes.
 MEGABLOX_INTERPRET_MAX = QUICK["m"] * QUICK["k"] * QUICK["n"]
 DENSE_EXPANSION = ("ragged_dot", "tokamax")
+# The CPU speed targets (issue #2): time / dense of equal FLOPs, f32 at the
+# FULL shape, forward and forward+backward (docs/backends.md, "Targets").
+TARGETS = {"fwd": 1.15, "fwdbwd": 1.3}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -341,6 +346,29 @@ def skipped_lines(rows: list[dict]) -> list[str]:
     return [f"skipped {b} (G={','.join(map(str, gs))}): {why}" for (b, why), gs in seen.items()]
 
 
+def target_lines(rows: list[dict]) -> list[str]:
+    """Per backend and mode, whether the f32 CPU rows at the FULL shape meet
+    TARGETS, judged by the paired ratio (each round's own dense time, so a
+    machine slowing down between rounds moves both); the misses are named."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if (not r["skipped"] and r["platform"] == "cpu" and r["dtype"] == "float32"
+                and all(r[dim] == size for dim, size in FULL.items())):
+            cells.setdefault((r["backend"], r["mode"]), []).append(r)
+    lines = []
+    backends = list(dict.fromkeys(backend for backend, _ in cells))
+    for backend, mode in sorted(cells, key=lambda c: (backends.index(c[0]), MODES.index(c[1]))):
+        group, limit = cells[backend, mode], TARGETS[mode]
+        missed = [r for r in group if r["ratio_paired"] > limit]
+        line = (f"{backend:<10} {mode:<6} <= {limit:.2f}x: "
+                f"met in {len(group) - len(missed)} of {len(group)} cells")
+        if missed:
+            line += "; missed: " + ", ".join(
+                f"G={r['groups']} {r['dist']} {r['ratio_paired']:.2f}x" for r in missed)
+        lines.append(line)
+    return lines
+
+
 def run(args) -> int:
     opts = parse_options(args)
     import jax
@@ -384,6 +412,12 @@ def run(args) -> int:
     console.print(render_table(rows))
     for line in skipped_lines(rows):
         console.print(line, highlight=False)
+    targets = target_lines(rows)
+    if targets:
+        shape = " ".join(f"{dim.upper()}={size}" for dim, size in FULL.items())
+        console.print(f"targets (f32 on CPU at {shape}, paired ratio to dense):")
+        for line in targets:
+            console.print(line, highlight=False)
     if opts["json"]:
         save(complete=True)
         console.print(f"wrote {opts['json']}")

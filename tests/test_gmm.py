@@ -329,23 +329,13 @@ _OTHER_BUILD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("isa", ["avx2", "avx512", "avx512bf16"])
-def test_cpu_kernel_other_builds(isa, tmp_path):
-    # The suite runs the best build this CPU has; the others (the AVX2 6 x 16
-    # tile, the AVX-512 tile with bf16 widened to f32, bf16 pairs) are checked
-    # here, each in a process of its own (every build registers the same FFI
-    # targets), where this CPU runs them.
+def _check_cpu_kernel_in_subprocess(tmp_path, isa: str, **env_extra: str) -> None:
+    """Run the block paths' cases with the ``isa`` build in a process of its
+    own, under ``env_extra``, and check them against the NumPy reference."""
     import subprocess
 
-    from fusedmoe.gmm import cpu_kernel
-
-    _skip_unavailable("cpu_kernel")
-    if cpu_kernel._isa() == isa:
-        pytest.skip(f"{isa} is the build every other test runs")
-    if not cpu_kernel._cpu_has(isa):
-        pytest.skip(f"this CPU cannot run the {isa} build")
     out_file = tmp_path / "other.npz"
-    env = {**os.environ, "FUSEDMOE_CPU_ISA": isa, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "FUSEDMOE_CPU_ISA": isa, "JAX_PLATFORMS": "cpu", **env_extra}
     script = (
         _OTHER_BUILD_SCRIPT.replace("OUT", repr(str(out_file)))
         .replace("ISA", repr(isa))
@@ -357,11 +347,40 @@ def test_cpu_kernel_other_builds(isa, tmp_path):
         sizes = np.asarray(sizes)
         for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
             x, w, c = (got[f"{case}_{name}_{k}"].astype(np.float64) for k in ("x", "w", "c"))
-            what = f"{isa} {case} {name}"
+            what = f"{isa} {env_extra} {case} {name}"
             assert_close(got[f"{case}_{name}_out"], ref_gmm(x, w, sizes), dtype, what)
             assert_close(got[f"{case}_{name}_dx"], ref_gmm(c, np.swapaxes(w, 1, 2), sizes), dtype,
                          what)
             assert_close(got[f"{case}_{name}_dw"], ref_tgmm(x, c, sizes), dtype, what)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512", "avx512bf16"])
+def test_cpu_kernel_other_builds(isa, tmp_path):
+    # The suite runs the best build this CPU has; the others (the AVX2 6 x 16
+    # tile, the AVX-512 tile with bf16 widened to f32, bf16 pairs) are checked
+    # here, each in a process of its own (every build registers the same FFI
+    # targets), where this CPU runs them.
+    from fusedmoe.gmm import cpu_kernel
+
+    _skip_unavailable("cpu_kernel")
+    if cpu_kernel._isa() == isa:
+        pytest.skip(f"{isa} is the build every other test runs")
+    if not cpu_kernel._cpu_has(isa):
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    _check_cpu_kernel_in_subprocess(tmp_path, isa)
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_cpu_kernel_other_thread_counts(threads, tmp_path):
+    # The threads take (group, column range) items as they come: one thread
+    # takes them all; three (more than this machine's cores, so they
+    # interleave unpredictably) cut N=1040 (32.5 panels) into three ranges,
+    # the last ending in a part panel, and N=48 into two (it has two panels),
+    # the second a part panel.
+    from fusedmoe.gmm import cpu_kernel
+
+    _skip_unavailable("cpu_kernel")
+    _check_cpu_kernel_in_subprocess(tmp_path, cpu_kernel._isa(), FUSEDMOE_CPU_THREADS=threads)
 
 
 def test_cpu_kernel_isa_setting_is_checked(monkeypatch):

@@ -25,8 +25,9 @@ a C++ compiler, or on another platform than CPU.
   ``avx512``: the same tile, bf16 widened to f32 while packing; ``avx2``: a
   6 x 16 tile. ``FUSEDMOE_CPU_ISA`` picks one; each is cached separately.
 - Threads: one per core this process may use, or ``FUSEDMOE_CPU_THREADS``;
-  they split each product's output columns, so skewed group sizes cannot
-  unbalance them.
+  each product's output is cut into one item per group and column range
+  (one range per thread), which the threads take as they come, so neither
+  skewed group sizes nor a core slowed by other work unbalance them.
 - The cache directory: ``FUSEDMOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/fusedmoe``,
   else ``~/.cache/fusedmoe``. A change of source, flags, compiler or jax
   builds a new library beside the old ones; ``fusedmoe cache --clean``

@@ -257,15 +257,17 @@ def test_cpu_kernel_every_block_path(dtype):
     # the 144-row block (300) and under one register tile (1, 5), and group
     # ends that leave every row count of a part tile (1-7 rows of the AVX-512
     # build's 8, 1-5 of the AVX2 build's 6); N of 1040 = 32.5 x 32, so a
-    # thread's columns can end in a part panel; dX contracts N=1040 past its
-    # 256-step block, so its output accumulates (bf16 output through the f32
-    # scratch), and packs the weight transposed (8 x 8 blocks, then a part
-    # panel); the forward and dW (K=520, groups <= 1024 rows) fit one
-    # contraction block and are streamed; the f32 forward of the groups of at
-    # most 144 rows packs the weight a panel at a time, each next panel copied
-    # by the tiles of the one before (by a part tile too, in groups under 8
-    # rows), the part panel at a thread's end packed on its own; empty groups
-    # give zero slabs; 3 rows past the groups give zeros.
+    # thread's columns can end in a part panel; bf16 dX contracts N=1040 past
+    # its 256-step block, so its output accumulates (bf16 output through the
+    # f32 scratch), and packs the weight transposed (8 x 8 blocks, then a
+    # part panel); f32 dX reads the weight's rows in place (c^T = B^T A^T),
+    # the 300-row group in chunks (of 128 rows with AVX-512), the last a part panel; the
+    # forward and dW (K=520, groups <= 1024 rows) fit one contraction block
+    # and are streamed; the f32 forward of the groups of at most 144 rows
+    # packs the weight a panel at a time, each next panel copied by the tiles
+    # of the one before (by a part tile too, in groups under 8 rows), the
+    # part panel at a thread's end packed on its own; empty groups give zero
+    # slabs; 3 rows past the groups give zeros.
     _skip_unavailable("cpu_kernel")
     sizes = [300, 0, 1, 64, 5, 0, 2, 3, 6, 7, 10]
     x, w, c, gs = make_inputs(sum(sizes) + 3, 520, 1040, sizes, dtype, seed=11)
@@ -275,13 +277,18 @@ def test_cpu_kernel_every_block_path(dtype):
     assert not np.any(np.asarray(dw, np.float32)[[1, 5]])
     # Past the forward's and dW's 1024-step contraction block: K=1030, and a
     # group of 1030 rows, so both accumulate (the 9-row group's forward, a
-    # panel at a time, does not: it takes up to 4096 steps in one).
+    # panel at a time, does not: it takes up to 4096 steps in one); f32 dX's
+    # output columns (K=1030) end in a part group of weight rows.
     sizes = [1030, 0, 9]
     x, w, c, gs = make_inputs(sum(sizes) + 2, 1030, 48, sizes, dtype, seed=13)
     check_all("cpu_kernel", x, w, c, gs, dtype)
-    # Past those 4096 steps, a few rows go through the blocked loops again.
+    # Past those 4096 steps, a few rows go through the blocked loops again:
+    # the forward at K=4100, f32 dX (the weight packed transposed, its next
+    # blocks prefetched, the output accumulated) at N=4100.
     sizes = [5, 3]
     x, w, c, gs = make_inputs(sum(sizes), 4100, 40, sizes, dtype, seed=17)
+    check_all("cpu_kernel", x, w, c, gs, dtype)
+    x, w, c, gs = make_inputs(sum(sizes), 40, 4100, sizes, dtype, seed=19)
     check_all("cpu_kernel", x, w, c, gs, dtype)
 
 
@@ -326,6 +333,7 @@ np.savez(OUT, **arrays)
 _OTHER_BUILD_CASES = [
     ("short", [300, 0, 1, 64, 5, 0, 2, 3, 6, 7, 10], 401, 520, 1040),
     ("long", [1030, 0, 9], 1041, 1030, 48),
+    ("wide", [5, 3], 8, 40, 4100),
 ]
 
 

@@ -421,6 +421,19 @@ struct CopyPanelRows {
   }
 };
 
+// A tile's contraction steps [0, steps), run(p0, p1) at a time, with the
+// side work's turns between groups of kStepsBetween steps.
+template <typename Side, typename Run>
+inline void steps_with_side(int64_t steps, Side& side, const Run& run) {
+  int64_t p = 0;
+  for (int64_t i = 0; p < steps && side.busy(i); p += kStepsBetween, ++i) {
+    side.turn(i);
+    run(p, std::min(steps, p + kStepsBetween));
+  }
+  run(std::min(p, steps), steps);
+  side.finish();
+}
+
 // The register tile: acc[R x NR] = sum_p a[p][:R] (x) b[p][:] over `steps`
 // packed contraction steps (f32 values, or bf16 pairs), then stored to c.
 // Only the top-left rows x cols of it are written. `side` runs between its
@@ -434,17 +447,10 @@ template <typename Packed, int R, typename Side>
 void tile(int64_t steps, const Packed* a, const Packed* b, float* c, int64_t ldc, Store store,
           int64_t rows, int64_t cols, Side& side) {
   vec acc[R][2] = {};
-  auto run = [&](int64_t p0, int64_t p1) {
+  steps_with_side(steps, side, [&](int64_t p0, int64_t p1) {
     if constexpr (std::is_same_v<Packed, float>) tile_steps<R>(p0, p1, a, b, acc);
     else tile_pair_steps<R>(p0, p1, a, b, acc);
-  };
-  int64_t p = 0;
-  for (int64_t i = 0; p < steps && side.busy(i); p += kStepsBetween, ++i) {
-    side.turn(i);
-    run(p, std::min(steps, p + kStepsBetween));
-  }
-  run(std::min(p, steps), steps);
-  side.finish();
+  });
   store_tile<R>(acc, c, ldc, store, rows, cols);
 }
 
@@ -555,6 +561,102 @@ inline void gemm_few_rows(int64_t m, int64_t n, int64_t k, View<float> a, View<f
   }
 }
 
+// How many NR-column panels of A^T gemm_weight_rows takes at once: up to 4
+// (128 rows with AVX-512; 32 to 128 measured alike at G=8 and G=64), fewer
+// where 4 would not fit 1 MiB (L2) at a contraction of k steps.
+inline int64_t weight_rows_panels(int64_t k) {
+  return std::clamp<int64_t>((int64_t{1} << 20) / (k * NR * 4), 1, 4);
+}
+
+// Prefetch `count` rows of `lines` 64-byte lines each into L2, line by line
+// across the rows, a share per turn (gemm_weight_rows: the next rows of the
+// weight while the tile multiplies the current ones; into L1 measured the
+// same).
+struct PrefetchRows {
+  const float* const* rows;
+  int64_t count, lines, per_turn;
+  int64_t done = 0;
+  bool busy(int64_t) const { return done < count * lines; }
+  void turn(int64_t) {
+    for (const int64_t end = std::min(count * lines, done + per_turn); done < end; ++done)
+      _mm_prefetch(reinterpret_cast<const char*>(rows[done % count]) + (done / count) * 64,
+                   _MM_HINT_T1);
+  }
+  void finish() {}
+};
+
+// acc[MR x NR] = sum_p w[i][p] (x) b[p][:], stored transposed: tile row i
+// to c column i, tile column j to c row j (rows x cols of it).
+template <typename Side>
+void tile_weight_rows(int64_t steps, const float* const* w, const float* b, float* c, int64_t ldc,
+                      int64_t rows, int64_t cols, Side& side) {
+  vec acc[MR][2] = {};
+  steps_with_side(steps, side, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      vec b0, b1;
+      std::memcpy(&b0, b + p * NR, sizeof(vec));
+      std::memcpy(&b1, b + p * NR + kVec, sizeof(vec));
+#pragma GCC unroll 8
+      for (int64_t i = 0; i < MR; ++i) {
+        const vec wi = w[i][p] - vec{};  // broadcast
+        acc[i][0] += wi * b0;
+        acc[i][1] += wi * b1;
+      }
+    }
+  });
+  float out[MR][NR];
+  std::memcpy(out, acc, sizeof(out));
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t i = 0; i < rows; ++i) c[j * ldc + i] = out[i][j];
+}
+
+// c[0:m, 0:n] = A[0:m, 0:k] @ B[0:k, 0:n] for f32 operands with B read
+// transposed (B(p, j) = b.data[j * b.cs + p]: the weight in dX, stored
+// [n, k]), m at most a few panels (weight_rows_panels), computed as
+// c^T = B^T @ A^T: A^T (the group's dout rows, small) is packed as NR-column
+// panels that stay in L2, and the register tile multiplies MR rows of the
+// weight, read in place and in order, by each panel, its result stored
+// transposed. The blocked loops instead packed the weight itself, 8 x 8
+// blocks transposed, into panels used by only a few register tiles when a
+// group has few rows. The next MR weight rows are prefetched between the
+// tile's steps (PrefetchRows). Measured side by side
+// (benchmarks/ab_cpu_kernel.py, f32 dX, 7 rounds), time against the blocked
+// loops: G=64 balanced (64 rows, contraction 2048) 0.73x-0.75x, skewed
+// 0.89x-0.94x; G=8 0.82x-0.94x; DeepSeek's fused FFN1 shape (G=256, 32
+// rows, contraction 1024) 0.58x balanced, 0.89x skewed: many of its groups
+// have a few rows, and each still reads its whole weight.
+inline void gemm_weight_rows(int64_t m, int64_t n, int64_t k, View<float> a, View<float> b,
+                             float* c, int64_t ldc, Buffers& bufs) {
+  const int64_t panels = (m + NR - 1) / NR;
+  bufs.b.resize(std::max(bufs.b.size(), static_cast<size_t>(panels * k * NR)));
+  pack_b(View<float>{a.data, a.cs, a.rs}, k, m, bufs.b.data());
+  auto sliver = [&](int64_t s, const float* (&w)[MR]) {
+    for (int64_t i = 0; i < MR; ++i) w[i] = b.data + std::min(s + i, n - 1) * b.cs;
+  };
+  const int64_t lines = (k * 4 + 63) / 64 + 1;
+  const int64_t turns = (k + kStepsBetween - 1) / kStepsBetween;
+  const float* w[MR];
+  sliver(0, w);
+  for (int64_t s = 0; s < n; s += MR) {
+    const float* w_next[MR];
+    const int64_t next_rows = std::min(MR, n - s - MR);
+    if (next_rows > 0) sliver(s + MR, w_next);
+    PrefetchRows side{w_next, std::max<int64_t>(0, next_rows), lines,
+                      (std::max<int64_t>(0, next_rows) * lines + turns - 1) / turns};
+    for (int64_t q = 0; q < panels; ++q) {
+      float* out = c + q * NR * ldc + s;
+      const int64_t rows = std::min(MR, n - s), cols = std::min(NR, m - q * NR);
+      if (q == 0) {
+        tile_weight_rows(k, w, bufs.b.data() + q * k * NR, out, ldc, rows, cols, side);
+      } else {
+        PrefetchLines none{nullptr, 0};
+        tile_weight_rows(k, w, bufs.b.data() + q * k * NR, out, ldc, rows, cols, none);
+      }
+    }
+    if (next_rows > 0) std::copy(w_next, w_next + MR, w);
+  }
+}
+
 // c[0:m, 0:n] = A[0:m, 0:k] @ B[0:k, 0:n], c of row stride ldc. `next` is
 // the B of the product that follows on this thread (data null if none), of
 // the same k and n.
@@ -578,6 +680,14 @@ void gemm_f32(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, float* 
   if constexpr (std::is_same_v<TIn, float>) {
     if (b.cs == 1 && k <= kFewRowsMaxSteps && m <= MC) {
       gemm_few_rows(m, n, k, a, b, c, ldc, bufs);
+      return;
+    }
+    if (b.rs == 1 && b.cs != 1 && k <= kFewRowsMaxSteps) {
+      // More rows than a few panels: in chunks, each reading the weight again.
+      const int64_t chunk = weight_rows_panels(k) * NR;
+      for (int64_t i = 0; i < m; i += chunk)
+        gemm_weight_rows(std::min(chunk, m - i), n, k, View<float>{a.data + i * a.rs, a.rs, a.cs},
+                         b, c + i * ldc, ldc, bufs);
       return;
     }
   }

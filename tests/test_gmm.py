@@ -261,9 +261,10 @@ def test_cpu_kernel_every_block_path(dtype):
     # its 256-step block, so its output accumulates (bf16 output through the
     # f32 scratch), and packs the weight transposed (8 x 8 blocks, then a
     # part panel); f32 dX reads the weight's rows in place (c^T = B^T A^T),
-    # the 300-row group in chunks (of 128 rows with AVX-512), the last a part panel; the
-    # forward and dW (K=520, groups <= 1024 rows) fit one contraction block
-    # and are streamed; the f32 forward of the groups of at most 144 rows
+    # the 300-row group in chunks (of 128 rows with AVX-512), the last a
+    # part panel, which like the groups of a few rows gets a one-vector
+    # tile; the forward and dW (K=520, groups <= 1024 rows) fit one
+    # contraction block and are streamed; the f32 forward of the groups of at most 144 rows
     # packs the weight a panel at a time, each next panel copied by the tiles
     # of the one before (by a part tile too, in groups under 8 rows), the
     # part panel at a thread's end packed on its own; empty groups give zero

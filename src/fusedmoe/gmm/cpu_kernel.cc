@@ -587,20 +587,23 @@ struct PrefetchRows {
 
 // acc[MR x NR] = sum_p w[i][p] (x) b[p][:], stored transposed: tile row i
 // to c column i, tile column j to c row j (rows x cols of it).
-template <typename Side>
+// V vectors of the panel's columns: 1 where at most kVec columns are used,
+// half the FMAs for a group of a few rows, whose weight still has to be read
+// whole (dX, 9 rounds, against 2 always: G=64 skewed 0.89x-0.92x the time,
+// DeepSeek's fused FFN1 shape skewed 0.83x-0.85x, G=64 balanced and G=8
+// unchanged).
+template <int V, typename Side>
 void tile_weight_rows(int64_t steps, const float* const* w, const float* b, float* c, int64_t ldc,
                       int64_t rows, int64_t cols, Side& side) {
   vec acc[MR][2] = {};
   steps_with_side(steps, side, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      vec b0, b1;
-      std::memcpy(&b0, b + p * NR, sizeof(vec));
-      std::memcpy(&b1, b + p * NR + kVec, sizeof(vec));
+      vec bv[V];
+      for (int64_t h = 0; h < V; ++h) std::memcpy(&bv[h], b + p * NR + h * kVec, sizeof(vec));
 #pragma GCC unroll 8
       for (int64_t i = 0; i < MR; ++i) {
         const vec wi = w[i][p] - vec{};  // broadcast
-        acc[i][0] += wi * b0;
-        acc[i][1] += wi * b1;
+        for (int64_t h = 0; h < V; ++h) acc[i][h] += wi * bv[h];
       }
     }
   });
@@ -624,7 +627,8 @@ void tile_weight_rows(int64_t steps, const float* const* w, const float* b, floa
 // loops: G=64 balanced (64 rows, contraction 2048) 0.73x-0.75x, skewed
 // 0.89x-0.94x; G=8 0.82x-0.94x; DeepSeek's fused FFN1 shape (G=256, 32
 // rows, contraction 1024) 0.58x balanced, 0.89x skewed: many of its groups
-// have a few rows, and each still reads its whole weight.
+// have a few rows, and each still reads its whole weight (a narrower tile
+// for those took skewed to 0.83x-0.85x of that, see tile_weight_rows).
 inline void gemm_weight_rows(int64_t m, int64_t n, int64_t k, View<float> a, View<float> b,
                              float* c, int64_t ldc, Buffers& bufs) {
   const int64_t panels = (m + NR - 1) / NR;
@@ -646,12 +650,12 @@ inline void gemm_weight_rows(int64_t m, int64_t n, int64_t k, View<float> a, Vie
     for (int64_t q = 0; q < panels; ++q) {
       float* out = c + q * NR * ldc + s;
       const int64_t rows = std::min(MR, n - s), cols = std::min(NR, m - q * NR);
-      if (q == 0) {
-        tile_weight_rows(k, w, bufs.b.data() + q * k * NR, out, ldc, rows, cols, side);
-      } else {
-        PrefetchLines none{nullptr, 0};
-        tile_weight_rows(k, w, bufs.b.data() + q * k * NR, out, ldc, rows, cols, none);
-      }
+      const float* panel = bufs.b.data() + q * k * NR;
+      PrefetchLines none{nullptr, 0};
+      if (q == 0 && cols > kVec) tile_weight_rows<2>(k, w, panel, out, ldc, rows, cols, side);
+      else if (q == 0) tile_weight_rows<1>(k, w, panel, out, ldc, rows, cols, side);
+      else if (cols > kVec) tile_weight_rows<2>(k, w, panel, out, ldc, rows, cols, none);
+      else tile_weight_rows<1>(k, w, panel, out, ldc, rows, cols, none);
     }
     if (next_rows > 0) std::copy(w_next, w_next + MR, w);
   }

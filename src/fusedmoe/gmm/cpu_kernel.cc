@@ -21,7 +21,9 @@
 // sliver -> the MR x NR register tile over KC. (An f32 product of few output
 // rows with B's rows contiguous, above all the forward of a small group,
 // takes another order, gemm_few_rows: B is packed one panel at a time by the
-// tiles of the panel before.) Packing copies the operands
+// tiles of the panel before. An f32 dX, B read transposed, is computed as its
+// transpose, gemm_weight_rows: the tile reads the weight's rows in place.)
+// Packing copies the operands
 // into the order the register tile reads them (and converts bf16 to f32, or
 // keeps it as bf16 pairs where the CPU multiplies those: kBf16Pairs), so the
 // tile's loads are sequential whatever the strides. Accumulation is f32.
@@ -587,6 +589,7 @@ struct PrefetchRows {
 
 // acc[MR x NR] = sum_p w[i][p] (x) b[p][:], stored transposed: tile row i
 // to c column i, tile column j to c row j (rows x cols of it).
+//
 // V vectors of the panel's columns: 1 where at most kVec columns are used,
 // half the FMAs for a group of a few rows, whose weight still has to be read
 // whole (dX, 9 rounds, against 2 always: G=64 skewed 0.89x-0.92x the time,
@@ -637,7 +640,7 @@ inline void gemm_weight_rows(int64_t m, int64_t n, int64_t k, View<float> a, Vie
   auto sliver = [&](int64_t s, const float* (&w)[MR]) {
     for (int64_t i = 0; i < MR; ++i) w[i] = b.data + std::min(s + i, n - 1) * b.cs;
   };
-  const int64_t lines = (k * 4 + 63) / 64 + 1;
+  const int64_t lines = (k * 4 + 63) / 64 + 1;  // + 1: a row need not start a line
   const int64_t turns = (k + kStepsBetween - 1) / kStepsBetween;
   const float* w[MR];
   sliver(0, w);
@@ -651,11 +654,13 @@ inline void gemm_weight_rows(int64_t m, int64_t n, int64_t k, View<float> a, Vie
       float* out = c + q * NR * ldc + s;
       const int64_t rows = std::min(MR, n - s), cols = std::min(NR, m - q * NR);
       const float* panel = bufs.b.data() + q * k * NR;
-      PrefetchLines none{nullptr, 0};
-      if (q == 0 && cols > kVec) tile_weight_rows<2>(k, w, panel, out, ldc, rows, cols, side);
-      else if (q == 0) tile_weight_rows<1>(k, w, panel, out, ldc, rows, cols, side);
-      else if (cols > kVec) tile_weight_rows<2>(k, w, panel, out, ldc, rows, cols, none);
-      else tile_weight_rows<1>(k, w, panel, out, ldc, rows, cols, none);
+      auto run_tile = [&](auto& tile_side) {
+        if (cols > kVec) tile_weight_rows<2>(k, w, panel, out, ldc, rows, cols, tile_side);
+        else tile_weight_rows<1>(k, w, panel, out, ldc, rows, cols, tile_side);
+      };
+      PrefetchLines none{nullptr, 0};  // the first panel's tile prefetches
+      if (q == 0) run_tile(side);
+      else run_tile(none);
     }
     if (next_rows > 0) std::copy(w_next, w_next + MR, w);
   }

@@ -357,16 +357,18 @@ def target_lines(rows: list[dict]) -> list[str]:
                 and all(r[dim] == size for dim, size in FULL.items())):
             cells.setdefault((r["backend"], r["mode"]), []).append(r)
     lines = []
-    backends = list(dict.fromkeys(backend for backend, _ in cells))
-    for backend, mode in sorted(cells, key=lambda c: (backends.index(c[0]), MODES.index(c[1]))):
-        group, limit = cells[backend, mode], TARGETS[mode]
-        missed = [r for r in group if round(r["ratio_paired"], 2) > limit]
-        line = (f"{backend:<10} {mode:<6} <= {limit:.2f}x: "
-                f"met in {len(group) - len(missed)} of {len(group)} cells")
-        if missed:
-            line += "; missed: " + ", ".join(
-                f"G={r['groups']} {r['dist']} {r['ratio_paired']:.2f}x" for r in missed)
-        lines.append(line)
+    for backend in dict.fromkeys(backend for backend, _ in cells):  # in the order measured
+        for mode in MODES:
+            group, limit = cells.get((backend, mode)), TARGETS[mode]
+            if not group:
+                continue
+            missed = [r for r in group if round(r["ratio_paired"], 2) > limit]
+            line = (f"{backend:<10} {mode:<6} <= {limit:.2f}x: "
+                    f"met in {len(group) - len(missed)} of {len(group)} cells")
+            if missed:
+                line += "; missed: " + ", ".join(
+                    f"G={r['groups']} {r['dist']} {r['ratio_paired']:.2f}x" for r in missed)
+            lines.append(line)
     return lines
 
 

@@ -373,6 +373,13 @@ void tile_pair_steps(int64_t q0, int64_t q1, const Word* a, const Word* b, vec (
   }
 }
 
+// A share of `work` units for each turn of a tile of `steps` contraction
+// steps (all of it in one turn if there are none), so the last turn ends it.
+inline int64_t share_per_turn(int64_t work, int64_t steps) {
+  const int64_t turns = (steps + kStepsBetween - 1) / kStepsBetween;
+  return turns > 0 ? (work + turns - 1) / turns : work;
+}
+
 // Side work of a register tile (see kStepsBetween) has three methods: while
 // busy(i), turn(i) runs before the i-th group of steps; finish() runs after
 // the last step. There are two kinds, below.
@@ -403,10 +410,7 @@ struct CopyPanelRows {
   int64_t per_turn = 0;    // vectors per turn
   int64_t done = 0;        // vectors copied
 
-  void plan(int64_t steps) {
-    const int64_t turns = (steps + kStepsBetween - 1) / kStepsBetween;
-    per_turn = turns > 0 ? (2 * rows + turns - 1) / turns : 2 * rows;
-  }
+  void plan(int64_t steps) { per_turn = share_per_turn(2 * rows, steps); }
   void copy(int64_t v) {
     const int64_t r = v / 2, h = v % 2;
     if (r + kPanelPrefetchRows < rows_in_source)
@@ -641,15 +645,13 @@ inline void gemm_weight_rows(int64_t m, int64_t n, int64_t k, View<float> a, Vie
     for (int64_t i = 0; i < MR; ++i) w[i] = b.data + std::min(s + i, n - 1) * b.cs;
   };
   const int64_t lines = (k * 4 + 63) / 64 + 1;  // + 1: a row need not start a line
-  const int64_t turns = (k + kStepsBetween - 1) / kStepsBetween;
-  const float* w[MR];
-  sliver(0, w);
   for (int64_t s = 0; s < n; s += MR) {
+    const float* w[MR];
     const float* w_next[MR];
-    const int64_t next_rows = std::min(MR, n - s - MR);
+    sliver(s, w);
+    const int64_t next_rows = std::max<int64_t>(0, std::min(MR, n - s - MR));
     if (next_rows > 0) sliver(s + MR, w_next);
-    PrefetchRows side{w_next, std::max<int64_t>(0, next_rows), lines,
-                      (std::max<int64_t>(0, next_rows) * lines + turns - 1) / turns};
+    PrefetchRows side{w_next, next_rows, lines, share_per_turn(next_rows * lines, k)};
     for (int64_t q = 0; q < panels; ++q) {
       float* out = c + q * NR * ldc + s;
       const int64_t rows = std::min(MR, n - s), cols = std::min(NR, m - q * NR);
@@ -662,7 +664,6 @@ inline void gemm_weight_rows(int64_t m, int64_t n, int64_t k, View<float> a, Vie
       if (q == 0) run_tile(side);
       else run_tile(none);
     }
-    if (next_rows > 0) std::copy(w_next, w_next + MR, w);
   }
 }
 

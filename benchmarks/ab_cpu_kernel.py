@@ -98,6 +98,7 @@ def run(libraries: list[Path], m: int, k: int, n: int, groups: int, dist: str, r
     import numpy as np
 
     from fusedmoe.bench.gmm_bench import group_sizes
+    from fusedmoe.bench.timing import paired_ratio
 
     dtype = jnp.dtype(dtype_name)
     rng = np.random.default_rng(seed)
@@ -133,8 +134,9 @@ def run(libraries: list[Path], m: int, k: int, n: int, groups: int, dist: str, r
     lines = [f"M={m} K={k} N={n} G={groups} {dist} {dtype.name}, {rounds} rounds; "
              + ", ".join(f"b{i} = {name}" for i, name in enumerate(names or libraries))]
     def paired(own, reference):
-        # Median over rounds of each round's ratio: both ran in that round.
-        return statistics.median(a / b for a, b in zip(own, reference, strict=True))
+        # Every build and the dense GEMM ran in every round.
+        assert len(own) == len(reference), (len(own), len(reference))
+        return paired_ratio(own, reference)
 
     for op in ops:
         dense = times["dense"][op]

@@ -190,6 +190,15 @@ def _candidates(probe: str):
         return {
             "tiled (copies rhs[g])": (tiled, (x, w, gs)),
             "static per-group loops": (jax.jit(_static_group_loops), (x, w, gs)),
+            # The floor of any loop of XLA dots: 64-row dots, each against the
+            # next weight (read from memory), then all against one weight (in L3).
+            "64-row dots, next weight each": (
+                jax.jit(lambda x, w: _tile_loop(x, w, 64)), (x, w)),
+            "64-row dots, one weight": (
+                jax.jit(lambda x, w: _tile_loop(x, w, 64)), (x, w[:1])),
+            "cpu_kernel (our FFI kernel)": (
+                jax.jit(lambda x, w, gs: fusedmoe.gmm(x, w, gs, backend="cpu_kernel")),
+                (x, w, gs)),
             "dense": (dense, (x, w[0])),
         }
     # Qwen3-30B-A3B: 1024 tokens, top-8 of 128 experts, emb 2048, expert mlp 768.
@@ -238,19 +247,30 @@ def _candidates(probe: str):
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("probe", choices=("weight-size", "fused-ffn1", "copy-free", "tile-size",
                                           "fold-activation", "row-tiles"))
     parser.add_argument("--rounds", type=int, default=9, help="timed rounds (default 9)")
     parser.add_argument("--xla-flags", default=None, help="XLA_FLAGS for this process")
+    return parser
+
+
+def set_xla_flags(argv: list[str] | None = None) -> None:
+    """Put ``--xla-flags`` into ``XLA_FLAGS`` before jax is imported: importing
+    ``fusedmoe`` (for its allocator) imports jax, so this runs first."""
+    args, _ = _parser().parse_known_args(argv)
+    if args.xla_flags is not None:
+        os.environ["XLA_FLAGS"] = args.xla_flags
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds: expected a positive count, got {args.rounds}")
-    if args.xla_flags is not None:
-        if "jax" in sys.modules:
-            parser.error("--xla-flags: jax is already imported in this process")
-        os.environ["XLA_FLAGS"] = args.xla_flags
+    if args.xla_flags is not None and os.environ.get("XLA_FLAGS") != args.xla_flags:
+        parser.error("--xla-flags: must be set before jax is imported (run this file as a script)")
 
     from fusedmoe.bench.timing import paired_ratio, time_side_by_side
 
@@ -284,6 +304,7 @@ def _reference_of(name: str, timings: dict) -> str:
 
 
 if __name__ == "__main__":
+    set_xla_flags()
     from fusedmoe.allocator import reexec_with_tunables
 
     reexec_with_tunables()

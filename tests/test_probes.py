@@ -5,6 +5,7 @@ the docs quote from them compare like with like."""
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import jax
@@ -202,3 +203,15 @@ def test_bench_table_of_a_gmm_run():
     assert bench_table.gmm_table(rows).splitlines()[2:] == [
         "| cpu_kernel | fwd | f32 | 64 | skewed | 104 | 90 | 1.16x | 1.12x | 1.13x |"
     ]
+
+
+def test_xla_flags_are_set_before_jax_starts(probe, monkeypatch):
+    # The script imports fusedmoe (and jax) for its allocator before main():
+    # the flags must reach the environment first, and main() must refuse
+    # flags it can no longer apply rather than run without them.
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    probe.set_xla_flags(["copy-free", "--xla-flags=--xla_cpu_use_onednn=true"])
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_onednn=true"
+    monkeypatch.delenv("XLA_FLAGS")
+    with pytest.raises(SystemExit):
+        probe.main(["copy-free", "--xla-flags=--xla_cpu_use_onednn=true"])

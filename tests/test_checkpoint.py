@@ -190,6 +190,25 @@ def test_convert_checkpoint_fused_unfused_exact(moe, tmp_path):
     np.testing.assert_allclose(np.asarray(m_fused(x)[0]), np.asarray(moe(x)[0]), atol=1e-6)
 
 
+def test_save_creates_missing_parents_and_removes_them_on_failure(moe, tmp_path, monkeypatch):
+    path = orbax_io.save_checkpoint(tmp_path / "runs" / "a" / "step_1", moe)
+    assert (path / orbax_io.META_FILE).is_file()
+    import orbax.checkpoint as ocp
+
+    def boom(self, *a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        orbax_io.save_checkpoint(tmp_path / "runs" / "b" / "c" / "step_1", moe)
+    monkeypatch.undo()
+    # The directories the failed save made are gone; the ones it found stay.
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["a"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+        orbax_io.save_checkpoint(tmp_path / "file" / "ckpt", moe)
+
+
 def test_orbax_writes_are_atomic(moe, tmp_path, monkeypatch):
     path = orbax_io.save_checkpoint(tmp_path / "ckpt", moe)
     before = sorted(p.name for p in path.rglob("*"))
@@ -375,8 +394,9 @@ def test_cli_hf_orbax_hf_round_trip(tmp_path, capsys):
     assert cli.main(["convert", str(tmp_path / "ck"), str(tmp_path / "ck_fused"), "--fused"]) == 0
     m = orbax_io.load_moe(tmp_path / "ck_fused", "layers/2")
     assert m.config.fused_moe_mlp and m.config.score_func == "sigmoid"
-    assert cli.main(["convert", str(tmp_path / "ck_fused"), str(tmp_path / "back")]) == 0
-    back = hf.SafetensorsDir(tmp_path / "back")
+    # dst's missing parent directory is created.
+    assert cli.main(["convert", str(tmp_path / "ck_fused"), str(tmp_path / "hf" / "back")]) == 0
+    back = hf.SafetensorsDir(tmp_path / "hf" / "back")
     moe_names = [n for n in tensors if ".mlp." in n]
     assert back.names() == sorted(moe_names)
     for name in moe_names:
@@ -392,9 +412,12 @@ def test_cli_hf_orbax_hf_round_trip(tmp_path, capsys):
 
 def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
     src, _ = _write_hf(tmp_path, "qwen3_moe")
+    (tmp_path / "afile").write_text("x")
     before = _listing(tmp_path)
     cases = [
         ([str(tmp_path / "nope"), str(tmp_path / "x")], "does not exist"),
+        ([str(src), str(tmp_path / "afile" / "x")], "is a file, not a directory"),
+        ([str(src), str(tmp_path / "new" / "x"), "--layer", "9"], "past the model"),
         ([str(src), str(tmp_path / "x"), "--layer", "1"], "dense MLP layer"),
         ([str(src), str(tmp_path / "x"), "--layer", "9"], "past the model"),
         ([str(src), str(tmp_path / "x"), "--packed"], "--packed"),

@@ -58,15 +58,22 @@ def write_json(path: str | os.PathLike, payload: Any, indent: int = 1) -> None:
 def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory next to ``path``; on success rename it to
     ``path`` (replacing an existing one only with ``overwrite``); on failure remove it.
+
+    Missing parent directories are created (as ``orbax`` and Hugging Face's
+    ``save_pretrained`` do for their outputs), and removed again if the write
+    fails, so a failure leaves the tree as it found it.
     """
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists; pass overwrite=True to replace it")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path.parent}: parent directory does not exist")
+    blocked = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise NotADirectoryError(f"{path}: {blocked} is a file, not a directory")
+    created = [p for p in path.parents if not p.exists()]  # deepest first
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         yield tmp
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
@@ -77,4 +84,7 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
             os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created:
+            with contextlib.suppress(OSError):  # not empty: someone else wrote there
+                parent.rmdir()
         raise

@@ -66,8 +66,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("dst: must differ from src")
     if dst.exists() and not args.overwrite:
         raise UsageError(f"dst: {dst} already exists (pass --overwrite to replace it)")
-    if not dst.parent.is_dir():
-        raise UsageError(f"dst: parent directory {dst.parent} does not exist")
+    blocked = next((p for p in dst.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:  # missing parents are created; a file in the way is an error
+        raise UsageError(f"dst: {blocked} is a file, not a directory")
     if kind == "hf" and to == "hf":
         raise UsageError("--to hf: the source is already a Hugging Face model")
     if to == "orbax" and (args.packed or args.model_type):

@@ -263,9 +263,10 @@ def test_cpu_kernel_every_block_path(dtype):
     # part panel); f32 dX reads the weight's rows in place (c^T = B^T A^T),
     # the 300-row group in chunks (of 128 rows with AVX-512), the last a
     # part panel, which like the groups of a few rows gets a one-vector
-    # tile; the forward and dW (K=520, groups <= 1024 rows) fit one
-    # contraction block and are streamed; the f32 forward of the groups of at most 144 rows
-    # packs the weight a panel at a time, each next panel copied by the tiles
+    # tile (half a vector for the groups of at most 8 rows); the forward and
+    # dW (K=520, groups <= 1024 rows) fit one contraction block and are
+    # streamed; the f32 forward of the groups of at most 144 rows packs the
+    # weight a panel at a time, each next panel copied by the tiles
     # of the one before (by a part tile too, in groups under 8 rows), the
     # part panel at a thread's end packed on its own; empty groups give zero
     # slabs; 3 rows past the groups give zeros.

@@ -68,6 +68,7 @@ constexpr int64_t kVec = 8;
 constexpr int64_t MR = 6;
 #endif
 typedef float vec __attribute__((vector_size(kVec * 4)));
+typedef float half_vec __attribute__((vector_size(kVec * 2)));  // half a register
 
 constexpr int64_t NR = 2 * kVec;  // columns of the register tile
 constexpr int64_t MC = 144;       // row block (a multiple of both MRs)
@@ -594,27 +595,30 @@ struct PrefetchRows {
 // acc[MR x NR] = sum_p w[i][p] (x) b[p][:], stored transposed: tile row i
 // to c column i, tile column j to c row j (rows x cols of it).
 //
-// V vectors of the panel's columns: 1 where at most kVec columns are used,
-// half the FMAs for a group of a few rows, whose weight still has to be read
-// whole (dX, 9 rounds, against 2 always: G=64 skewed 0.89x-0.92x the time,
-// DeepSeek's fused FFN1 shape skewed 0.83x-0.85x, G=64 balanced and G=8
-// unchanged).
-template <int V, typename Side>
+// V vectors (of type Vec) of the panel's columns: 1 where at most kVec
+// columns are used, half the FMAs for a group of a few rows, whose weight
+// still has to be read whole (dX, 9 rounds, against 2 always: G=64 skewed
+// 0.89x-0.92x the time, DeepSeek's fused FFN1 shape skewed 0.83x-0.85x, G=64
+// balanced and G=8 unchanged); and a half vector where at most kVec / 2 are
+// (AMD's Zen 4 runs a 512-bit FMA as two 256-bit halves: against the full
+// vector, DeepSeek's shape skewed 0.981x-0.983x, G=64 skewed 0.990x).
+template <typename Vec, int V, typename Side>
 void tile_weight_rows(int64_t steps, const float* const* w, const float* b, float* c, int64_t ldc,
                       int64_t rows, int64_t cols, Side& side) {
-  vec acc[MR][2] = {};
+  constexpr int64_t lanes = sizeof(Vec) / sizeof(float);
+  Vec acc[MR][V] = {};
   steps_with_side(steps, side, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      vec bv[V];
-      for (int64_t h = 0; h < V; ++h) std::memcpy(&bv[h], b + p * NR + h * kVec, sizeof(vec));
+      Vec bv[V];
+      for (int64_t h = 0; h < V; ++h) std::memcpy(&bv[h], b + p * NR + h * lanes, sizeof(Vec));
 #pragma GCC unroll 8
       for (int64_t i = 0; i < MR; ++i) {
-        const vec wi = w[i][p] - vec{};  // broadcast
+        const Vec wi = w[i][p] - Vec{};  // broadcast
         for (int64_t h = 0; h < V; ++h) acc[i][h] += wi * bv[h];
       }
     }
   });
-  float out[MR][NR];
+  float out[MR][V * lanes];
   std::memcpy(out, acc, sizeof(out));
   for (int64_t j = 0; j < cols; ++j)
     for (int64_t i = 0; i < rows; ++i) c[j * ldc + i] = out[i][j];
@@ -657,8 +661,12 @@ inline void gemm_weight_rows(int64_t m, int64_t n, int64_t k, View<float> a, Vie
       const int64_t rows = std::min(MR, n - s), cols = std::min(NR, m - q * NR);
       const float* panel = bufs.b.data() + q * k * NR;
       auto run_tile = [&](auto& tile_side) {
-        if (cols > kVec) tile_weight_rows<2>(k, w, panel, out, ldc, rows, cols, tile_side);
-        else tile_weight_rows<1>(k, w, panel, out, ldc, rows, cols, tile_side);
+        if (cols > kVec)
+          tile_weight_rows<vec, 2>(k, w, panel, out, ldc, rows, cols, tile_side);
+        else if (cols > kVec / 2)
+          tile_weight_rows<vec, 1>(k, w, panel, out, ldc, rows, cols, tile_side);
+        else
+          tile_weight_rows<half_vec, 1>(k, w, panel, out, ldc, rows, cols, tile_side);
       };
       PrefetchLines none{nullptr, 0};  // the first panel's tile prefetches
       if (q == 0) run_tile(side);

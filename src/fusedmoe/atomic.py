@@ -54,6 +54,12 @@ def write_json(path: str | os.PathLike, payload: Any, indent: int = 1) -> None:
         json.dump(payload, f, indent=indent)
 
 
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """The first of ``path``'s parents that exists but is not a directory, if any:
+    the one thing that stops :func:`atomic_directory` from creating the rest."""
+    return next((p for p in Path(path).absolute().parents if p.exists() and not p.is_dir()), None)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory next to ``path``; on success rename it to
@@ -66,7 +72,7 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists; pass overwrite=True to replace it")
-    blocked = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    blocked = file_in_the_way(path)
     if blocked is not None:
         raise NotADirectoryError(f"{path}: {blocked} is a file, not a directory")
     created = [p for p in path.parents if not p.exists()]  # deepest first

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fusedmoe.atomic import file_in_the_way
 from fusedmoe.cli import UsageError
 
 
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("dst: must differ from src")
     if dst.exists() and not args.overwrite:
         raise UsageError(f"dst: {dst} already exists (pass --overwrite to replace it)")
-    blocked = next((p for p in dst.parents if p.exists() and not p.is_dir()), None)
+    blocked = file_in_the_way(dst)
     if blocked is not None:  # missing parents are created; a file in the way is an error
         raise UsageError(f"dst: {blocked} is a file, not a directory")
     if kind == "hf" and to == "hf":

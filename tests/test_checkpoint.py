@@ -417,6 +417,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
     cases = [
         ([str(tmp_path / "nope"), str(tmp_path / "x")], "does not exist"),
         ([str(src), str(tmp_path / "afile" / "x")], "is a file, not a directory"),
+        # Refused before any write: dst's missing parent is not made either.
         ([str(src), str(tmp_path / "new" / "x"), "--layer", "9"], "past the model"),
         ([str(src), str(tmp_path / "x"), "--layer", "1"], "dense MLP layer"),
         ([str(src), str(tmp_path / "x"), "--layer", "9"], "past the model"),

@@ -9,13 +9,13 @@ its paired ratio (median over rounds of build / dense), and for every build
 after the first its paired ratio to the first. Builds must agree on the
 numbers (checked first).
 
-    git show HEAD~1:src/fusedmoe/gmm/cpu_kernel.cc > /tmp/old.cc
-    python benchmarks/ab_cpu_kernel.py /tmp/old.cc src/fusedmoe/gmm/cpu_kernel.cc \\
+    git show HEAD~1:src/fusedmoe/grouped_matmul/cpu_kernel.cc > /tmp/old.cc
+    python benchmarks/ab_cpu_kernel.py /tmp/old.cc src/fusedmoe/grouped_matmul/cpu_kernel.cc \\
         --groups 64 --dist skewed --rounds 9
 
 A source may carry extra compiler flags after a colon, for variants of one
-file: ``"src/fusedmoe/gmm/cpu_kernel.cc:-DSOME_MACRO=1"``. Sources are
-compiled with the flags of the build this CPU gets (``fusedmoe.gmm.cpu_kernel``).
+file: ``"src/fusedmoe/grouped_matmul/cpu_kernel.cc:-DSOME_MACRO=1"``. Sources are
+compiled with the flags of the build this CPU gets (``fusedmoe.grouped_matmul.cpu_kernel``).
 Like the ``fusedmoe`` command, the script restarts itself once with malloc
 keeping freed memory, unless ``FUSEDMOE_MALLOC=0``.
 """
@@ -35,7 +35,7 @@ SYMBOLS = ("fusedmoe_times_weight", "fusedmoe_t_times_rows")
 
 def compile_source(spec: str, out_dir: Path) -> Path:
     """Compile ``path[:extra flags]`` with the kernel's own flags into ``out_dir``."""
-    from fusedmoe.gmm import cpu_kernel
+    from fusedmoe.grouped_matmul import cpu_kernel
 
     path, _, extra = spec.partition(":")
     if not Path(path).is_file():

@@ -48,7 +48,7 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, note the st
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
   $PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
-  $PY -c "from fusedmoe.gmm import available_backends as a; from fusedmoe.gmm.registry import auto_backend as b; print(a()); print('auto: f32', b(dtype='float32'), 'bf16', b(dtype='bfloat16'))"
+  $PY -c "from fusedmoe.grouped_matmul import available_backends as a; from fusedmoe.grouped_matmul.registry import auto_backend as b; print(a()); print('auto: f32', b(dtype='float32'), 'bf16', b(dtype='bfloat16'))"
 } >"$OUT/env.txt" 2>&1
 
 step tests "${TEST_S:-210}" env XLA_PYTHON_CLIENT_PREALLOCATE=false $PY -m pytest -q -p no:cacheprovider --timeout 90 \

@@ -124,7 +124,7 @@ def _with_row_tiles(tiles: tuple[int, ...], fn, args):
     tiles of ``tiles`` (its ``ROW_TILES`` is read when a product is traced)."""
     import jax
 
-    from fusedmoe.gmm import tiled
+    from fusedmoe.grouped_matmul import tiled
 
     saved = tiled.ROW_TILES
     tiled.ROW_TILES = tiles
@@ -144,7 +144,7 @@ def _row_tile_candidates():
 
     import fusedmoe
     from fusedmoe.bench.gmm_bench import _dense_programs, group_sizes
-    from fusedmoe.gmm import tiled
+    from fusedmoe.grouped_matmul import tiled
 
     m, k, n, groups = 4096, 1024, 2048, 8
     kx, kw, kd = jax.random.split(jax.random.PRNGKey(0), 3)

@@ -249,7 +249,7 @@ def test_check_passes_on_small_layer(capsys):
 
 
 def test_check_fails_when_a_backend_is_wrong(monkeypatch, capsys):
-    from fusedmoe.gmm import tiled
+    from fusedmoe.grouped_matmul import tiled
 
     real = tiled.gmm
     monkeypatch.setattr(tiled, "gmm", lambda lhs, rhs, gs, dt: real(lhs, rhs, gs, dt) * 1.01)
@@ -286,7 +286,7 @@ def test_cache_lists_and_cleans_only_stale_builds(tmp_path, monkeypatch, capsys)
     import os
     import time
 
-    from fusedmoe.gmm import cpu_kernel
+    from fusedmoe.grouped_matmul import cpu_kernel
 
     monkeypatch.setenv("FUSEDMOE_CACHE_DIR", str(tmp_path))
     current = cpu_kernel.current_libraries()

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fusedmoe
-from fusedmoe.gmm import available_backends, backend_names
-from fusedmoe.gmm._tiles import remainder_classes, smallest_holding
+from fusedmoe.grouped_matmul import available_backends, backend_names
+from fusedmoe.grouped_matmul._tiles import remainder_classes, smallest_holding
 
 # --------------------------------------------------------------------------- helpers
 
@@ -297,7 +297,7 @@ def test_cpu_kernel_every_block_path(dtype):
 def test_cpu_kernel_build_failure_is_clear_and_leaves_nothing(tmp_path, monkeypatch):
     # A compiler that fails: the error names the source and the command, and
     # the cache directory holds no half-written library.
-    from fusedmoe.gmm import cpu_kernel
+    from fusedmoe.grouped_matmul import cpu_kernel
 
     monkeypatch.setenv("FUSEDMOE_CACHE_DIR", str(tmp_path))
     failing = shutil.which("false")
@@ -311,7 +311,7 @@ def test_cpu_kernel_build_failure_is_clear_and_leaves_nothing(tmp_path, monkeypa
 _OTHER_BUILD_SCRIPT = """
 import sys
 import numpy as np, jax, jax.numpy as jnp, fusedmoe
-from fusedmoe.gmm import cpu_kernel
+from fusedmoe.grouped_matmul import cpu_kernel
 assert cpu_kernel._isa() == ISA, cpu_kernel._isa()
 rng = np.random.default_rng(0)
 arrays = {}
@@ -370,7 +370,7 @@ def test_cpu_kernel_other_builds(isa, tmp_path):
     # tile, the AVX-512 tile with bf16 widened to f32, bf16 pairs) are checked
     # here, each in a process of its own (every build registers the same FFI
     # targets), where this CPU runs them.
-    from fusedmoe.gmm import cpu_kernel
+    from fusedmoe.grouped_matmul import cpu_kernel
 
     _skip_unavailable("cpu_kernel")
     if cpu_kernel._isa() == isa:
@@ -387,14 +387,14 @@ def test_cpu_kernel_other_thread_counts(threads, tmp_path):
     # interleave unpredictably) cut N=1040 (32.5 panels) into three ranges,
     # the last ending in a part panel, and N=48 into two (it has two panels),
     # the second a part panel.
-    from fusedmoe.gmm import cpu_kernel
+    from fusedmoe.grouped_matmul import cpu_kernel
 
     _skip_unavailable("cpu_kernel")
     _check_cpu_kernel_in_subprocess(tmp_path, cpu_kernel._isa(), FUSEDMOE_CPU_THREADS=threads)
 
 
 def test_cpu_kernel_isa_setting_is_checked(monkeypatch):
-    from fusedmoe.gmm import cpu_kernel
+    from fusedmoe.grouped_matmul import cpu_kernel
 
     monkeypatch.setenv("FUSEDMOE_CPU_ISA", "sse2")
     with pytest.raises(
@@ -458,8 +458,8 @@ def test_under_jit_and_checkpoint(backend):
 def test_auto_on_cpu_by_dtype(dtype, pairs, monkeypatch):
     # f32 takes the compiled kernel where it can run; bf16 only a build that
     # multiplies bf16 pairs; other dtypes take tiled.
-    from fusedmoe.gmm import cpu_kernel
-    from fusedmoe.gmm.registry import auto_backend
+    from fusedmoe.grouped_matmul import cpu_kernel
+    from fusedmoe.grouped_matmul.registry import auto_backend
 
     kernel_runs = available_backends()["cpu_kernel"] is None
     assert cpu_kernel.multiplies_bf16_pairs() == (kernel_runs and cpu_kernel._isa() == "avx512bf16")
@@ -473,7 +473,7 @@ def _fake_tokamax(monkeypatch, ragged_dot_general):
     and make the backend probe it afresh."""
     import types
 
-    from fusedmoe.gmm import tokamax as backend
+    from fusedmoe.grouped_matmul import tokamax as backend
 
     fake = types.ModuleType("tokamax")
     fake.__version__ = "0.0.0-fake"
@@ -515,8 +515,8 @@ def _gpu_like_tokamax(calls, grid_query=False):
     - with ``grid_query``, the kernel reads its grid index (see :func:`_grid_index_zero`).
 
     ``calls`` gets ``(lhs dtype, rhs dtype, dimension numbers)`` of every product."""
-    from fusedmoe.gmm import tokamax as backend
-    from fusedmoe.gmm.ragged_dot import _TGMM_DIMS
+    from fusedmoe.grouped_matmul import tokamax as backend
+    from fusedmoe.grouped_matmul.ragged_dot import _TGMM_DIMS
 
     def kernel(lhs, rhs, group_sizes, dims, out_dtype):
         calls.append((jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype), dims))
@@ -570,7 +570,7 @@ def test_tokamax_whose_kernels_fail_here_is_unavailable_with_the_reason(monkeypa
     with pytest.raises(RuntimeError, match="backend 'tokamax' is not available: tokamax 0.0.0"):
         fusedmoe.gmm(x, w, gs, backend="tokamax")
     # ...and auto on a GPU passes it over for tiled.
-    from fusedmoe.gmm.registry import auto_backend
+    from fusedmoe.grouped_matmul.registry import auto_backend
 
     assert auto_backend("gpu", jnp.bfloat16) == "tiled"
 
@@ -586,7 +586,7 @@ def test_tokamax_whose_kernels_give_wrong_numbers_is_unavailable(monkeypatch):
 def test_tokamax_whose_kernels_run_is_available_and_auto_on_gpu_for_16_bit(monkeypatch):
     backend = _fake_tokamax(monkeypatch, jax.lax.ragged_dot_general)
     assert backend.unavailable_reason() is None
-    from fusedmoe.gmm.registry import auto_backend
+    from fusedmoe.grouped_matmul.registry import auto_backend
 
     # 16-bit inputs take tokamax's GPU kernels; f32 takes tiled, which ran 2x-3.3x
     # faster than tokamax f32 at G=64 on an H200 (tokamax's GPU kernels are 16-bit).
@@ -646,7 +646,7 @@ def test_tokamax_hands_its_kernels_one_dtype_forward_and_backward(
     # Forward, dX (the weight transposed) and dW (contracting the rows): each at
     # the inputs' promoted dtype.
     assert [(a, b) for a, b, _ in calls] == [(operand_dtype, operand_dtype)] * 3
-    from fusedmoe.gmm.ragged_dot import _TGMM_DIMS
+    from fusedmoe.grouped_matmul.ragged_dot import _TGMM_DIMS
 
     assert [d for _, _, d in calls] == [backend._GMM_DIMS, backend._GMM_T_DIMS, _TGMM_DIMS]
 
@@ -707,13 +707,14 @@ def test_auto_is_a_backend():
     check_all("auto", x, w, c, gs, jnp.float32, transform=lambda f: f)  # eager
 
 
-def test_package_is_the_function_and_still_a_package():
-    # fusedmoe.gmm is called as the function, and its backend modules stay importable.
-    import fusedmoe.gmm.tiled as tiled_module  # the form that failed when the function shadowed it
+def test_function_and_package_have_their_own_names():
+    # fusedmoe.gmm is the function; the package of backends is fusedmoe.grouped_matmul.
+    import fusedmoe.grouped_matmul.tiled as tiled_module
 
-    assert tiled_module is fusedmoe.gmm.tiled
+    assert tiled_module is fusedmoe.grouped_matmul.tiled
+    assert callable(fusedmoe.gmm) and fusedmoe.gmm is fusedmoe.grouped_matmul.gmm
     x, w, _, gs = make_inputs(9, 3, 2, [4, 5])
-    want = fusedmoe.gmm.gmm(x, w, gs, backend="tiled")
+    want = fusedmoe.grouped_matmul.gmm(x, w, gs, backend="tiled")
     np.testing.assert_array_equal(fusedmoe.gmm(x, w, gs, backend="tiled"), want)
     jitted = jax.jit(fusedmoe.gmm, static_argnames="backend")
     np.testing.assert_array_equal(jitted(x, w, gs, backend="tiled"), want)

@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from fusedmoe import MoE, MoEConfig
-from fusedmoe.gmm import available_backends
-from fusedmoe.gmm.api import count_grouped_matmuls
+from fusedmoe.grouped_matmul import available_backends
+from fusedmoe.grouped_matmul.api import count_grouped_matmuls
 from fusedmoe.reference import activation, moe_forward, route_token
 
 SMALL = dict(num_experts=4, num_experts_per_tok=2, emb_dim=8, mlp_dim=16)

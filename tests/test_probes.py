@@ -58,7 +58,7 @@ def test_static_group_loops_are_gmm(probe):
 def test_row_tile_variant_is_compiled_with_its_tiles_and_restores_them(probe):
     # The row-tiles probe compiles tiled under other whole-tile sizes: the
     # same numbers, a different program, and the module's setting untouched.
-    from fusedmoe.gmm import tiled
+    from fusedmoe.grouped_matmul import tiled
 
     x, w, gs = _problem(GROUPS)
     before = tiled.ROW_TILES
@@ -179,7 +179,7 @@ AB_CPU_KERNEL = Path(__file__).parents[1] / "benchmarks" / "ab_cpu_kernel.py"
 def test_ab_cpu_kernel_times_builds_that_agree():
     # The A/B script behind docs/notebook.md's kernel numbers: two builds
     # (here the cached library twice), every product, one round.
-    from fusedmoe.gmm import available_backends, cpu_kernel
+    from fusedmoe.grouped_matmul import available_backends, cpu_kernel
 
     if available_backends()["cpu_kernel"] is not None:
         pytest.skip(available_backends()["cpu_kernel"])

@@ -1,19 +1,45 @@
-"""fusedmoe: fast, trustworthy Mixture-of-Experts layers for JAX."""
+"""fusedmoe: fast, trustworthy Mixture-of-Experts layers for JAX.
 
-from fusedmoe import gmm  # the package, callable as the function (see fusedmoe/gmm)
-from fusedmoe.config import MoEConfig
-from fusedmoe.gmm import available_backends, backend_names, tgmm
-from fusedmoe.layer import MoE, RoutingBias
+``import fusedmoe`` is cheap: the names below are imported the first time they
+are used (so the command line's ``--help`` does not wait for jax and flax).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "MoE",
-    "MoEConfig",
-    "RoutingBias",
-    "available_backends",
-    "backend_names",
-    "gmm",
-    "tgmm",
+# public name -> module that defines it
+_EXPORTS = {
+    "MoE": "fusedmoe.layer",
+    "RoutingBias": "fusedmoe.layer",
+    "MoEConfig": "fusedmoe.config",
+    "gmm": "fusedmoe.grouped_matmul",
+    "tgmm": "fusedmoe.grouped_matmul",
+    "available_backends": "fusedmoe.grouped_matmul",
+    "backend_names": "fusedmoe.grouped_matmul",
+}
+
+__all__ = [  # noqa: RUF022 - the order of _EXPORTS
+    "MoE", "RoutingBias", "MoEConfig", "gmm", "tgmm", "available_backends", "backend_names",
     "__version__",
 ]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time see __getattr__
+    from fusedmoe.config import MoEConfig
+    from fusedmoe.grouped_matmul import available_backends, backend_names, gmm, tgmm
+    from fusedmoe.layer import MoE, RoutingBias
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fusedmoe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -2,7 +2,7 @@
 
 ``cpu_kernel`` compiles its C++ source on first use and keeps the library,
 named by a hash of the source, flags, compiler and jax version
-(:mod:`fusedmoe.gmm.cpu_kernel`). Every change of one of those leaves the
+(:mod:`fusedmoe.grouped_matmul.cpu_kernel`). Every change of one of those leaves the
 old library behind. This lists the cache and, with ``--clean``, removes the
 libraries no build of this checkout would load (``--all``: every one), and
 files left by builds that were killed mid-way. Other files there are never
@@ -31,8 +31,8 @@ def _size(path: Path) -> str:
 
 
 def run(args) -> int:
-    from fusedmoe.cli import UsageError
-    from fusedmoe.gmm import cpu_kernel
+    from fusedmoe.errors import UsageError
+    from fusedmoe.grouped_matmul import cpu_kernel
 
     if args.all and not args.clean:
         raise UsageError("--all: only with --clean (got --all alone)")

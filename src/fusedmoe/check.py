@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import NamedTuple
 
-from fusedmoe.cli import UsageError
+from fusedmoe.errors import UsageError
 
 SMALL_SHAPE = dict(num_experts=8, num_experts_per_tok=2, emb_dim=32, mlp_dim=64)
 TOLERANCE = {"float32": 1e-5, "bfloat16": 3e-2, "float16": 3e-3}
@@ -71,7 +71,7 @@ def run_checks(config, backends: list[str], tokens: int = 32, seed: int = 0) -> 
     from flax import nnx
 
     from fusedmoe.checkpoint.fusion import fuse_state
-    from fusedmoe.gmm import available_backends
+    from fusedmoe.grouped_matmul import available_backends
     from fusedmoe.layer import MoE
     from fusedmoe.reference import moe_forward
 
@@ -139,7 +139,7 @@ def print_results(results: list[CheckResult]) -> None:
 
 
 def run(args) -> int:
-    from fusedmoe.gmm.registry import backend_names, check_backend_name
+    from fusedmoe.grouped_matmul.registry import backend_names, check_backend_name
 
     if args.tokens < 1:
         raise UsageError(f"--tokens: got {args.tokens}, expected a positive integer")

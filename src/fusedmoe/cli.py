@@ -15,6 +15,8 @@ import importlib
 import importlib.util
 import sys
 
+from fusedmoe.errors import UsageError
+
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("fusedmoe.bench.moe_bench", "time the MoE layer fused vs unfused on every backend"),
@@ -25,10 +27,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("fusedmoe.generate", "generate text from a trained checkpoint"),
     "cache": ("fusedmoe.cache_cli", "list, or clean, the compiled cpu_kernel builds on disk"),
 }
-
-
-class UsageError(Exception):
-    """Bad command-line input: printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -168,7 +168,7 @@ def _validate(c: MoEConfig) -> None:
         )
     if c.score_func not in SCORE_FUNCTIONS:
         raise ValueError(f"score_func: got {c.score_func!r}, expected one of {SCORE_FUNCTIONS}")
-    from fusedmoe.gmm.registry import check_backend_name
+    from fusedmoe.grouped_matmul.registry import check_backend_name
 
     check_backend_name(c.gmm_backend, "gmm_backend")
     if c.fused_moe_mlp and not c.sparse_matmul:

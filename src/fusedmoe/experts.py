@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from fusedmoe.gmm import gmm
+from fusedmoe.grouped_matmul import gmm
 
 
 def gated_activation(

@@ -120,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fusedmoe.checkpoint.training import finalized_steps
-    from fusedmoe.cli import UsageError
+    from fusedmoe.errors import UsageError
 
     if not os.path.isdir(args.run_dir):
         raise UsageError(f"run_dir: got {args.run_dir!r}, expected an existing run directory")

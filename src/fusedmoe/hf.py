@@ -35,10 +35,7 @@ import numpy as np
 from fusedmoe.checkpoint import layouts
 from fusedmoe.checkpoint.layouts import Layout
 from fusedmoe.config import MoEConfig
-
-
-class CheckpointError(ValueError):
-    """A Hugging Face checkpoint that cannot be read as asked (the message says why)."""
+from fusedmoe.errors import CheckpointError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -536,7 +533,7 @@ def load_moe_layer(
     ``overrides`` set :class:`MoEConfig` fields (e.g. ``gmm_backend``, ``dtype``,
     ``weight_dtype``, which default to the checkpoint's dtype).
     """
-    from fusedmoe.checkpoint.orbax_io import moe_from_state
+    from fusedmoe.layer import MoE
 
     hf_config = read_hf_config(path)
     where = f"{path}/config.json"
@@ -545,7 +542,7 @@ def load_moe_layer(
     cfg = moe_config(hf_config, fused_moe_mlp=fused_moe_mlp, **overrides)
     tensors, family, block, packed = read_layer_tensors(path, layer, cfg, hf_config=hf_config)
     state = hf_to_state(tensors, family, cfg, layer, block=block, packed=packed)
-    return moe_from_state(cfg, state)
+    return MoE.from_state(cfg, state)
 
 
 _COMMON_FIXED = dict(router_bias=False, mlp_bias=False, routing_selection_bias=False,
@@ -623,7 +620,7 @@ def load_moe_layers(
 ) -> dict[int, Any]:
     """Every MoE layer (or ``layers``) of the model at ``path``: ``{index: MoE}``. All
     layers are checked before any is built."""
-    from fusedmoe.checkpoint.orbax_io import moe_from_state
+    from fusedmoe.layer import MoE
 
     hf_config = read_hf_config(path)
     where = f"{path}/config.json"
@@ -638,5 +635,5 @@ def load_moe_layers(
     out = {}
     for i in layers:
         t, fam, block, packed = read_layer_tensors(path, i, cfg, st=st, hf_config=hf_config)
-        out[i] = moe_from_state(cfg, hf_to_state(t, fam, cfg, i, block=block, packed=packed))
+        out[i] = MoE.from_state(cfg, hf_to_state(t, fam, cfg, i, block=block, packed=packed))
     return out

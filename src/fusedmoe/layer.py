@@ -102,6 +102,14 @@ class MoE(nnx.Module):
         if mesh is not None:
             parallel.shard_module(self, mesh)
 
+    @classmethod
+    def from_state(cls, config: MoEConfig, state) -> MoE:
+        """A layer of ``config`` holding ``state`` (a nested dict of arrays, fused or
+        unfused: converted to ``config``'s layout), with no random initialisation."""
+        from fusedmoe.checkpoint.state import module_from_state
+
+        return module_from_state(lambda: cls(config, rngs=nnx.Rngs(0)), state)
+
     # ------------------------------------------------------------------ helpers
     def _param(self, name: str):
         v = getattr(self, name, None)

@@ -573,8 +573,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
-    from fusedmoe.cli import UsageError
-    from fusedmoe.gmm.registry import backend_names
+    from fusedmoe.errors import UsageError
+    from fusedmoe.grouped_matmul.registry import backend_names
 
     if args.backend not in backend_names():
         raise UsageError(f"--backend: got {args.backend!r}, expected one of "
@@ -615,7 +615,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fusedmoe.cli import UsageError
+    from fusedmoe.errors import UsageError
 
     config = _config_from_args(args)
     if args.compare:

@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _usage(option: str, got, expected: str):
-    from fusedmoe.cli import UsageError
+    from fusedmoe.errors import UsageError
 
     return UsageError(f"{option}: got {got!r}, expected {expected}")
 
@@ -117,7 +117,7 @@ def _choices(option: str, text: str, valid) -> list[str]:
 
 def parse_options(args) -> dict:
     """Validated settings from parsed ``args``; raises ``UsageError``."""
-    from fusedmoe.gmm import backend_names
+    from fusedmoe.grouped_matmul import backend_names
 
     base = QUICK if args.quick else FULL
     opts = {
@@ -167,8 +167,8 @@ def group_sizes(m: int, g: int, dist: str, alpha: float, seed: int):
 
 def skip_reason(backend: str, g: int, opts: dict, platform: str, dtype=None) -> str | None:
     """Why ``backend`` is not timed at ``g`` groups on ``dtype`` inputs here, or None."""
-    from fusedmoe.gmm import available_backends
-    from fusedmoe.gmm.registry import auto_backend
+    from fusedmoe.grouped_matmul import available_backends
+    from fusedmoe.grouped_matmul.registry import auto_backend
 
     name = auto_backend(platform, dtype) if backend == "auto" else backend
     reason = available_backends()[name]
@@ -378,7 +378,7 @@ def run(args) -> int:
     from rich.console import Console
 
     from fusedmoe import allocator
-    from fusedmoe.gmm import cpu_kernel
+    from fusedmoe.grouped_matmul import cpu_kernel
 
     console = Console(width=max(Console().width, 100))
     console.print(
@@ -428,7 +428,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fusedmoe.cli import UsageError
+    from fusedmoe.errors import UsageError
 
     parser = argparse.ArgumentParser(prog="python -m fusedmoe.bench.gmm_bench", description=__doc__)
     add_arguments(parser)

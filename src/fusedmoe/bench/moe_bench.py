@@ -28,7 +28,7 @@ import sys
 from typing import Any
 
 from fusedmoe.bench.presets import DEFAULT_PRESETS, PRESETS
-from fusedmoe.cli import UsageError
+from fusedmoe.errors import UsageError
 
 DTYPES = ("float32", "bfloat16")
 PASSES = ("forward", "forward+backward")
@@ -85,7 +85,7 @@ def _check_writable(option: str, path: str | None, suffix: str) -> None:
 
 def plan_from_args(args) -> BenchPlan:
     """Validate every option before any work starts."""
-    from fusedmoe.gmm.registry import backend_names
+    from fusedmoe.grouped_matmul.registry import backend_names
 
     presets = tuple(args.preset or (["tiny"] if args.quick else DEFAULT_PRESETS))
     for p in presets:
@@ -158,7 +158,7 @@ def expert_flops(config, tokens: int) -> int:
 def _skip_reason(backend: str, config, tokens: int) -> str | None:
     import jax
 
-    from fusedmoe.gmm import available_backends
+    from fusedmoe.grouped_matmul import available_backends
 
     reason = available_backends()[backend]
     if reason is not None:
@@ -192,7 +192,7 @@ def _count_on_small_layer(small, forward_only: bool) -> int:
     import jax
     from flax import nnx
 
-    from fusedmoe.gmm.api import count_grouped_matmuls
+    from fusedmoe.grouped_matmul.api import count_grouped_matmuls
     from fusedmoe.layer import MoE
 
     graphdef, state = nnx.split(MoE(small, rngs=nnx.Rngs(0)))
@@ -482,7 +482,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     from fusedmoe import allocator
-    from fusedmoe.gmm import cpu_kernel
+    from fusedmoe.grouped_matmul import cpu_kernel
 
     table = Table(title="fusedmoe bench: MoE layer vs the dense GEMMs of equal FLOPs "
                         "(ratio = layer time / dense time, same process; "
@@ -526,7 +526,7 @@ def _environment() -> dict[str, Any]:
     import jax
 
     from fusedmoe import allocator
-    from fusedmoe.gmm import cpu_kernel
+    from fusedmoe.grouped_matmul import cpu_kernel
 
     return {
         "jax": jax.__version__, "platform": jax.default_backend(),

@@ -10,11 +10,10 @@ from fusedmoe.checkpoint.orbax_io import (
     convert_checkpoint,
     load_checkpoint,
     load_moe,
-    moe_from_state,
     restore_module,
     save_checkpoint,
-    update_module,
 )
+from fusedmoe.checkpoint.state import module_from_state, update_module
 
 __all__ = [
     "LAYOUTS",
@@ -25,7 +24,7 @@ __all__ = [
     "fuse_state",
     "load_checkpoint",
     "load_moe",
-    "moe_from_state",
+    "module_from_state",
     "restore_module",
     "save_checkpoint",
     "to_unfused",

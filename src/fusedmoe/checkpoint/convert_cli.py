@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from fusedmoe.atomic import file_in_the_way
-from fusedmoe.cli import UsageError
+from fusedmoe.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if kind == "orbax" and to == "orbax" and args.fused is None:
         raise UsageError("orbax -> orbax: pass --fused or --unfused")
 
-    from fusedmoe.hf import CheckpointError
+    from fusedmoe.errors import CheckpointError
 
     try:
         if kind == "hf":

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import numpy as np
 
 from fusedmoe.atomic import atomic_directory
 from fusedmoe.checkpoint.fusion import fuse_state, unfuse_state
+from fusedmoe.checkpoint.state import tree_layout, update_module
 from fusedmoe.config import MoEConfig
 
 FORMAT = "fusedmoe-checkpoint"
@@ -45,24 +46,6 @@ def _to_numpy_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
             key = str(key)
         out[key] = _to_numpy_tree(value) if isinstance(value, Mapping) else np.asarray(value)
     return out
-
-
-def _walk(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Mapping[str, Any]]]:
-    yield prefix, tree
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _walk(value, f"{prefix}/{key}" if prefix else str(key))
-
-
-def tree_layout(tree: Mapping[str, Any]) -> str:
-    """``fusedmoe_fused``, ``fusedmoe_unfused`` or ``none`` (raises on a mix of both)."""
-    fused = unfused = False
-    for _, node in _walk(tree):
-        fused |= "wi" in node and not isinstance(node["wi"], Mapping)
-        unfused |= "wi_0" in node
-    if fused and unfused:
-        raise ValueError("checkpoint: the state mixes fused 'wi' and unfused 'wi_0'/'wi_1' layers")
-    return "fusedmoe_fused" if fused else "fusedmoe_unfused" if unfused else "none"
 
 
 def moe_configs(module) -> dict[str, MoEConfig]:
@@ -173,75 +156,6 @@ def _subtree(tree: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return node
 
 
-def _match_layout(saved: Mapping[str, Any], like: Mapping[str, Any]) -> dict[str, Any]:
-    """``saved`` fused or unfused so that it matches the layout of ``like``."""
-    want, have = tree_layout(like), tree_layout(saved)
-    if want == have or "none" in (want, have):
-        return dict(saved)
-    return fuse_state(saved) if want == "fusedmoe_fused" else unfuse_state(saved)
-
-
-def _check_same_structure(tree, like, where: str = "") -> None:
-    if set(tree) != set(like):
-        missing, extra = sorted(set(like) - set(tree)), sorted(set(tree) - set(like))
-        raise ValueError(
-            f"state {where or '/'}: keys do not match the module: missing {missing}, "
-            f"unexpected {extra}"
-        )
-    for key, value in like.items():
-        name = f"{where}/{key}" if where else key
-        if isinstance(value, Mapping):
-            if not isinstance(tree[key], Mapping):
-                raise ValueError(f"state {name}: expected a sub-tree, got an array")
-            _check_same_structure(tree[key], value, name)
-        elif tuple(np.shape(tree[key])) != tuple(value.shape):
-            raise ValueError(
-                f"state {name}: shape {tuple(np.shape(tree[key]))} does not match the "
-                f"module's {tuple(value.shape)}"
-            )
-
-
-def update_module(module, tree: Mapping[str, Any]) -> None:
-    """Write ``tree`` (nested dict of arrays, fused or unfused) into ``module`` in place,
-    after checking its keys and shapes; arrays take the module's dtypes."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    state = nnx.state(module)
-    like = state.to_pure_dict()
-    tree = _match_layout(tree, like)
-    _check_same_structure(tree, like)
-    cast = _map2(lambda a, ref: jnp.asarray(a, dtype=ref.dtype), tree, like)
-    nnx.replace_by_pure_dict(state, cast)
-    nnx.update(module, state)
-
-
-def _map2(fn, tree, like):
-    return {
-        k: _map2(fn, tree[k], v) if isinstance(v, Mapping) else fn(tree[k], v)
-        for k, v in like.items()
-    }
-
-
-def moe_from_state(config: MoEConfig, tree: Mapping[str, Any]):
-    """A :class:`fusedmoe.MoE` of ``config`` holding ``tree`` (fused or unfused; it is
-    converted to the config's layout). No random initialisation is run."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from fusedmoe.layer import MoE
-
-    abstract = nnx.eval_shape(lambda: MoE(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    like = state.to_pure_dict()
-    tree = _match_layout(tree, like)
-    _check_same_structure(tree, like)
-    nnx.replace_by_pure_dict(
-        state, _map2(lambda a, ref: jnp.asarray(a, dtype=ref.dtype), tree, like)
-    )
-    return nnx.merge(graphdef, state)
-
-
 def restore_module(path: str | os.PathLike, module) -> None:
     """Load the checkpoint at ``path`` into ``module`` in place (fused or unfused
     checkpoints both fit either kind of module)."""
@@ -266,7 +180,9 @@ def load_moe(path: str | os.PathLike, key: str | None = None, *, fused_moe_mlp: 
     config = MoEConfig.from_dict(configs[key])
     if fused_moe_mlp is not None:
         config = config.replace(fused_moe_mlp=fused_moe_mlp)
-    return moe_from_state(config, _subtree(tree, key))
+    from fusedmoe.layer import MoE
+
+    return MoE.from_state(config, _subtree(tree, key))
 
 
 # ----------------------------------------------------------------------------- conversion

@@ -8,7 +8,7 @@ Two things differ from calling the kernel directly:
   size and the output sliced back (a no-op at aligned sizes);
 - it leaves rows past ``sum(group_sizes)`` unwritten (garbage, NaN in interpret
   mode), where ``gmm`` promises zeros; so the forward and both backward
-  products are masked, under our own custom VJP (:mod:`fusedmoe.gmm._vjp`).
+  products are masked, under our own custom VJP (:mod:`fusedmoe.grouped_matmul._vjp`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fusedmoe.gmm._vjp import differentiable_pair, kernel_input_dtype
+from fusedmoe.grouped_matmul._vjp import differentiable_pair, kernel_input_dtype
 
 _TILE = 128
 

@@ -3,7 +3,7 @@
 tokamax picks Mosaic kernels on TPU, Mosaic GPU or Triton kernels on GPU and
 XLA's ``ragged_dot`` elsewhere (so on CPU it costs what ``"ragged_dot"`` costs).
 
-The gradient is ours, not tokamax's (a custom VJP, like :mod:`fusedmoe.gmm._vjp`'s):
+The gradient is ours, not tokamax's (a custom VJP, like :mod:`fusedmoe.grouped_matmul._vjp`'s):
 tokamax's GPU kernels take two operands of one dtype only (bf16 x bf16 or
 f16 x f16; tokamax 0.0.17's Mosaic GPU kernel raises ``NotImplementedError:
 lhs and rhs must have same dtype`` otherwise), and tokamax's own VJP hands its
@@ -18,7 +18,7 @@ with both operands in one dtype, the promoted dtype of the forward's inputs
 - ``drhs[g] = lhs[rows of g].T @ dout[rows of g]`` (its ragged-contracting form).
 
 ``tgmm`` is differentiable the same way (its gradients are two ``gmm`` products).
-Written out here rather than through :func:`fusedmoe.gmm._vjp.differentiable_pair`,
+Written out here rather than through :func:`fusedmoe.grouped_matmul._vjp.differentiable_pair`,
 whose backward hands a kernel the cotangent and one primal but not the dtype the
 forward computed in, which is the dtype every tokamax product must get.
 """
@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusedmoe.gmm._vjp import _like_primal
-from fusedmoe.gmm.ragged_dot import _TGMM_DIMS
+from fusedmoe.grouped_matmul._vjp import _like_primal
+from fusedmoe.grouped_matmul.ragged_dot import _TGMM_DIMS
 
 # out[rows of g] = lhs[rows of g] @ rhs[g]: lhs [M, K], rhs [G, K, N].
 _GMM_DIMS = jax.lax.RaggedDotDimensionNumbers(

@@ -50,7 +50,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from fusedmoe.gmm._vjp import differentiable_pair, kernel_input_dtype, vary_like
+from fusedmoe.grouped_matmul._vjp import differentiable_pair, kernel_input_dtype, vary_like
 
 _SOURCE = Path(__file__).with_name("cpu_kernel.cc")
 _FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fPIC", "-shared", "-pthread")

@@ -3,7 +3,7 @@
 Built for platforms with no native grouped-matmul kernel (CPU today) and runs
 unchanged on GPU/TPU: only ``lax`` loops, slices and dots.
 
-Structure of every product (see :mod:`fusedmoe.gmm._tiles` for the schedule):
+Structure of every product (see :mod:`fusedmoe.grouped_matmul._tiles` for the schedule):
 
 - an outer loop over the *non-empty* groups, in group order. It takes the
   group's weight ``rhs[g]`` once: a dynamic index of ``[G, K, N]`` is a copy
@@ -24,7 +24,7 @@ dynamic slice/update to f32, converting the whole weight and output (see
 :func:`_bits`). ``tgmm`` writes each group's gradient in the output dtype
 directly (no f32 ``[G, K, N]`` and cast).
 
-The gradient is a custom VJP (:mod:`fusedmoe.gmm._vjp`): dX is the same loop
+The gradient is a custom VJP (:mod:`fusedmoe.grouped_matmul._vjp`): dX is the same loop
 against the weight with its N axis contracted (no transposed copy of the
 weight), dW is :func:`tgmm`, one grouped transposed product that sums each
 group's ``[K, N]`` over as few dots as possible (whole 512-row chunks plus one
@@ -36,7 +36,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fusedmoe.gmm._tiles import (
+from fusedmoe.grouped_matmul._tiles import (
     CONTRACT_CHUNK,
     ROW_TILES,
     group_offsets,
@@ -44,7 +44,7 @@ from fusedmoe.gmm._tiles import (
     remainder_classes,
     smallest_holding,
 )
-from fusedmoe.gmm._vjp import differentiable_pair, vary_like
+from fusedmoe.grouped_matmul._vjp import differentiable_pair, vary_like
 
 
 def unavailable_reason() -> str | None:
@@ -107,7 +107,7 @@ def _rows_times_weight(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool):
 
     Each group: whole tiles of each of ``ROW_TILES``, then ONE masked dot
     over the rest, of the smallest remainder class that holds it (see
-    :mod:`fusedmoe.gmm._tiles`). That dot is one of a few 0-or-1-trip loops,
+    :mod:`fusedmoe.grouped_matmul._tiles`). That dot is one of a few 0-or-1-trip loops,
     one per class: a ``lax.switch`` would pass the ``[M, N]`` output through
     its branches, which XLA copied per group."""
     contract_rhs_axis = 2 if transpose_rhs else 1

@@ -1,6 +1,6 @@
 // Grouped matmul kernels for the CPU, called from XLA through its FFI.
 //
-// Backend "cpu_kernel" (fusedmoe/gmm/cpu_kernel.py compiles this file on first
+// Backend "cpu_kernel" (fusedmoe/grouped_matmul/cpu_kernel.py compiles this file on first
 // use and registers the two handlers below). Why a kernel outside plain JAX:
 // on XLA:CPU a dot cannot read a weight in place out of a [G, K, N] array nor
 // write its result into a slab of a larger one, so a plain-JAX grouped matmul

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusedmoe.gmm._vjp import vary_like
-from fusedmoe.gmm.registry import resolve_backend
+from fusedmoe.grouped_matmul._vjp import vary_like
+from fusedmoe.grouped_matmul.registry import resolve_backend
 
 
 def _is_concrete(x) -> bool:
@@ -62,7 +62,7 @@ def gmm(
       lhs: ``[M, K]``, rows sorted by group.
       rhs: ``[G, K, N]``.
       group_sizes: ``[G]`` integers; rows past ``sum(group_sizes)`` give zeros.
-      backend: a name from :func:`fusedmoe.gmm.backend_names` (``"auto"`` picks the
+      backend: a name from :func:`fusedmoe.grouped_matmul.backend_names` (``"auto"`` picks the
         fastest correct one for the platform).
       preferred_element_type: output dtype (default: the promoted input dtype).
         Products always accumulate in float32.

@@ -17,11 +17,11 @@ import jax.numpy as jnp
 
 # name -> module path. Order is the order shown to users.
 _BACKEND_MODULES: dict[str, str] = {
-    "tiled": "fusedmoe.gmm.tiled",
-    "cpu_kernel": "fusedmoe.gmm.cpu_kernel",
-    "ragged_dot": "fusedmoe.gmm.ragged_dot",
-    "megablox": "fusedmoe.gmm.megablox",
-    "tokamax": "fusedmoe.gmm.tokamax",
+    "tiled": "fusedmoe.grouped_matmul.tiled",
+    "cpu_kernel": "fusedmoe.grouped_matmul.cpu_kernel",
+    "ragged_dot": "fusedmoe.grouped_matmul.ragged_dot",
+    "megablox": "fusedmoe.grouped_matmul.megablox",
+    "tokamax": "fusedmoe.grouped_matmul.tokamax",
 }
 
 AUTO = "auto"

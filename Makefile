@@ -2,10 +2,10 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# What each target needs installed: the benchmark the package and tokamax
-# (a backend it times where tokamax has kernels); the tests and tools also
-# the dev and hf extras (pytest, ruff, torch and transformers for the Hugging
-# Face parity tests), which the benchmark does not need.
+# What each target needs installed: the benchmark the package, tokamax (a
+# backend it times where tokamax has kernels), hf (torch and transformers: the
+# peer it is measured against) and plot (matplotlib); the tests and tools
+# also the dev extra (pytest, ruff).
 BENCH_STAMP := $(VENV)/.installed-bench
 TEST_STAMP  := $(VENV)/.installed-test
 
@@ -18,11 +18,11 @@ $(VENV)/bin/python:
 # Reinstall when the project's own install files change. The test install
 # is a superset of the benchmark's, so it marks both done.
 $(BENCH_STAMP): $(VENV)/bin/python pyproject.toml
-	$(PY) -m pip install -q -e ".[tokamax]"
+	$(PY) -m pip install -q -e ".[tokamax,hf,plot]"
 	touch $(BENCH_STAMP)
 
 $(TEST_STAMP): $(VENV)/bin/python pyproject.toml
-	$(PY) -m pip install -q -e ".[dev,tokamax,hf]"
+	$(PY) -m pip install -q -e ".[dev,tokamax,hf,plot]"
 	touch $(TEST_STAMP) $(BENCH_STAMP)
 
 venv: $(TEST_STAMP)

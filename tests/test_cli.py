@@ -251,8 +251,9 @@ def test_check_passes_on_small_layer(capsys):
 def test_check_fails_when_a_backend_is_wrong(monkeypatch, capsys):
     from fusedmoe.grouped_matmul import tiled
 
-    real = tiled.gmm
-    monkeypatch.setattr(tiled, "gmm", lambda lhs, rhs, gs, dt: real(lhs, rhs, gs, dt) * 1.01)
+    real = tiled.BACKEND.gmm
+    wrong = lambda lhs, rhs, gs, dt: real(lhs, rhs, gs, dt) * 1.01  # noqa: E731
+    monkeypatch.setattr(tiled.BACKEND, "gmm", wrong)
     args = ["check", "--backend", "tiled", "--tokens", "16", "num_experts=4", "emb_dim=8",
             "mlp_dim=16"]
     assert main(args) == 1

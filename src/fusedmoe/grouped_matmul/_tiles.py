@@ -13,12 +13,11 @@ are masked. So a group ends with at most one small dot, whatever its size:
   8, 16, 24, 32, 48, ..., 384, 512 rows (at most 1.5x the rows it keeps,
   or 7 rows more).
 
-Why one dot for the rest, and not a ladder of tiles (16, then 8 rows, as
-before): on the 2-core CPU a dot of few rows is bound by reading the weight,
-not by its FLOPs. At the Qwen3-30B-A3B expert shape (K=2048, N=768) a loop of
-16-row dots ran at 2.0x the dense GEMM's time per FLOP and 8-row dots at
-2.7x (5x at N=1536), where 64 rows cost 1.2-1.7x and 256 rows 1.0x
-(``benchmarks/probe_tiled_cpu.py tile-size``).
+Why one dot for the rest, and not a ladder of tiles (16, then 8 rows): on a
+CPU a dot of few rows is bound by reading the weight, not by its FLOPs, so a
+group should take as few small dots as possible (the measurements are in
+docs/backends.md, "How `tiled` works", from
+``benchmarks/probe_tiled_cpu.py tile-size``).
 
 Everything here is plain ``jax.numpy`` on the traced ``group_sizes``.
 """
@@ -31,17 +30,15 @@ import jax.numpy as jnp
 # Whole tiles of products whose output rows are the lhs rows (gmm forward, dX),
 # largest first; the rest (fewer rows than the smallest) goes in one dot.
 # Large tiles because XLA:CPU's dot packs its whole weight operand on every
-# call: at 512 rows per group (G=8 of the benchmark's 4096) one 512-row dot
-# instead of two of 256 took the forward from 1.05x to 1.01x the dense GEMM
-# (skewed groups 1.16x -> 1.09x; forward+backward 1.13x -> 1.09x and
-# 1.18x -> 1.16x; `benchmarks/probe_tiled_cpu.py row-tiles`). The powers of
-# two between them keep a group to one dot per size; 64-row groups are as before.
+# call, so fewer, larger dots per group win (docs/backends.md, from
+# `benchmarks/probe_tiled_cpu.py row-tiles`). The powers of two between them
+# keep a group to one dot per size.
 ROW_TILES = (512, 256, 128, 64)
 
 # Whole chunks of the transposed product (tgmm, dW), which *contracts* over
 # rows: each chunk is a rank-c update of a [K, N] f32 accumulator, whose memory
-# traffic (~24 MB per update at K=1024, N=2048) costs as much as ~250 rows of
-# FLOPs on the 2-core CPU, so its chunks are larger.
+# traffic (reading and writing K*N floats) costs as much as a few hundred rows
+# of FLOPs on a CPU, so its chunks are larger.
 CONTRACT_CHUNK = 512
 
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusedmoe.grouped_matmul._vjp import vary_like
+from fusedmoe.grouped_matmul.backend import vary_like
 from fusedmoe.grouped_matmul.registry import resolve_backend
 
 
@@ -80,10 +80,11 @@ def gmm(
     group_sizes = validate_group_sizes(group_sizes, rhs.shape[0], lhs.shape[0])
     in_dtype = jnp.result_type(lhs.dtype, rhs.dtype)
     out_dtype = jnp.dtype(preferred_element_type or in_dtype)
-    module = resolve_backend(backend, in_dtype)
-    if rhs.shape[0] == 0:  # no groups, so every row is past them (GPU ragged_dot rejects G=0)
+    chosen = resolve_backend(backend, in_dtype)
+    if 0 in (*lhs.shape, *rhs.shape):  # nothing to multiply or sum: the backends never
+        # see an empty dim (GPU ragged_dot rejects G=0; Pallas kernels, K or N of 0)
         return vary_like(jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype), lhs, rhs)
-    return module.gmm(lhs, rhs, group_sizes, out_dtype)
+    return chosen.gmm(lhs, rhs, group_sizes, out_dtype)
 
 
 def tgmm(
@@ -119,10 +120,11 @@ def tgmm(
     group_sizes = validate_group_sizes(group_sizes, num_groups, lhs.shape[0])
     in_dtype = jnp.result_type(lhs.dtype, dout.dtype)
     out_dtype = jnp.dtype(preferred_element_type or in_dtype)
-    module = resolve_backend(backend, in_dtype)
-    if num_groups == 0:
-        return vary_like(jnp.zeros((0, lhs.shape[1], dout.shape[1]), out_dtype), lhs, dout)
-    return module.tgmm(lhs, dout, group_sizes, out_dtype)
+    chosen = resolve_backend(backend, in_dtype)
+    if 0 in (num_groups, *lhs.shape, *dout.shape):  # as in gmm: nothing to sum
+        shape = (num_groups, lhs.shape[1], dout.shape[1])
+        return vary_like(jnp.zeros(shape, out_dtype), lhs, dout)
+    return chosen.tgmm(lhs, dout, group_sizes, out_dtype)
 
 
 def count_grouped_matmuls(fn, *args) -> int:

@@ -50,7 +50,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from fusedmoe.grouped_matmul._vjp import differentiable_pair, kernel_input_dtype, vary_like
+from fusedmoe.grouped_matmul.backend import BEST, NEVER, Backend, f32_or_bf16, vary_like
 
 _SOURCE = Path(__file__).with_name("cpu_kernel.cc")
 _FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fPIC", "-shared", "-pthread")
@@ -129,6 +129,16 @@ def multiplies_bf16_pairs() -> bool:
     """Whether the build this process loaded multiplies bf16 inputs as bf16 pairs
     (``avx512bf16``) rather than widening them to f32; False if none loads."""
     return unavailable_reason() is None and _load() == "avx512bf16"
+
+
+def _planned_isa() -> str | None:
+    """The build this process would load (no compiling): None when the setting
+    is invalid or the CPU cannot run it."""
+    try:
+        isa = _isa()
+    except ValueError:
+        return None
+    return isa if _cpu_has(isa) else None
 
 
 def _flags(isa: str | None = None) -> tuple[str, ...]:
@@ -246,11 +256,12 @@ def _kernel_dtypes(a, b, out_dtype):
     """(input dtype, output dtype) the kernel runs in: bf16 inputs only when both are."""
     out_dtype = jnp.dtype(out_dtype)
     kernel_out = out_dtype if out_dtype in _KERNEL_DTYPES else jnp.dtype(jnp.float32)
-    return kernel_input_dtype(a, b), kernel_out
+    return f32_or_bf16(a, b), kernel_out
 
 
-def _times_weight(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool):
+def _times_weight(lhs, rhs, group_sizes, out_dtype, *, transpose_rhs: bool, operand_dtype):
     """``[M, N]``: ``lhs[rows of g] @ rhs[g]`` (``rhs[g].T`` when ``transpose_rhs``)."""
+    del operand_dtype  # the kernel takes f32 or bf16 pairs (f32_or_bf16)
     _load()
     in_dtype, kernel_out = _kernel_dtypes(lhs, rhs, out_dtype)
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -267,8 +278,9 @@ def _times_weight(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool):
     return vary_like(out, lhs, rhs, group_sizes).astype(out_dtype)
 
 
-def _t_times_rows(lhs, dout, group_sizes, out_dtype):
+def _t_times_rows(lhs, dout, group_sizes, out_dtype, *, operand_dtype):
     """``[G, K, N]``: ``lhs[rows of g].T @ dout[rows of g]``."""
+    del operand_dtype
     _load()
     in_dtype, kernel_out = _kernel_dtypes(lhs, dout, out_dtype)
     shape = (group_sizes.shape[0], lhs.shape[1], dout.shape[1])
@@ -280,4 +292,28 @@ def _t_times_rows(lhs, dout, group_sizes, out_dtype):
     return vary_like(out, lhs, dout, group_sizes).astype(out_dtype)
 
 
-gmm, tgmm = differentiable_pair(_times_weight, _t_times_rows)
+class CpuKernel(Backend):
+    """Our compiled kernel: the CPU choice for f32, and for bf16 where the CPU
+    multiplies bf16 pairs (AVX-512 BF16), when a C++ compiler is at hand."""
+
+    name = "cpu_kernel"
+    times_weight = staticmethod(_times_weight)
+    t_times_rows = staticmethod(_t_times_rows)
+
+    def unavailable_reason(self) -> str | None:
+        return unavailable_reason()
+
+    def suitability(self, platform, dtype) -> int:
+        if platform != "cpu":
+            return NEVER
+        dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
+        if dtype == jnp.float32:
+            return BEST
+        # Its build that widens bf16 to f32 loses to XLA's own bf16 dots, which
+        # use the CPU's bf16 instructions (docs/backends.md, "auto").
+        if dtype == jnp.bfloat16 and _planned_isa() == "avx512bf16":
+            return BEST
+        return NEVER
+
+
+BACKEND = CpuKernel()

@@ -8,25 +8,25 @@ Two things differ from calling the kernel directly:
   size and the output sliced back (a no-op at aligned sizes);
 - it leaves rows past ``sum(group_sizes)`` unwritten (garbage, NaN in interpret
   mode), where ``gmm`` promises zeros; so the forward and both backward
-  products are masked, under our own custom VJP (:mod:`fusedmoe.grouped_matmul._vjp`).
+  products are masked, under the shared custom VJP (:mod:`fusedmoe.grouped_matmul.backend`).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from fusedmoe.grouped_matmul._vjp import differentiable_pair, kernel_input_dtype
+from fusedmoe.grouped_matmul.backend import (
+    BEST,
+    NEVER,
+    Backend,
+    f32_or_bf16,
+    zero_rows_past_groups,
+)
 
 _TILE = 128
-
-
-def unavailable_reason() -> str | None:
-    try:
-        from jax.experimental.pallas.ops.tpu.megablox import gmm as _  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the jax build
-        return f"jax.experimental.pallas.ops.tpu.megablox cannot be imported ({exc})"
-    return None
 
 
 def _interpret() -> bool:
@@ -42,18 +42,13 @@ def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
     return jnp.pad(x, widths)
 
 
-def _zero_rows_past_groups(out: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    valid = jnp.arange(out.shape[0]) < jnp.sum(group_sizes)
-    return jnp.where(valid[:, None], out, jnp.zeros_like(out))
-
-
 def _kernel_gmm(lhs, rhs, group_sizes, transpose_rhs: bool):
     """f32 [M, N] = lhs @ rhs[g] (or rhs[g].T), rows past the groups zeroed."""
     from jax.experimental.pallas.ops.tpu.megablox.gmm import gmm as kernel
 
     m = lhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    dtype = kernel_input_dtype(lhs, rhs)
+    dtype = f32_or_bf16(lhs, rhs)
     lhs_p = _pad_to(_pad_to(lhs.astype(dtype), 0, _TILE), 1, _TILE)
     rhs_p = _pad_to(_pad_to(rhs.astype(dtype), 1, _TILE), 2, _TILE)
     out = kernel(
@@ -65,7 +60,7 @@ def _kernel_gmm(lhs, rhs, group_sizes, transpose_rhs: bool):
         transpose_rhs=transpose_rhs,
         interpret=_interpret(),
     )
-    return _zero_rows_past_groups(out[:m, :n], group_sizes)
+    return zero_rows_past_groups(out[:m, :n], group_sizes)
 
 
 def _kernel_tgmm(lhs, dout, group_sizes):
@@ -73,9 +68,9 @@ def _kernel_tgmm(lhs, dout, group_sizes):
     from jax.experimental.pallas.ops.tpu.megablox.gmm import tgmm as kernel
 
     k, n = lhs.shape[1], dout.shape[1]
-    dtype = kernel_input_dtype(lhs, dout)
+    dtype = f32_or_bf16(lhs, dout)
     # Zero rows past the groups: the kernel reads them for the last tile.
-    lhs = _zero_rows_past_groups(lhs, group_sizes)
+    lhs = zero_rows_past_groups(lhs, group_sizes)
     lhs_p = _pad_to(_pad_to(lhs.astype(dtype), 0, _TILE), 1, _TILE)
     dout_p = _pad_to(_pad_to(dout.astype(dtype), 0, _TILE), 1, _TILE)
     out = kernel(
@@ -89,7 +84,27 @@ def _kernel_tgmm(lhs, dout, group_sizes):
     return out[:, :k, :n]
 
 
-gmm, tgmm = differentiable_pair(
-    lambda lhs, rhs, gs, dt, transpose: _kernel_gmm(lhs, rhs, gs, transpose).astype(dt),
-    lambda lhs, dout, gs, dt: _kernel_tgmm(lhs, dout, gs).astype(dt),
-)
+class Megablox(Backend):
+    name = "megablox"
+
+    @functools.cache  # noqa: B019 - one instance, lives as long as the process
+    def unavailable_reason(self) -> str | None:
+        try:
+            from jax.experimental.pallas.ops.tpu.megablox import gmm as _  # noqa: F401
+        except Exception as exc:  # pragma: no cover - depends on the jax build
+            return f"jax.experimental.pallas.ops.tpu.megablox cannot be imported ({exc})"
+        return None
+
+    def suitability(self, platform, dtype) -> int:
+        return BEST if platform == "tpu" else NEVER
+
+    def times_weight(self, lhs, rhs, group_sizes, out_dtype, *, transpose_rhs, operand_dtype):
+        del operand_dtype  # the kernel takes f32 or bf16 pairs (f32_or_bf16)
+        return _kernel_gmm(lhs, rhs, group_sizes, transpose_rhs).astype(out_dtype)
+
+    def t_times_rows(self, lhs, dout, group_sizes, out_dtype, *, operand_dtype):
+        del operand_dtype
+        return _kernel_tgmm(lhs, dout, group_sizes).astype(out_dtype)
+
+
+BACKEND = Megablox()

@@ -1,21 +1,27 @@
-"""The backend registry: a name -> implementation table, and ``"auto"``.
+"""The backend registry: a name -> backend table, and ``"auto"``.
 
-A backend is a module exposing ``gmm(lhs, rhs, group_sizes, out_dtype)`` and
-``tgmm(lhs, dout, group_sizes, out_dtype)`` on already-validated arrays, both
-differentiable, plus ``unavailable_reason() -> str | None``. Registering is one
-line in ``_BACKEND_MODULES``; modules are imported lazily so an optional
-dependency (tokamax) costs nothing until it is asked for.
+Each backend is a :class:`fusedmoe.grouped_matmul.backend.Backend` in its own
+module, which exposes it as ``BACKEND``; registering one is one line in
+:data:`_BACKEND_MODULES`. Modules are imported when first asked for, so an
+optional dependency (tokamax) costs nothing until then.
+
+``"auto"`` asks every backend how well it suits the platform and the inputs'
+dtype (:meth:`~fusedmoe.grouped_matmul.backend.Backend.suitability`) and takes
+the best one that can run here. When a better-suited backend cannot (no C++
+compiler for ``cpu_kernel``, tokamax not installed on a GPU), it says so once
+per process, with the reason, and goes on with the next.
 """
 
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+import warnings
 
 import jax
-import jax.numpy as jnp
 
-# name -> module path. Order is the order shown to users.
+from fusedmoe.grouped_matmul.backend import NEVER, Backend
+
+# name -> module path. Order is the order shown to users (and breaks ties for auto).
 _BACKEND_MODULES: dict[str, str] = {
     "tiled": "fusedmoe.grouped_matmul.tiled",
     "cpu_kernel": "fusedmoe.grouped_matmul.cpu_kernel",
@@ -25,6 +31,8 @@ _BACKEND_MODULES: dict[str, str] = {
 }
 
 AUTO = "auto"
+_PLATFORMS = {"cuda": "gpu", "rocm": "gpu"}  # jax's platform names -> ours
+_warned: set[tuple[str, str]] = set()
 
 
 def backend_names() -> tuple[str, ...]:
@@ -42,65 +50,59 @@ def check_backend_name(backend: object, argument: str = "backend") -> str:
     return backend
 
 
+def get_backend(name: str) -> Backend:
+    """The backend registered as ``name`` (not ``"auto"``), imported on first use."""
+    return importlib.import_module(_BACKEND_MODULES[check_backend_name(name)]).BACKEND
+
+
 def auto_backend(platform: str | None = None, dtype=None) -> str:
-    """The backend ``"auto"`` picks on ``platform`` (default: jax's default backend)
-    for inputs of ``dtype`` (default: float32).
-
-    - TPU: ``megablox`` (the Pallas kernel written for it).
-    - CPU: ``cpu_kernel`` for f32 inputs when it can run here (a compiler and an
-      AVX2 CPU), and for bf16 inputs when its build multiplies bf16 pairs (a CPU
-      with AVX-512 BF16: 0.56x-0.79x the dense bf16 GEMM where ``tiled`` took
-      0.60x-1.35x); else ``tiled``, which for bf16 beats the kernel's build that
-      widens bf16 to f32, since XLA:CPU's own bf16 dots use the CPU's bf16
-      instructions. Other dtypes take ``tiled``. (``ragged_dot`` lowers to a
-      masked dense product on CPU, G x the FLOPs; docs/backends.md has the
-      measurements.)
-    - GPU: for 16-bit inputs (bf16, f16) ``tokamax`` when installed and its
-      kernels run here (its ``unavailable_reason`` runs a small product once),
-      else ``tiled``. f32 and other inputs take ``tiled``: tokamax's GPU kernels
-      are 16-bit only, and its f32 fallback ran 2x (forward) to 3.3x
-      (forward+backward) ``tiled``'s time at G=64 on an H200. ``tiled`` beat
-      ``ragged_dot`` there in 12 of 16 benchmark cells, and its memory does not
-      grow with G x rows as ``ragged_dot``'s expansion does.
-    """
+    """The name of the backend ``"auto"`` picks on ``platform`` (default: jax's
+    default backend) for inputs of ``dtype`` (default: float32)."""
     platform = platform or jax.default_backend()
-    if platform == "tpu":
-        return "megablox"
-    sixteen_bit = dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-    if (
-        platform in ("gpu", "cuda", "rocm")
-        and sixteen_bit
-        and _load("tokamax").unavailable_reason() is None
-    ):
-        return "tokamax"
-    if platform == "cpu":
-        kernel = _load("cpu_kernel")
-        f32 = dtype is None or jnp.dtype(dtype) == jnp.float32
-        bf16 = dtype is not None and jnp.dtype(dtype) == jnp.bfloat16
-        if f32 and kernel.unavailable_reason() is None:
-            return "cpu_kernel"
-        if bf16 and kernel.multiplies_bf16_pairs():
-            return "cpu_kernel"
-    return "tiled"
+    platform = _PLATFORMS.get(platform, platform)
+    ranked = sorted(
+        ((get_backend(name).suitability(platform, dtype), -order, name)
+         for order, name in enumerate(_BACKEND_MODULES)),
+        reverse=True,
+    )
+    passed_over = []
+    for score, _, name in ranked:
+        if score == NEVER:
+            break
+        reason = get_backend(name).unavailable_reason()
+        if reason is None:
+            for other, why in passed_over:
+                _warn_once(other, why, name)
+            return name
+        passed_over.append((name, reason))
+    raise RuntimeError(f"no grouped-matmul backend runs on {platform!r}: {passed_over}")
 
 
-def _load(name: str) -> ModuleType:
-    return importlib.import_module(_BACKEND_MODULES[name])
+def _warn_once(skipped: str, reason: str, chosen: str) -> None:
+    if (skipped, reason) in _warned:
+        return
+    _warned.add((skipped, reason))
+    warnings.warn(
+        f"fusedmoe: backend 'auto' uses {chosen!r} here, not {skipped!r}, which would be "
+        f"faster but cannot run: {reason}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
-def resolve_backend(backend: str = AUTO, dtype=None) -> ModuleType:
-    """Return the module implementing ``backend`` (for inputs of ``dtype`` when it
-    is ``"auto"``); raise if it cannot run here."""
+def resolve_backend(backend: str = AUTO, dtype=None) -> Backend:
+    """The backend ``backend`` names (for inputs of ``dtype`` when it is ``"auto"``);
+    a ``RuntimeError`` with the reason if it cannot run here."""
     name = check_backend_name(backend)
     if name == AUTO:
         name = auto_backend(dtype=dtype)
-    module = _load(name)
-    reason = module.unavailable_reason()
+    chosen = get_backend(name)
+    reason = chosen.unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"backend {name!r} is not available: {reason}")
-    return module
+    return chosen
 
 
 def available_backends() -> dict[str, str | None]:
     """name -> ``None`` when usable here, else the reason it is not."""
-    return {name: _load(name).unavailable_reason() for name in _BACKEND_MODULES}
+    return {name: get_backend(name).unavailable_reason() for name in _BACKEND_MODULES}

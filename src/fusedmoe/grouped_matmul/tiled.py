@@ -24,7 +24,7 @@ dynamic slice/update to f32, converting the whole weight and output (see
 :func:`_bits`). ``tgmm`` writes each group's gradient in the output dtype
 directly (no f32 ``[G, K, N]`` and cast).
 
-The gradient is a custom VJP (:mod:`fusedmoe.grouped_matmul._vjp`): dX is the same loop
+The gradient is the shared custom VJP (:mod:`fusedmoe.grouped_matmul.backend`): dX is the same loop
 against the weight with its N axis contracted (no transposed copy of the
 weight), dW is :func:`tgmm`, one grouped transposed product that sums each
 group's ``[K, N]`` over as few dots as possible (whole 512-row chunks plus one
@@ -44,11 +44,7 @@ from fusedmoe.grouped_matmul._tiles import (
     remainder_classes,
     smallest_holding,
 )
-from fusedmoe.grouped_matmul._vjp import differentiable_pair, vary_like
-
-
-def unavailable_reason() -> str | None:
-    return None
+from fusedmoe.grouped_matmul.backend import FALLBACK, Backend, vary_like
 
 
 def _bits(x):
@@ -72,10 +68,10 @@ def _opaque(*arrays):
     cotangent of ``.sum()``, a broadcast) makes every row slice of it the
     same, so each tile's dot no longer depends on its loop: XLA hoists it out
     of the tile loops into the group loop and runs all of them, 0-trip loops
-    included, for every group. Measured (G=64, the dX of
-    ``grad(lambda x: gmm(x, w, gs).sum())``): 21x the dense GEMM instead of
-    ~1.3x. A barrier on the whole operand, outside the loops, keeps each
-    slice tied to its row. It moves no data."""
+    included, for every group (the dX of ``grad(lambda x: gmm(x, w, gs).sum())``
+    ran an order of magnitude slower; docs/backends.md). A barrier on the
+    whole operand, outside the loops, keeps each slice tied to its row. It
+    moves no data."""
     return jax.lax.optimization_barrier(arrays)
 
 
@@ -99,7 +95,7 @@ def _dot(x, w, contract_w_axis: int):
     )
 
 
-def _rows_times_weight(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool):
+def _rows_times_weight(lhs, rhs, group_sizes, out_dtype, *, transpose_rhs: bool, operand_dtype):
     """``out[rows of g] = lhs[rows of g] @ rhs[g]`` (gmm: lhs ``[M, K]``, rhs
     ``[G, K, N]``), or ``@ rhs[g].T`` with ``transpose_rhs`` (dX: lhs ``[M, N]``,
     contracting ``rhs`` axis 2; no transposed copy). Returns ``[M, N or K]`` in
@@ -110,6 +106,7 @@ def _rows_times_weight(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool):
     :mod:`fusedmoe.grouped_matmul._tiles`). That dot is one of a few 0-or-1-trip loops,
     one per class: a ``lax.switch`` would pass the ``[M, N]`` output through
     its branches, which XLA copied per group."""
+    del operand_dtype  # each operand is dotted in its own dtype, accumulated in f32
     contract_rhs_axis = 2 if transpose_rhs else 1
     m = lhs.shape[0]
     n_out = rhs.shape[2] if contract_rhs_axis == 1 else rhs.shape[1]
@@ -168,7 +165,7 @@ def _rows_times_weight(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool):
     return _unbits(jax.lax.fori_loop(0, count, group_body, out), out_dtype)
 
 
-def _rows_t_times_rows(lhs, dout, group_sizes, out_dtype):
+def _rows_t_times_rows(lhs, dout, group_sizes, out_dtype, *, operand_dtype):
     """``out[g] = lhs[rows of g].T @ dout[rows of g]``: lhs ``[M, K]``, dout
     ``[M, N]`` -> ``[G, K, N]`` in ``out_dtype`` (zeros for empty groups).
 
@@ -185,6 +182,7 @@ def _rows_t_times_rows(lhs, dout, group_sizes, out_dtype):
 
     The sum is written into the output once, cast to ``out_dtype`` (no f32
     ``[G, K, N]`` and cast afterwards)."""
+    del operand_dtype  # each operand is dotted in its own dtype, accumulated in f32
     m, k = lhs.shape
     n = dout.shape[1]
     lhs_dtype, dout_dtype = lhs.dtype, dout.dtype
@@ -237,5 +235,16 @@ def _rows_t_times_rows(lhs, dout, group_sizes, out_dtype):
     return _unbits(jax.lax.fori_loop(0, count, group_body, out), out_dtype)
 
 
-# gmm: [M, K] x [G, K, N] -> [M, N]; tgmm: [M, K], [M, N] -> [G, K, N] (validated inputs).
-gmm, tgmm = differentiable_pair(_rows_times_weight, _rows_t_times_rows)
+class Tiled(Backend):
+    """Plain JAX loops and dots: runs on every platform and dtype, so ``auto``'s
+    last resort; the CPU and GPU default where no faster backend runs."""
+
+    name = "tiled"
+    times_weight = staticmethod(_rows_times_weight)
+    t_times_rows = staticmethod(_rows_t_times_rows)
+
+    def suitability(self, platform, dtype) -> int:
+        return FALLBACK
+
+
+BACKEND = Tiled()

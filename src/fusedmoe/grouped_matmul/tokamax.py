@@ -3,72 +3,72 @@
 tokamax picks Mosaic kernels on TPU, Mosaic GPU or Triton kernels on GPU and
 XLA's ``ragged_dot`` elsewhere (so on CPU it costs what ``"ragged_dot"`` costs).
 
-The gradient is ours, not tokamax's (a custom VJP, like :mod:`fusedmoe.grouped_matmul._vjp`'s):
 tokamax's GPU kernels take two operands of one dtype only (bf16 x bf16 or
 f16 x f16; tokamax 0.0.17's Mosaic GPU kernel raises ``NotImplementedError:
 lhs and rhs must have same dtype`` otherwise), and tokamax's own VJP hands its
-kernels the cotangent as it comes, f32 when the forward asked for an f32
-result, beside a bf16 weight. Here every product, forward and backward, runs
-with both operands in one dtype, the promoted dtype of the forward's inputs
-(the cotangent is cast to it), and asks for an f32 result:
+kernels the cotangent as it comes (f32 when the forward asked for an f32
+result) beside a bf16 weight. So the gradient is the shared custom VJP
+(:mod:`fusedmoe.grouped_matmul.backend`), and every product, forward and
+backward, runs with both operands in ``operand_dtype``, the promoted dtype of
+the forward's inputs, asking tokamax for an f32 result.
 
-- forward  ``out[rows of g] = lhs[rows of g] @ rhs[g]``;
-- ``dlhs[rows of g] = dout[rows of g] @ rhs[g].T`` (tokamax's transposed-weight
-  form, as its own VJP runs it);
-- ``drhs[g] = lhs[rows of g].T @ dout[rows of g]`` (its ragged-contracting form).
-
-``tgmm`` is differentiable the same way (its gradients are two ``gmm`` products).
-Written out here rather than through :func:`fusedmoe.grouped_matmul._vjp.differentiable_pair`,
-whose backward hands a kernel the cotangent and one primal but not the dtype the
-forward computed in, which is the dtype every tokamax product must get.
+tokamax reads its options through absl flags and, when nobody has parsed
+them, parses ``sys.argv`` itself, which fails under another program's
+arguments (pytest's, ours). :func:`_absl_flags_left_alone` lets it read its
+defaults and then puts absl's flags back as the host program had them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusedmoe.grouped_matmul._vjp import _like_primal
-from fusedmoe.grouped_matmul.ragged_dot import _TGMM_DIMS
-
-# out[rows of g] = lhs[rows of g] @ rhs[g]: lhs [M, K], rhs [G, K, N].
-_GMM_DIMS = jax.lax.RaggedDotDimensionNumbers(
-    dot_dimension_numbers=(([1], [1]), ([], [])),
-    lhs_ragged_dimensions=[0],
-    rhs_group_dimensions=[0],
-)
-# out[rows of g] = lhs[rows of g] @ rhs[g].T: lhs [M, N], rhs [G, K, N].
-_GMM_T_DIMS = jax.lax.RaggedDotDimensionNumbers(
-    dot_dimension_numbers=(([1], [2]), ([], [])),
-    lhs_ragged_dimensions=[0],
-    rhs_group_dimensions=[0],
+from fusedmoe.grouped_matmul.backend import (
+    BEST,
+    GMM_DIMS,
+    GMM_T_DIMS,
+    NEVER,
+    TGMM_DIMS,
+    Backend,
+    zero_rows_past_groups,
 )
 
 
 @functools.cache
-def unavailable_reason() -> str | None:
-    """None when tokamax imports and its kernels run on this platform.
-
-    Importing is not enough: tokamax's GPU kernels are written against one jax's
-    Pallas API, and a tokamax release paired with a newer jax fails inside them
-    (tokamax 0.0.12 on jax 0.11.2 and an H200: ``pl.dot`` removed, Mosaic GPU's
-    ``Mesh`` changed). So a small product, value and gradient, f32 and bf16, is
-    run once here (:func:`_probe`), and a failure makes the backend unavailable,
-    with the reason, rather than an error deep in a kernel at the user's first step.
-    """
+def _import_reason() -> str | None:
     try:
-        import tokamax
+        import tokamax  # noqa: F401
     except Exception as exc:
         return (
             f"tokamax is not installed ({exc.__class__.__name__}: {exc}); "
             "install the extra: pip install 'fusedmoe[tokamax]'"
         )
+    return None
+
+
+@functools.cache
+def _kernel_reason() -> str | None:
+    """None when tokamax's kernels give right numbers on the default device.
+
+    Importing is not enough on a GPU: tokamax's kernels are written against one
+    jax's Pallas API, and a tokamax release paired with a newer jax fails inside
+    them (tokamax 0.0.12 on jax 0.11.2 and an H200: ``pl.dot`` removed, Mosaic
+    GPU's ``Mesh`` changed). So a small product, value and gradient, f32 and
+    bf16, runs once (:func:`_probe`), and a failure makes the backend
+    unavailable, with the reason, rather than an error deep in a kernel at the
+    user's first step. On CPU tokamax runs XLA's ``ragged_dot``: nothing to probe.
+    """
+    if not _runs_own_kernels():
+        return None
     try:
         _probe()
     except Exception as exc:
+        import tokamax
+
         first_line = (str(exc).strip().splitlines() or [""])[0][:200]
         version = getattr(tokamax, "__version__", "?")
         return (
@@ -77,6 +77,11 @@ def unavailable_reason() -> str | None:
             "for this jax, or pick another backend"
         )
     return None
+
+
+def _runs_own_kernels() -> bool:
+    """Whether tokamax runs its own kernels here (not XLA's ``ragged_dot``)."""
+    return jax.default_backend() != "cpu"
 
 
 _PROBE_SIZES = (48, 80)
@@ -98,7 +103,7 @@ def _probe() -> None:
     rows, k, n = sum(_PROBE_SIZES), 128, 128
 
     def loss(lhs, rhs, group_sizes):
-        return jnp.sum(gmm(lhs, rhs, group_sizes, jnp.float32))
+        return jnp.sum(BACKEND.gmm(lhs, rhs, group_sizes, jnp.float32))
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     for dtype in (np.dtype(np.float32), np.dtype(jnp.bfloat16)):
@@ -117,93 +122,56 @@ def _probe() -> None:
                 raise RuntimeError(f"wrong {dtype.name} {what} from a product of ones")
 
 
-def _import_tokamax():
-    import tokamax
+@contextlib.contextmanager
+def _absl_flags_left_alone():
+    """Let tokamax read its absl flags' defaults, then leave absl's flags as the
+    host program had them (unparsed stays unparsed; parsed is never touched)."""
     from absl import flags
 
-    # tokamax reads its options through absl flags and, if nobody parsed them,
-    # parses sys.argv itself -- which fails under any other program's arguments
-    # (pytest's, ours). Mark them parsed so its defaults apply.
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-    return tokamax
+    if flags.FLAGS.is_parsed():
+        yield
+        return
+    flags.FLAGS.mark_as_parsed()
+    try:
+        yield
+    finally:
+        flags.FLAGS.unparse_flags()
 
 
-def _operand_dtype(a, b):
-    """The one dtype both operands of every product take: the forward inputs'
-    promoted dtype (bf16 for bf16 x bf16, f32 for bf16 x f32)."""
-    return jnp.result_type(a.dtype, b.dtype)
+def _ragged_dot_general(lhs, rhs, group_sizes, dims, operand_dtype):
+    """tokamax's product of ``lhs`` and ``rhs``, both in ``operand_dtype``, in f32."""
+    import tokamax
+
+    with _absl_flags_left_alone():
+        return tokamax.ragged_dot_general(
+            lhs.astype(operand_dtype), rhs.astype(operand_dtype), group_sizes, dims,
+            preferred_element_type=jnp.float32,
+        )
 
 
-def _zero_rows_past_groups(out, group_sizes):
-    """``gmm`` promises zeros past ``sum(group_sizes)``; tokamax's GPU kernels may
-    leave those rows unwritten (XLA's ``ragged_dot``, its CPU fallback, zeroes them)."""
-    valid = jnp.arange(out.shape[0]) < jnp.sum(group_sizes)
-    return jnp.where(valid[:, None], out, jnp.zeros((), out.dtype))
+class Tokamax(Backend):
+    """tokamax's kernels: the GPU choice for 16-bit inputs where they run."""
+
+    name = "tokamax"
+
+    def unavailable_reason(self) -> str | None:
+        return _import_reason() or _kernel_reason()
+
+    def suitability(self, platform, dtype) -> int:
+        sixteen_bit = dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        # Its GPU kernels are 16-bit only; its f32 fallback there ran 2x-3.3x
+        # tiled's time (docs/backends.md). Elsewhere it is XLA's ragged_dot.
+        return BEST if platform == "gpu" and sixteen_bit else NEVER
+
+    def times_weight(self, lhs, rhs, group_sizes, out_dtype, *, transpose_rhs, operand_dtype):
+        out = _ragged_dot_general(lhs, rhs, group_sizes, GMM_T_DIMS if transpose_rhs else GMM_DIMS,
+                                  operand_dtype)
+        # tokamax's GPU kernels may leave the rows past the groups unwritten.
+        return zero_rows_past_groups(out, group_sizes).astype(out_dtype)
+
+    def t_times_rows(self, lhs, dout, group_sizes, out_dtype, *, operand_dtype):
+        return _ragged_dot_general(lhs, dout, group_sizes, TGMM_DIMS, operand_dtype).astype(
+            out_dtype)
 
 
-def _times_weight(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool, dtype):
-    """``lhs[rows of g] @ rhs[g]`` (``@ rhs[g].T`` with ``transpose_rhs``), both
-    operands in ``dtype``, accumulated and returned by tokamax in f32."""
-    tokamax = _import_tokamax()
-    out = tokamax.ragged_dot_general(
-        lhs.astype(dtype),
-        rhs.astype(dtype),
-        group_sizes,
-        _GMM_T_DIMS if transpose_rhs else _GMM_DIMS,
-        preferred_element_type=jnp.float32,
-    )
-    return _zero_rows_past_groups(out, group_sizes).astype(out_dtype)
-
-
-def _t_times_rows(lhs, dout, group_sizes, out_dtype, dtype):
-    """``lhs[rows of g].T @ dout[rows of g]``, ``[G, K, N]``, both operands in ``dtype``."""
-    tokamax = _import_tokamax()
-    out = tokamax.ragged_dot_general(
-        lhs.astype(dtype),
-        dout.astype(dtype),
-        group_sizes,
-        _TGMM_DIMS,
-        preferred_element_type=jnp.float32,
-    )
-    return out.astype(out_dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def gmm(lhs, rhs, group_sizes, out_dtype):
-    return _times_weight(lhs, rhs, group_sizes, out_dtype, False, _operand_dtype(lhs, rhs))
-
-
-def _gmm_fwd(lhs, rhs, group_sizes, out_dtype):
-    return gmm(lhs, rhs, group_sizes, out_dtype), (lhs, rhs, group_sizes)
-
-
-def _gmm_bwd(out_dtype, residuals, dout):
-    lhs, rhs, group_sizes = residuals
-    dtype = _operand_dtype(lhs, rhs)
-    dlhs = _times_weight(dout, rhs, group_sizes, lhs.dtype, True, dtype)
-    drhs = _t_times_rows(lhs, dout, group_sizes, rhs.dtype, dtype)
-    return _like_primal(dlhs, lhs), _like_primal(drhs, rhs), None
-
-
-gmm.defvjp(_gmm_fwd, _gmm_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def tgmm(lhs, dout, group_sizes, out_dtype):
-    return _t_times_rows(lhs, dout, group_sizes, out_dtype, _operand_dtype(lhs, dout))
-
-
-def _tgmm_fwd(lhs, dout, group_sizes, out_dtype):
-    return tgmm(lhs, dout, group_sizes, out_dtype), (lhs, dout, group_sizes)
-
-
-def _tgmm_bwd(out_dtype, residuals, dw):
-    lhs, dout, group_sizes = residuals
-    dtype = _operand_dtype(lhs, dout)
-    dlhs = _times_weight(dout, dw, group_sizes, lhs.dtype, True, dtype)
-    ddout = _times_weight(lhs, dw, group_sizes, dout.dtype, False, dtype)
-    return _like_primal(dlhs, lhs), _like_primal(ddout, dout), None
-
-
-tgmm.defvjp(_tgmm_fwd, _tgmm_bwd)
+BACKEND = Tokamax()

@@ -1,0 +1,236 @@
+"""The ``cpu_kernel`` backend's own paths: every block path of the kernel, the
+other builds and thread counts (each in a process of its own), the build's
+failure and settings, other dtypes, and what ``auto`` takes on CPU."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fusedmoe
+from fusedmoe.grouped_matmul import available_backends
+from gmm_reference import (
+    as64,
+    assert_close,
+    check_all,
+    make_inputs,
+    ref_gmm,
+    ref_tgmm,
+    skip_unavailable,
+)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_cpu_kernel_every_block_path(dtype):
+    # The kernel's loops at sizes that reach each of their paths: groups over
+    # the 144-row block (300) and under one register tile (1, 5), and group
+    # ends that leave every row count of a part tile (1-7 rows of the AVX-512
+    # build's 8, 1-5 of the AVX2 build's 6); N of 1040 = 32.5 x 32, so a
+    # thread's columns can end in a part panel; bf16 dX contracts N=1040 past
+    # its 256-step block, so its output accumulates (bf16 output through the
+    # f32 scratch), and packs the weight transposed (8 x 8 blocks, then a
+    # part panel); f32 dX reads the weight's rows in place (c^T = B^T A^T),
+    # the 300-row group in chunks (of 128 rows with AVX-512), the last a
+    # part panel, which like the groups of a few rows gets a one-vector
+    # tile (half a vector for the groups of at most 8 rows); the forward and
+    # dW (K=520, groups <= 1024 rows) fit one contraction block and are
+    # streamed; the f32 forward of the groups of at most 144 rows packs the
+    # weight a panel at a time, each next panel copied by the tiles
+    # of the one before (by a part tile too, in groups under 8 rows), the
+    # part panel at a thread's end packed on its own; empty groups give zero
+    # slabs; 3 rows past the groups give zeros.
+    skip_unavailable("cpu_kernel")
+    sizes = [300, 0, 1, 64, 5, 0, 2, 3, 6, 7, 10]
+    x, w, c, gs = make_inputs(sum(sizes) + 3, 520, 1040, sizes, dtype, seed=11)
+    check_all("cpu_kernel", x, w, c, gs, dtype)
+    dw = fusedmoe.tgmm(x, c, gs, backend="cpu_kernel")
+    assert dw.dtype == dtype
+    assert not np.any(np.asarray(dw, np.float32)[[1, 5]])
+    # Past the forward's and dW's 1024-step contraction block: K=1030, and a
+    # group of 1030 rows, so both accumulate (the 9-row group's forward, a
+    # panel at a time, does not: it takes up to 4096 steps in one); f32 dX's
+    # output columns (K=1030) end in a part group of weight rows.
+    sizes = [1030, 0, 9]
+    x, w, c, gs = make_inputs(sum(sizes) + 2, 1030, 48, sizes, dtype, seed=13)
+    check_all("cpu_kernel", x, w, c, gs, dtype)
+    # Past those 4096 steps, a few rows go through the blocked loops again:
+    # the forward at K=4100, f32 dX (the weight packed transposed, its next
+    # blocks prefetched, the output accumulated) at N=4100.
+    sizes = [5, 3]
+    x, w, c, gs = make_inputs(sum(sizes), 4100, 40, sizes, dtype, seed=17)
+    check_all("cpu_kernel", x, w, c, gs, dtype)
+    x, w, c, gs = make_inputs(sum(sizes), 40, 4100, sizes, dtype, seed=19)
+    check_all("cpu_kernel", x, w, c, gs, dtype)
+
+
+def test_cpu_kernel_build_failure_is_clear_and_leaves_nothing(tmp_path, monkeypatch):
+    # A compiler that fails: the error names the source and the command, and
+    # the cache directory holds no half-written library.
+    from fusedmoe.grouped_matmul import cpu_kernel
+
+    monkeypatch.setenv("FUSEDMOE_CACHE_DIR", str(tmp_path))
+    failing = shutil.which("false")
+    if failing is None:
+        pytest.skip("no `false` program to stand in for a failing compiler")
+    with pytest.raises(RuntimeError, match=r"compiling cpu_kernel\.cc failed"):
+        cpu_kernel._build(failing)
+    assert list(tmp_path.iterdir()) == []
+
+
+_OTHER_BUILD_SCRIPT = """
+import sys
+import numpy as np, jax, jax.numpy as jnp, fusedmoe
+from fusedmoe.grouped_matmul import cpu_kernel
+assert cpu_kernel._isa() == ISA, cpu_kernel._isa()
+rng = np.random.default_rng(0)
+arrays = {}
+for case, sizes, m, k, n in CASES:
+    sizes = np.array(sizes, np.int32)
+    gs = jnp.asarray(sizes)
+    for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
+        x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+        w = jnp.asarray(rng.standard_normal((len(sizes), k, n)), dtype)
+        c = jnp.asarray(rng.standard_normal((m, n)), dtype)
+        out = fusedmoe.gmm(x, w, gs, backend="cpu_kernel", preferred_element_type=jnp.float32)
+        dx = fusedmoe.gmm(c, jnp.swapaxes(w, 1, 2), gs, backend="cpu_kernel",
+                          preferred_element_type=jnp.float32)
+        dw = fusedmoe.tgmm(x, c, gs, backend="cpu_kernel", preferred_element_type=jnp.float32)
+        for key, value in (("x", x), ("w", w), ("c", c), ("out", out), ("dx", dx), ("dw", dw)):
+            arrays[f"{case}_{name}_{key}"] = np.asarray(value, np.float32)
+np.savez(OUT, **arrays)
+"""
+
+# (name, group sizes, M, K, N): the block paths of test_cpu_kernel_every_block_path.
+_OTHER_BUILD_CASES = [
+    ("short", [300, 0, 1, 64, 5, 0, 2, 3, 6, 7, 10], 401, 520, 1040),
+    ("long", [1030, 0, 9], 1041, 1030, 48),
+    ("wide", [5, 3], 8, 40, 4100),
+]
+
+
+def _check_cpu_kernel_in_subprocess(tmp_path, isa: str, **env_extra: str) -> None:
+    """Run the block paths' cases with the ``isa`` build in a process of its
+    own, under ``env_extra``, and check them against the NumPy reference."""
+    import subprocess
+
+    out_file = tmp_path / "other.npz"
+    env = {**os.environ, "FUSEDMOE_CPU_ISA": isa, "JAX_PLATFORMS": "cpu", **env_extra}
+    script = (
+        _OTHER_BUILD_SCRIPT.replace("OUT", repr(str(out_file)))
+        .replace("ISA", repr(isa))
+        .replace("CASES", repr(_OTHER_BUILD_CASES))
+    )
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+    got = np.load(out_file)
+    for case, sizes, *_ in _OTHER_BUILD_CASES:
+        sizes = np.asarray(sizes)
+        for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
+            x, w, c = (got[f"{case}_{name}_{k}"].astype(np.float64) for k in ("x", "w", "c"))
+            what = f"{isa} {env_extra} {case} {name}"
+            assert_close(got[f"{case}_{name}_out"], ref_gmm(x, w, sizes), dtype, what)
+            assert_close(got[f"{case}_{name}_dx"], ref_gmm(c, np.swapaxes(w, 1, 2), sizes), dtype,
+                         what)
+            assert_close(got[f"{case}_{name}_dw"], ref_tgmm(x, c, sizes), dtype, what)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512", "avx512bf16"])
+def test_cpu_kernel_other_builds(isa, tmp_path):
+    # The suite runs the best build this CPU has; the others (the AVX2 6 x 16
+    # tile, the AVX-512 tile with bf16 widened to f32, bf16 pairs) are checked
+    # here, each in a process of its own (every build registers the same FFI
+    # targets), where this CPU runs them.
+    from fusedmoe.grouped_matmul import cpu_kernel
+
+    skip_unavailable("cpu_kernel")
+    if cpu_kernel._isa() == isa:
+        pytest.skip(f"{isa} is the build every other test runs")
+    if not cpu_kernel._cpu_has(isa):
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    _check_cpu_kernel_in_subprocess(tmp_path, isa)
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_cpu_kernel_other_thread_counts(threads, tmp_path):
+    # The threads take (group, column range) items as they come: one thread
+    # takes them all; three (more than this machine's cores, so they
+    # interleave unpredictably) cut N=1040 (32.5 panels) into three ranges,
+    # the last ending in a part panel, and N=48 into two (it has two panels),
+    # the second a part panel.
+    from fusedmoe.grouped_matmul import cpu_kernel
+
+    skip_unavailable("cpu_kernel")
+    _check_cpu_kernel_in_subprocess(tmp_path, cpu_kernel._isa(), FUSEDMOE_CPU_THREADS=threads)
+
+
+def test_cpu_kernel_isa_setting_is_checked(monkeypatch):
+    from fusedmoe.grouped_matmul import cpu_kernel
+
+    monkeypatch.setenv("FUSEDMOE_CPU_ISA", "sse2")
+    with pytest.raises(
+        ValueError, match=r"FUSEDMOE_CPU_ISA must be one of avx2, avx512, avx512bf16.*'sse2'"
+    ):
+        cpu_kernel._isa()
+    monkeypatch.setenv("FUSEDMOE_CPU_ISA", "AVX2")
+    assert cpu_kernel._isa() == "avx2"
+    assert "-mavx512f" not in cpu_kernel._flags()
+    monkeypatch.setenv("FUSEDMOE_CPU_ISA", "avx512")
+    assert "-mavx512f" in cpu_kernel._flags() and "-mavx512bf16" not in cpu_kernel._flags()
+
+
+def test_cpu_kernel_other_dtypes_run_in_f32():
+    # f16 (and mixed inputs) are not kernel dtypes: computed in f32, cast back.
+    skip_unavailable("cpu_kernel")
+    sizes = [7, 0, 9]
+    x, w, _, gs = make_inputs(18, 20, 24, sizes, jnp.float16, seed=12)
+    out = fusedmoe.gmm(x, w, gs, backend="cpu_kernel")
+    assert out.dtype == jnp.float16
+    assert_close(out, ref_gmm(as64(x), as64(w), np.asarray(sizes)), jnp.bfloat16)
+    mixed = fusedmoe.gmm(x.astype(jnp.bfloat16), w.astype(jnp.float32), gs, backend="cpu_kernel")
+    assert mixed.dtype == jnp.float32
+    assert_close(mixed, ref_gmm(as64(x), as64(w), np.asarray(sizes)), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("pairs", [False, True], ids=["widens-bf16", "bf16-pairs"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_auto_on_cpu_by_dtype(dtype, pairs, monkeypatch):
+    # f32 takes the compiled kernel where it can run; bf16 only a build that
+    # multiplies bf16 pairs; other dtypes take tiled.
+    from fusedmoe.grouped_matmul import cpu_kernel
+    from fusedmoe.grouped_matmul.registry import auto_backend
+
+    kernel_runs = available_backends()["cpu_kernel"] is None
+    assert cpu_kernel.multiplies_bf16_pairs() == (kernel_runs and cpu_kernel._isa() == "avx512bf16")
+    monkeypatch.setattr(cpu_kernel, "_planned_isa", lambda: "avx512bf16" if pairs else "avx512")
+    takes_kernel = dtype == jnp.float32 or (dtype == jnp.bfloat16 and pairs)
+    assert auto_backend("cpu", dtype) == ("cpu_kernel" if takes_kernel and kernel_runs else "tiled")
+
+
+def test_auto_without_a_compiler_falls_back_to_tiled_with_one_warning(monkeypatch):
+    # No C++ compiler: cpu_kernel cannot build, so auto takes tiled, and says
+    # why once per process (not on every call).
+    import warnings
+
+    from fusedmoe.grouped_matmul import cpu_kernel, registry
+
+    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
+    for fn in (cpu_kernel.unavailable_reason, cpu_kernel._load):
+        fn.cache_clear()
+    monkeypatch.setattr(registry, "_warned", set())
+    try:
+        x, w, c, gs = make_inputs(9, 3, 2, [4, 5])
+        with pytest.warns(RuntimeWarning, match=r"uses 'tiled' here, not 'cpu_kernel'.*no C\+\+"):
+            out = fusedmoe.gmm(x, w, gs)
+        assert_close(out, ref_gmm(as64(x), as64(w), [4, 5]), jnp.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fusedmoe.gmm(x, w, gs)  # the second call says nothing
+        assert registry.auto_backend("cpu", jnp.float32) == "tiled"
+    finally:
+        monkeypatch.undo()
+        for fn in (cpu_kernel.unavailable_reason, cpu_kernel._load):
+            fn.cache_clear()

@@ -16,8 +16,18 @@ from flax import nnx
 
 import fusedmoe
 from fusedmoe import cli, hf
-from fusedmoe.checkpoint import fuse_state, layouts, orbax_io
+from fusedmoe.checkpoint import fuse_state, layouts
 from fusedmoe.checkpoint.layouts import Layout
+from fusedmoe.checkpoint.module_checkpoint import (
+    META_FILE,
+    convert_module_checkpoint,
+    load_module_checkpoint,
+    module_state,
+    moe_from_module_checkpoint,
+    read_module_checkpoint_meta,
+    restore_module_checkpoint,
+    save_module_checkpoint,
+)
 
 G, K, N = 3, 4, 5
 
@@ -144,15 +154,15 @@ def moe():
 
 
 def test_orbax_save_restore_is_exact(moe, tmp_path):
-    path = orbax_io.save_checkpoint(tmp_path / "ckpt", moe)
-    meta = orbax_io.read_metadata(path)
+    path = save_module_checkpoint(tmp_path / "ckpt", moe)
+    meta = read_module_checkpoint_meta(path)
     assert meta["layout"] == "fusedmoe_unfused" and meta["configs"][""]["mlp_bias"]
-    again = orbax_io.load_moe(path)
+    again = moe_from_module_checkpoint(path)
     assert again.config == moe.config
-    _assert_equal_dicts(orbax_io.module_state(again), orbax_io.module_state(moe))
+    _assert_equal_dicts(module_state(again), module_state(moe))
     other = fusedmoe.MoE(FULL, rngs=nnx.Rngs(9))
-    orbax_io.restore_module(path, other)
-    _assert_equal_dicts(orbax_io.module_state(other), orbax_io.module_state(moe))
+    restore_module_checkpoint(path, other)
+    _assert_equal_dicts(module_state(other), module_state(moe))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
 
 
@@ -164,35 +174,35 @@ def test_orbax_bf16_and_nested_modules(tmp_path):
             self.layers = nnx.List([fusedmoe.MoE(cfg, rngs=nnx.Rngs(i)) for i in range(2)])
 
     model = Two()
-    path = orbax_io.save_checkpoint(tmp_path / "two", model)
-    tree, meta = orbax_io.load_checkpoint(path)
+    path = save_module_checkpoint(tmp_path / "two", model)
+    tree, meta = load_module_checkpoint(path)
     assert sorted(meta["configs"]) == ["layers/0", "layers/1"]
     assert tree["layers"]["1"]["wi"].dtype == ml_dtypes.bfloat16
-    _assert_equal_dicts(tree, orbax_io.module_state(model))
-    layer1 = orbax_io.load_moe(path, "layers/1")
-    _assert_equal_dicts(orbax_io.module_state(layer1), orbax_io.module_state(model.layers[1]))
+    _assert_equal_dicts(tree, module_state(model))
+    layer1 = moe_from_module_checkpoint(path, "layers/1")
+    _assert_equal_dicts(module_state(layer1), module_state(model.layers[1]))
     with pytest.raises(ValueError, match="holds 2 MoE layers"):
-        orbax_io.load_moe(path)
+        moe_from_module_checkpoint(path)
 
 
-def test_convert_checkpoint_fused_unfused_exact(moe, tmp_path):
-    src = orbax_io.save_checkpoint(tmp_path / "unfused", moe)
-    fused = orbax_io.convert_checkpoint(src, tmp_path / "fused", fused=True)
-    tree, meta = orbax_io.load_checkpoint(fused)
+def test_convert_module_checkpoint_fused_unfused_exact(moe, tmp_path):
+    src = save_module_checkpoint(tmp_path / "unfused", moe)
+    fused = convert_module_checkpoint(src, tmp_path / "fused", fused=True)
+    tree, meta = load_module_checkpoint(fused)
     assert meta["layout"] == "fusedmoe_fused" and meta["configs"][""]["fused_moe_mlp"]
     assert tree["wi"].shape == (4, 8, 2, 6) and "wi_0" not in tree
     np.testing.assert_array_equal(tree["wi"][:, :, 1], np.asarray(moe.wi_1[...]))
-    back = orbax_io.convert_checkpoint(fused, tmp_path / "back", fused=False)
-    _assert_equal_dicts(orbax_io.load_checkpoint(back)[0], orbax_io.module_state(moe))
-    m_fused = orbax_io.load_moe(fused)
+    back = convert_module_checkpoint(fused, tmp_path / "back", fused=False)
+    _assert_equal_dicts(load_module_checkpoint(back)[0], module_state(moe))
+    m_fused = moe_from_module_checkpoint(fused)
     assert m_fused.config.fused_moe_mlp
     x = jax.random.normal(jax.random.key(0), (2, 3, 8))
     np.testing.assert_allclose(np.asarray(m_fused(x)[0]), np.asarray(moe(x)[0]), atol=1e-6)
 
 
 def test_save_creates_missing_parents_and_removes_them_on_failure(moe, tmp_path, monkeypatch):
-    path = orbax_io.save_checkpoint(tmp_path / "runs" / "a" / "step_1", moe)
-    assert (path / orbax_io.META_FILE).is_file()
+    path = save_module_checkpoint(tmp_path / "runs" / "a" / "step_1", moe)
+    assert (path / META_FILE).is_file()
     import orbax.checkpoint as ocp
 
     def boom(self, *a, **k):
@@ -200,20 +210,20 @@ def test_save_creates_missing_parents_and_removes_them_on_failure(moe, tmp_path,
 
     monkeypatch.setattr(ocp.StandardCheckpointer, "save", boom)
     with pytest.raises(OSError, match="disk full"):
-        orbax_io.save_checkpoint(tmp_path / "runs" / "b" / "c" / "step_1", moe)
+        save_module_checkpoint(tmp_path / "runs" / "b" / "c" / "step_1", moe)
     monkeypatch.undo()
     # The directories the failed save made are gone; the ones it found stay.
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["a"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
-        orbax_io.save_checkpoint(tmp_path / "file" / "ckpt", moe)
+        save_module_checkpoint(tmp_path / "file" / "ckpt", moe)
 
 
 def test_orbax_writes_are_atomic(moe, tmp_path, monkeypatch):
-    path = orbax_io.save_checkpoint(tmp_path / "ckpt", moe)
+    path = save_module_checkpoint(tmp_path / "ckpt", moe)
     before = sorted(p.name for p in path.rglob("*"))
     with pytest.raises(FileExistsError, match="already exists"):
-        orbax_io.save_checkpoint(path, moe)
+        save_module_checkpoint(path, moe)
     assert sorted(p.name for p in path.rglob("*")) == before
     # A failure in the middle of a write leaves neither the target nor a temp dir.
     import orbax.checkpoint as ocp
@@ -223,34 +233,35 @@ def test_orbax_writes_are_atomic(moe, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ocp.StandardCheckpointer, "save", boom)
     with pytest.raises(OSError, match="disk full"):
-        orbax_io.save_checkpoint(tmp_path / "new", moe)
+        save_module_checkpoint(tmp_path / "new", moe)
     with pytest.raises(OSError, match="disk full"):
-        orbax_io.save_checkpoint(path, moe, overwrite=True)
+        save_module_checkpoint(path, moe, overwrite=True)
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert sorted(p.name for p in path.rglob("*")) == before
     # A conversion that cannot be done writes nothing.
-    dense = orbax_io.save_checkpoint(tmp_path / "dense",
-                                     fusedmoe.MoE(FULL.replace(sparse_matmul=False),
-                                                  rngs=nnx.Rngs(0)))
+    dense = save_module_checkpoint(tmp_path / "dense",
+                                   fusedmoe.MoE(FULL.replace(sparse_matmul=False),
+                                                rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="fused_moe_mlp=True requires sparse_matmul"):
-        orbax_io.convert_checkpoint(dense, tmp_path / "dense_fused", fused=True)
+        convert_module_checkpoint(dense, tmp_path / "dense_fused", fused=True)
     assert not (tmp_path / "dense_fused").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "dense"]
 
 
 def test_orbax_bad_input(moe, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-        orbax_io.load_checkpoint(tmp_path / "nothing")
+        load_module_checkpoint(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="not a fusedmoe checkpoint"):
-        orbax_io.load_checkpoint(tmp_path / "empty")
-    path = orbax_io.save_checkpoint(tmp_path / "ckpt", moe)
+        load_module_checkpoint(tmp_path / "empty")
+    path = save_module_checkpoint(tmp_path / "ckpt", moe)
     smaller = fusedmoe.MoE(FULL.replace(mlp_dim=4), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"state \w*wi_0: shape \(\d.*6\) does not match"):
-        orbax_io.restore_module(path, smaller)
+        restore_module_checkpoint(path, smaller)
     with pytest.raises(ValueError, match="keys do not match"):
-        orbax_io.restore_module(path, fusedmoe.MoE(FULL.replace(mlp_bias=False), rngs=nnx.Rngs(0)))
+        restore_module_checkpoint(path, fusedmoe.MoE(FULL.replace(mlp_bias=False),
+                                                     rngs=nnx.Rngs(0)))
 
 
 # ----------------------------------------------------------------------------- HF without torch
@@ -388,11 +399,11 @@ def _listing(directory):
 def test_cli_hf_orbax_hf_round_trip(tmp_path, capsys):
     src, tensors = _write_hf(tmp_path, "deepseek_v3")
     assert cli.main(["convert", str(src), str(tmp_path / "ck"), "--unfused"]) == 0
-    tree, meta = orbax_io.load_checkpoint(tmp_path / "ck")
+    tree, meta = load_module_checkpoint(tmp_path / "ck")
     assert meta["layout"] == "fusedmoe_unfused" and meta["metadata"]["layers"] == [1, 2]
     assert sorted(tree["layers"]) == ["1", "2"]
     assert cli.main(["convert", str(tmp_path / "ck"), str(tmp_path / "ck_fused"), "--fused"]) == 0
-    m = orbax_io.load_moe(tmp_path / "ck_fused", "layers/2")
+    m = moe_from_module_checkpoint(tmp_path / "ck_fused", "layers/2")
     assert m.config.fused_moe_mlp and m.config.score_func == "sigmoid"
     # dst's missing parent directory is created.
     assert cli.main(["convert", str(tmp_path / "ck_fused"), str(tmp_path / "hf" / "back")]) == 0
@@ -406,7 +417,7 @@ def test_cli_hf_orbax_hf_round_trip(tmp_path, capsys):
     assert cli.main(["convert", str(tmp_path / "one"), str(tmp_path / "one_hf"), "--packed"]) == 0
     assert "model.layers.2.mlp.experts.gate_up_proj" in hf.SafetensorsDir(tmp_path / "one_hf")
     again = hf.load_moe_layer(tmp_path / "one_hf", 2)
-    _assert_equal_dicts(orbax_io.module_state(again), orbax_io.module_state(m))
+    _assert_equal_dicts(module_state(again), module_state(m))
     assert "wrote" in capsys.readouterr().out
 
 
@@ -468,7 +479,7 @@ def test_export_refuses_semantics_the_family_lacks(tmp_path, capsys):
         hf.export_moe_layer(sigmoid, "llama")
     plain = fusedmoe.MoE(sigmoid.config.replace(score_func="softmax"), rngs=nnx.Rngs(0))
     assert "model.layers.0.mlp.gate.weight" in hf.export_moe_layer(plain, "qwen3_moe")
-    orbax_io.save_checkpoint(tmp_path / "native", plain)
+    save_module_checkpoint(tmp_path / "native", plain)
     argv = ["convert", str(tmp_path / "native"), str(tmp_path / "hf")]
     assert cli.main(argv) == 2 and "records no model_type" in capsys.readouterr().err
     assert cli.main([*argv, "--model-type", "mixtral"]) == 2
@@ -498,8 +509,8 @@ def test_hf_sharded_checkpoint(tmp_path):
     for i, part in enumerate((names[::2], names[1::2])):
         save_file({n: tensors[n] for n in part},
                   str(sharded / f"model-0000{i + 1}-of-00002.safetensors"))
-    _assert_equal_dicts(orbax_io.module_state(hf.load_moe_layer(sharded, 1, fused_moe_mlp=False)),
-                        orbax_io.module_state(whole))
+    _assert_equal_dicts(module_state(hf.load_moe_layer(sharded, 1, fused_moe_mlp=False)),
+                        module_state(whole))
 
 
 def test_atomic_files_get_the_mode_open_would_give(tmp_path):

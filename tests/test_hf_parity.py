@@ -98,7 +98,7 @@ def _run_hf(block, x: np.ndarray) -> np.ndarray:
 
 
 def _state(moe):
-    from fusedmoe.checkpoint.orbax_io import module_state
+    from fusedmoe.checkpoint.module_checkpoint import module_state
 
     return module_state(moe)
 

@@ -23,7 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench-gmm": ("fusedmoe.bench.gmm_bench", "time each grouped-matmul backend vs dense GEMM"),
     "check": ("fusedmoe.check", "equivalence checks: fused vs unfused, each backend vs reference"),
     "convert": ("fusedmoe.checkpoint.convert_cli", "convert Hugging Face <-> orbax checkpoints"),
-    "train": ("fusedmoe.train", "train the small MoE language model"),
+    "train": ("fusedmoe.train.command", "train the small MoE language model"),
     "generate": ("fusedmoe.generate", "generate text from a trained checkpoint"),
     "cache": ("fusedmoe.cache_cli", "list, or clean, the compiled cpu_kernel builds on disk"),
 }

@@ -84,10 +84,10 @@ def load_model(run_dir: str, step: int | None = None):
     """``(model, config, step)`` from the latest (or given) finalized checkpoint."""
     from flax import nnx
 
-    from fusedmoe.checkpoint.training import restore
     from fusedmoe.model import MoEModel
+    from fusedmoe.train.resume import restore_run
 
-    state, config, step = restore(run_dir, step, params_only=True)
+    state, config, step = restore_run(run_dir, step, params_only=True)
     model = nnx.eval_shape(lambda: MoEModel(config.model, rngs=nnx.Rngs(0)))
     graphdef, abstract = nnx.split(model)
     abstract.replace_by_pure_dict(state["params"])
@@ -119,12 +119,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fusedmoe.checkpoint.training import finalized_steps
+    from fusedmoe.checkpoint.run_checkpoint import finalized_run_steps
     from fusedmoe.errors import UsageError
 
     if not os.path.isdir(args.run_dir):
         raise UsageError(f"run_dir: got {args.run_dir!r}, expected an existing run directory")
-    steps = finalized_steps(args.run_dir)
+    steps = finalized_run_steps(args.run_dir)
     if not steps:
         raise UsageError(f"run_dir: {args.run_dir!r} holds no finalized checkpoint, expected "
                          "the --out directory of a `fusedmoe train` run")

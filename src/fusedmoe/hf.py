@@ -589,7 +589,7 @@ def export_moe_layer(
     """``moe``'s tensors under the HF names of decoder layer ``layer`` of ``model_type``
     (per expert, as ``save_pretrained`` writes them, or v5 ``packed``). Refuses a layer
     whose routing or FFN ``model_type`` cannot express (:func:`check_exportable`)."""
-    from fusedmoe.checkpoint.orbax_io import module_state
+    from fusedmoe.checkpoint.module_checkpoint import module_state
 
     check_exportable(moe.config, model_type)
     return state_to_hf(module_state(moe), model_type, layer, packed=packed)

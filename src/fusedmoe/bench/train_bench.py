@@ -13,13 +13,16 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from fusedmoe.train.config import TrainConfig
 
-def compare(config, steps: int | None = None, out: str | None = None, *, warmup: int = 3,
-            verbose: bool = True) -> dict[str, Any]:
+
+def compare(config: TrainConfig, steps: int | None = None, out: str | None = None, *,
+            warmup: int = 3, verbose: bool = True) -> dict[str, Any]:
     """Run ``steps`` (default ``config.steps``) training steps of the fused and the
     unfused model, interleaved. Returns a dict with ``tokens_per_s`` (per layout,
     median over the steps after ``warmup``), ``ratio`` (fused / unfused) and the
@@ -27,20 +30,22 @@ def compare(config, steps: int | None = None, out: str | None = None, *, warmup:
     import jax
 
     from fusedmoe.atomic import write_json
-    from fusedmoe.checkpoint.training import convert_state
+    from fusedmoe.checkpoint.run_checkpoint import convert_run_state
     from fusedmoe.corpus import batch_at
-    from fusedmoe.train import get_trainer, make_schedule, plot_losses
+    from fusedmoe.train.plot import plot_losses
+    from fusedmoe.train.trainer import learning_rates, trainer_for
 
     steps = steps or config.steps
     if steps <= warmup:
         raise ValueError(f"steps: need more than warmup={warmup} steps to time, got {steps}")
     configs = {"fused": config.with_layout(fused=True),
                "unfused": config.with_layout(fused=False)}
-    trainers = {k: get_trainer(c) for k, c in configs.items()}
+    trainers = {k: trainer_for(c) for k, c in configs.items()}
     start = trainers["fused"].init_state(config.seed)
-    states = {"fused": start, "unfused": convert_state(start, fused=False)}
-    lrs = np.asarray(make_schedule(config.replace(steps=max(steps, config.steps)))(
-        np.arange(steps)), np.float32)
+    states = {"fused": start, "unfused": convert_run_state(start, fused=False)}
+    # A timing run shorter than the preset takes the first rates of the preset's
+    # schedule, not a schedule squeezed into its few steps.
+    lrs = learning_rates(config.replace(steps=max(steps, config.steps)))
     times: dict[str, list[float]] = {k: [] for k in configs}
     losses: dict[str, list[float]] = {k: [] for k in configs}
     order = list(configs)
@@ -91,7 +96,7 @@ def compare(config, steps: int | None = None, out: str | None = None, *, warmup:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fusedmoe.train import DEFAULT_PRESET, TrainConfig
+    from fusedmoe.train.config import DEFAULT_PRESET, TrainConfig
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default=DEFAULT_PRESET)

@@ -1,11 +1,12 @@
-"""``fusedmoe convert``: Hugging Face <-> orbax checkpoints of MoE layers.
+"""``fusedmoe convert``: Hugging Face <-> module checkpoints (orbax) of MoE layers.
 
     fusedmoe convert HF_DIR OUT [--layer N ...] [--fused | --unfused]
     fusedmoe convert CKPT OUT_HF [--packed] [--model-type T]
     fusedmoe convert CKPT OUT --fused | --unfused      (orbax -> orbax re-layout)
 
 The direction follows the source: a directory with ``config.json`` is a Hugging
-Face model, one with ``fusedmoe.json`` a fusedmoe (orbax) checkpoint; ``--to``
+Face model, one with ``fusedmoe.json`` a fusedmoe module checkpoint
+(:mod:`fusedmoe.checkpoint.module_checkpoint`); ``--to``
 overrides the target kind. Every input is checked before anything is written,
 and the output appears only when complete (a temporary directory next to it,
 renamed at the end); a failed conversion leaves nothing behind.
@@ -42,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _kind(path: Path) -> str:
-    from fusedmoe.checkpoint.orbax_io import META_FILE
+    from fusedmoe.checkpoint.module_checkpoint import META_FILE
 
     if not path.exists():
         raise UsageError(f"src: {path} does not exist")
@@ -85,11 +86,12 @@ def run(args: argparse.Namespace) -> int:
         if kind == "hf":
             written = _hf_to_orbax(src, dst, args)
         elif to == "orbax":
-            from fusedmoe.checkpoint.orbax_io import convert_checkpoint
+            from fusedmoe.checkpoint.module_checkpoint import convert_module_checkpoint
 
             if args.layer:
                 raise UsageError("--layer: orbax -> orbax converts the whole checkpoint")
-            written = convert_checkpoint(src, dst, fused=args.fused, overwrite=args.overwrite)
+            written = convert_module_checkpoint(src, dst, fused=args.fused,
+                                                overwrite=args.overwrite)
         else:
             written = _orbax_to_hf(src, dst, args)
     except (CheckpointError, FileNotFoundError, FileExistsError, KeyError, ValueError) as exc:
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _hf_to_orbax(src: Path, dst: Path, args) -> Path:
     from fusedmoe import hf
-    from fusedmoe.checkpoint.orbax_io import module_state, save_checkpoint
+    from fusedmoe.checkpoint.module_checkpoint import module_state, save_module_checkpoint
 
     hf_config = hf.read_hf_config(src)
     fused = True if args.fused is None else args.fused
@@ -110,8 +112,8 @@ def _hf_to_orbax(src: Path, dst: Path, args) -> Path:
     configs = {f"layers/{i}": m.config for i, m in layers.items()}
     metadata = {"source": "huggingface", "model_type": hf_config["model_type"],
                 "layers": sorted(layers), "hf_config": hf_config}
-    return save_checkpoint(dst, tree, configs=configs, metadata=metadata,
-                           overwrite=args.overwrite)
+    return save_module_checkpoint(dst, tree, configs=configs, metadata=metadata,
+                                  overwrite=args.overwrite)
 
 
 def _layer_index(key: str, args) -> int:
@@ -127,10 +129,10 @@ def _layer_index(key: str, args) -> int:
 
 def _orbax_to_hf(src: Path, dst: Path, args) -> Path:
     from fusedmoe import hf
-    from fusedmoe.checkpoint.orbax_io import load_checkpoint
+    from fusedmoe.checkpoint.module_checkpoint import load_module_checkpoint
     from fusedmoe.config import MoEConfig
 
-    tree, meta = load_checkpoint(src)
+    tree, meta = load_module_checkpoint(src)
     saved = meta.get("metadata", {})
     model_type = args.model_type or saved.get("model_type")
     if model_type is None:

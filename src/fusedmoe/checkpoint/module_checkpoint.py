@@ -1,6 +1,7 @@
-"""Save and restore module states with orbax; convert saved checkpoints fused <-> unfused.
+"""Module checkpoints: one module's state with its MoE configs, saved with orbax;
+restored into a module, rebuilt as a :class:`fusedmoe.MoE`, converted fused <-> unfused.
 
-A checkpoint is a directory::
+A module checkpoint is a directory::
 
     path/
       state/          the orbax checkpoint of the nested state dict
@@ -8,13 +9,16 @@ A checkpoint is a directory::
 
 ``configs`` maps the "/"-joined path of each :class:`fusedmoe.MoE` in the tree
 ("" for a lone layer, ``"layers/3"`` inside a model) to its :class:`MoEConfig`
-as a dict, so :func:`load_moe` can rebuild a layer without being told its shape.
+as a dict, so :func:`moe_from_module_checkpoint` can rebuild a layer without being told its shape.
 ``layout`` is ``fusedmoe_fused`` or ``fusedmoe_unfused`` (or ``none`` for a tree
 without MoE weights).
 
 Writes are atomic: everything goes into a temporary directory next to the
 target, which is renamed into place only when complete; a failure removes it
 and leaves nothing behind.
+
+(:mod:`fusedmoe.checkpoint.run_checkpoint` is the other checkpoint format: the
+steps of a training run, with the optimizer's state.)
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ def module_state(module) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- save / load
-def save_checkpoint(
+def save_module_checkpoint(
     path: str | os.PathLike,
     target,
     *,
@@ -80,8 +84,8 @@ def save_checkpoint(
     """Save ``target`` (an nnx module or a nested dict of arrays) to ``path``, atomically.
 
     For a module the MoE configs are found in it; for a dict pass ``configs``
-    (path -> :class:`MoEConfig`) to make :func:`load_moe` work. ``metadata`` is any
-    JSON-serialisable mapping kept beside the state.
+    (path -> :class:`MoEConfig`) to make :func:`moe_from_module_checkpoint` work.
+    ``metadata`` is any JSON-serialisable mapping kept beside the state.
     """
     import orbax.checkpoint as ocp
     from flax import nnx
@@ -116,8 +120,8 @@ def save_checkpoint(
     return path
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``fusedmoe.json`` of a checkpoint; a clear error for anything else."""
+def read_module_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``fusedmoe.json`` of a module checkpoint; a clear error for anything else."""
     path = Path(path)
     meta_file = path / META_FILE
     if not path.is_dir():
@@ -135,12 +139,12 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_module_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(state, metadata)``: the nested dict of numpy arrays, as saved, and the
     ``fusedmoe.json`` contents (``configs`` as dicts)."""
     import orbax.checkpoint as ocp
 
-    meta = read_metadata(path)
+    meta = read_module_checkpoint_meta(path)
     checkpointer = ocp.StandardCheckpointer()
     tree = checkpointer.restore(Path(path).absolute() / STATE_DIR)
     checkpointer.close()
@@ -156,18 +160,19 @@ def _subtree(tree: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return node
 
 
-def restore_module(path: str | os.PathLike, module) -> None:
-    """Load the checkpoint at ``path`` into ``module`` in place (fused or unfused
-    checkpoints both fit either kind of module)."""
-    tree, _ = load_checkpoint(path)
+def restore_module_checkpoint(path: str | os.PathLike, module) -> None:
+    """Load the module checkpoint at ``path`` into ``module`` in place (fused or
+    unfused checkpoints both fit either kind of module)."""
+    tree, _ = load_module_checkpoint(path)
     update_module(module, tree)
 
 
-def load_moe(path: str | os.PathLike, key: str | None = None, *, fused_moe_mlp: bool | None = None):
+def moe_from_module_checkpoint(path: str | os.PathLike, key: str | None = None, *,
+                               fused_moe_mlp: bool | None = None):
     """Rebuild the :class:`fusedmoe.MoE` saved at ``key`` ("" for a lone layer; may be
     omitted when the checkpoint holds one layer) from its saved config.
     ``fused_moe_mlp`` picks the layout of the result (default: as saved)."""
-    tree, meta = load_checkpoint(path)
+    tree, meta = load_module_checkpoint(path)
     configs = meta["configs"]
     if key is None:
         if len(configs) != 1:
@@ -186,20 +191,20 @@ def load_moe(path: str | os.PathLike, key: str | None = None, *, fused_moe_mlp: 
 
 
 # ----------------------------------------------------------------------------- conversion
-def convert_checkpoint(
+def convert_module_checkpoint(
     src: str | os.PathLike, dst: str | os.PathLike, *, fused: bool, overwrite: bool = False
 ) -> Path:
-    """Write a copy of checkpoint ``src`` at ``dst`` with every MoE layer fused
+    """Write a copy of module checkpoint ``src`` at ``dst`` with every MoE layer fused
     (``wi [G,K,2,N]``) or unfused (``wi_0``, ``wi_1``), bit-exact; the saved configs'
     ``fused_moe_mlp`` follows. Atomic; ``src`` is left as it is."""
     src, dst = Path(src).absolute(), Path(dst).absolute()
     if src == dst:
-        raise ValueError(f"convert_checkpoint: src and dst are the same path {src}")
+        raise ValueError(f"convert_module_checkpoint: src and dst are the same path {src}")
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst}: already exists; pass overwrite=True to replace it")
-    tree, meta = load_checkpoint(src)
+    tree, meta = load_module_checkpoint(src)
     configs = {k: MoEConfig.from_dict(v).replace(fused_moe_mlp=fused)
                for k, v in meta["configs"].items()}
     tree = fuse_state(tree) if fused else unfuse_state(tree)
-    return save_checkpoint(dst, tree, configs=configs, metadata=meta["metadata"],
+    return save_module_checkpoint(dst, tree, configs=configs, metadata=meta["metadata"],
                            overwrite=overwrite)

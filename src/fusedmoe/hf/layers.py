@@ -1,9 +1,8 @@
-"""Hugging Face MoE checkpoints -> :class:`fusedmoe.MoE`, and back.
+"""One MoE layer (or a few) in and out of Hugging Face checkpoints.
 
-:func:`load_moe_layer` reads ``config.json`` and the ``*.safetensors`` shards of
-a Hugging Face model directory (with :func:`safetensors.safe_open`; pickled
-``*.bin`` files are never read), builds the matching :class:`MoEConfig` and
-loads one decoder layer's MoE block. No torch or transformers needed.
+:func:`load_moe_layer` reads ``config.json`` and the safetensors shards of a
+Hugging Face model directory, builds the matching :class:`MoEConfig` and loads
+one decoder layer's MoE block. No torch or transformers needed.
 
 Families (``model_type``): ``mixtral``, ``qwen2_moe`` (shared expert with a
 sigmoid gate), ``qwen3_moe``, ``olmoe``, ``deepseek_v3`` (sigmoid scores,
@@ -23,7 +22,6 @@ naming the file and the tensor.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -36,302 +34,32 @@ from fusedmoe.checkpoint import layouts
 from fusedmoe.checkpoint.layouts import Layout
 from fusedmoe.config import MoEConfig
 from fusedmoe.errors import CheckpointError
+from fusedmoe.hf.config import (
+    _DTYPES,
+    check_layer,
+    moe_config,
+    moe_layer_indices,
+    read_hf_config,
+    refuse_quantized,
+)
+from fusedmoe.hf.families import Family, family_of
+from fusedmoe.hf.families import layer_prefix as _prefix
+from fusedmoe.hf.safetensors_io import SafetensorsDir
 
 
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """Where one model type keeps its MoE block's tensors."""
+def module_state(module) -> dict[str, Any]:
+    """``nnx.state(module)`` as a nested dict of numpy arrays (string keys)."""
+    import jax
+    from flax import nnx
 
-    model_type: str
-    router: str  # router module name in the block
-    expert_names: tuple[str, str, str]  # per-expert (gate, up, down) names
-    packed: Layout  # layout of the packed expert tensors
-    blocks: tuple[str, ...] = ("mlp",)  # block module names; the first is the canonical one
-    export_block: str = "mlp"  # block name save_pretrained writes
-    shared: str | None = None  # shared-expert module name
-    shared_gate: str | None = None  # shared-expert gate module name
+    def to_numpy(tree):
+        return {str(k): to_numpy(v) if isinstance(v, Mapping) else np.asarray(jax.device_get(v))
+                for k, v in tree.items()}
 
-
-FAMILIES: dict[str, Family] = {
-    f.model_type: f
-    for f in (
-        Family("mixtral", "gate", layouts.MIXTRAL_NAMES, Layout.HF_PACKED,
-               blocks=("mlp", "block_sparse_moe"), export_block="block_sparse_moe"),
-        Family("qwen2_moe", "gate", layouts.HF_PROJ_NAMES, Layout.HF_PACKED,
-               shared="shared_expert", shared_gate="shared_expert_gate"),
-        Family("qwen3_moe", "gate", layouts.HF_PROJ_NAMES, Layout.HF_PACKED),
-        Family("olmoe", "gate", layouts.HF_PROJ_NAMES, Layout.HF_PACKED),
-        Family("deepseek_v3", "gate", layouts.HF_PROJ_NAMES, Layout.HF_PACKED,
-               shared="shared_experts"),
-        Family("gpt_oss", "router", layouts.HF_PROJ_NAMES, Layout.GPT_OSS),
-    )
-}
-SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
-
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu",
-                "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
-_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-
-
-# ----------------------------------------------------------------------------- config.json
-def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
-    """``config.json`` of a model directory, with a clear error for anything else."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory (expected a Hugging Face model directory)")
-    file = path / "config.json"
-    if not file.is_file():
-        raise CheckpointError(f"{path}: not a Hugging Face model directory (no config.json)")
-    try:
-        cfg = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
-    return cfg
-
-
-def family_of(hf_config: Mapping[str, Any], where: str = "config.json") -> Family:
-    model_type = hf_config.get("model_type")
-    if model_type not in FAMILIES:
-        raise CheckpointError(
-            f"{where}: unsupported model_type {model_type!r}; supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    return FAMILIES[model_type]
-
-
-def _field(cfg: Mapping[str, Any], *names: str, default: Any = None, where="config.json"):
-    for name in names:
-        if cfg.get(name) is not None:
-            return cfg[name]
-    if default is None:
-        raise CheckpointError(f"{where}: missing field {names[0]!r} (model_type "
-                              f"{cfg.get('model_type')!r})")
-    return default
-
-
-def num_layers(hf_config: Mapping[str, Any]) -> int:
-    return int(_field(hf_config, "num_hidden_layers"))
-
-
-def moe_layer_indices(hf_config: Mapping[str, Any]) -> list[int]:
-    """The decoder layers whose MLP is an MoE block (the rest are dense)."""
-    fam = family_of(hf_config)
-    n = num_layers(hf_config)
-    if fam.model_type in ("qwen2_moe", "qwen3_moe"):
-        dense = set(hf_config.get("mlp_only_layers") or [])
-        step = int(hf_config.get("decoder_sparse_step") or 1)
-        experts = int(_field(hf_config, "num_experts", "num_local_experts"))
-        return [i for i in range(n) if i not in dense and experts > 0 and (i + 1) % step == 0]
-    if fam.model_type == "deepseek_v3":
-        first = int(hf_config.get("first_k_dense_replace") or 0)
-        return list(range(first, n))
-    return list(range(n))
-
-
-def check_layer(hf_config: Mapping[str, Any], layer: int, where: str = "config.json") -> None:
-    """A clear error unless decoder layer ``layer`` exists and has an MoE block."""
-    if not isinstance(layer, int) or isinstance(layer, bool):
-        raise TypeError(f"layer: expected an int, got {layer!r}")
-    n = num_layers(hf_config)
-    if not 0 <= layer < n:
-        raise CheckpointError(
-            f"{where}: layer {layer} is past the model: num_hidden_layers={n} "
-            f"(valid: 0..{n - 1})"
-        )
-    moe = moe_layer_indices(hf_config)
-    if layer not in moe:
-        why = ""
-        if hf_config.get("model_type") == "deepseek_v3":
-            why = f" (first_k_dense_replace={hf_config.get('first_k_dense_replace')})"
-        raise CheckpointError(
-            f"{where}: layer {layer} is a dense MLP layer, not an MoE block{why}; MoE layers: "
-            f"{_ranges(moe)}"
-        )
-
-
-def _ranges(idx: list[int]) -> str:
-    if not idx:
-        return "none"
-    if idx == list(range(idx[0], idx[-1] + 1)) and len(idx) > 2:
-        return f"{idx[0]}..{idx[-1]}"
-    return ", ".join(map(str, idx))
-
-
-def moe_config(
-    hf_config: Mapping[str, Any], *, fused_moe_mlp: bool = True, weight_dtype: str | None = None,
-    **overrides: Any,
-) -> MoEConfig:
-    """The :class:`MoEConfig` of a Hugging Face config (``config.json`` as a dict).
-
-    ``weight_dtype`` defaults to the config's ``dtype``/``torch_dtype`` (float32 when
-    absent); ``dtype`` (compute) defaults to the same. ``overrides`` set any other field.
-    """
-    fam = family_of(hf_config)
-    c = hf_config
-    dtype = weight_dtype or _config_dtype(c)
-    values: dict[str, Any] = dict(
-        emb_dim=int(_field(c, "hidden_size")),
-        num_experts_per_tok=int(_field(c, "num_experts_per_tok")),
-        fused_moe_mlp=fused_moe_mlp,
-        sparse_matmul=True,
-        weight_dtype=dtype,
-        dtype=dtype,
-    )
-    act = c.get("hidden_act", "silu")
-    if fam.model_type != "gpt_oss":
-        if act not in _ACTIVATIONS:
-            raise CheckpointError(
-                f"config.json: hidden_act {act!r} is not supported; expected one of "
-                f"{sorted(_ACTIVATIONS)}"
-            )
-        values["mlp_activations"] = _ACTIVATIONS[act]
-    t = fam.model_type
-    if t == "mixtral":
-        values.update(num_experts=int(_field(c, "num_local_experts", "num_experts")),
-                      mlp_dim=int(_field(c, "intermediate_size")), norm_topk_prob=True)
-    elif t in ("qwen2_moe", "qwen3_moe"):
-        values.update(num_experts=int(_field(c, "num_experts", "num_local_experts")),
-                      mlp_dim=int(_field(c, "moe_intermediate_size")),
-                      norm_topk_prob=bool(c.get("norm_topk_prob", False)))
-        if t == "qwen2_moe":
-            values.update(shared_experts=1, shared_expert_gate=True,
-                          shared_expert_mlp_dim=int(_field(c, "shared_expert_intermediate_size")))
-    elif t == "olmoe":
-        values.update(num_experts=int(_field(c, "num_experts", "num_local_experts")),
-                      mlp_dim=int(_field(c, "intermediate_size")),
-                      norm_topk_prob=bool(c.get("norm_topk_prob", False)))
-    elif t == "deepseek_v3":
-        n = int(_field(c, "moe_intermediate_size"))
-        shared = int(c.get("n_shared_experts") or 0)
-        values.update(
-            num_experts=int(_field(c, "n_routed_experts", "num_local_experts")),
-            mlp_dim=n, score_func="sigmoid", routing_selection_bias=True,
-            norm_topk_prob=bool(c.get("norm_topk_prob", True)),
-            routed_scaling_factor=float(c.get("routed_scaling_factor", 1.0)),
-            n_routing_groups=int(c.get("n_group") or 1),
-            topk_routing_group=int(c.get("topk_group") or 1),
-            shared_experts=shared, shared_expert_mlp_dim=n * shared,
-        )
-    elif t == "gpt_oss":
-        values.update(
-            num_experts=int(_field(c, "num_local_experts", "num_experts")),
-            mlp_dim=int(_field(c, "intermediate_size")),
-            softmax_after_topk=True, router_bias=True, mlp_bias=True,
-            mlp_activations="clamped_swiglu",
-            swiglu_alpha=float(c.get("swiglu_alpha", 1.702)),
-            swiglu_limit=float(c.get("swiglu_limit", 7.0)),
-        )
-    values.update(overrides)
-    return MoEConfig(**values)
-
-
-_HF_ACTIVATION = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
-
-
-def hf_config_for(cfg: MoEConfig, model_type: str, layers: list[int]) -> dict[str, Any]:
-    """A ``config.json`` (as a dict) that describes MoE layers of ``cfg`` at decoder
-    layers ``layers`` of a ``model_type`` model: the inverse of :func:`moe_config`,
-    which reads it back as ``cfg``'s routing and FFN.
-
-    It holds the fields of the MoE blocks only (no attention, vocabulary or norms):
-    enough for :func:`load_moe_layers` and ``fusedmoe convert``, and a start for a
-    whole model's config. The layer fields place ``layers`` among the MoE layers:
-    ``num_hidden_layers`` ends at the last one; Qwen lists the others in
-    ``mlp_only_layers``, DeepSeek-V3 starts its MoE layers at the first one.
-    Refuses what ``model_type`` cannot express (:func:`check_exportable`)."""
-    check_exportable(cfg, model_type)
-    if not layers or any(not isinstance(i, int) or i < 0 for i in layers):
-        raise ValueError(f"layers: expected decoder layer indices >= 0, got {layers!r}")
-    out: dict[str, Any] = dict(
-        model_type=model_type, hidden_size=cfg.emb_dim, num_hidden_layers=max(layers) + 1,
-        num_experts_per_tok=cfg.num_experts_per_tok, dtype=cfg.weight_dtype,
-        fusedmoe_note="MoE blocks only: written by fusedmoe from a native checkpoint",
-    )
-    if model_type != "gpt_oss":
-        out["hidden_act"] = _HF_ACTIVATION[cfg.mlp_activations]
-    g, n = cfg.num_experts, cfg.mlp_dim
-    if model_type == "mixtral":
-        out.update(num_local_experts=g, intermediate_size=n)
-    elif model_type in ("qwen2_moe", "qwen3_moe"):
-        out.update(num_experts=g, moe_intermediate_size=n, norm_topk_prob=cfg.norm_topk_prob,
-                   decoder_sparse_step=1,
-                   mlp_only_layers=[i for i in range(max(layers)) if i not in layers])
-        if model_type == "qwen2_moe":
-            out["shared_expert_intermediate_size"] = cfg.shared_mlp_dim
-    elif model_type == "olmoe":
-        out.update(num_experts=g, intermediate_size=n, norm_topk_prob=cfg.norm_topk_prob)
-    elif model_type == "deepseek_v3":
-        out.update(n_routed_experts=g, moe_intermediate_size=n,
-                   n_shared_experts=cfg.shared_mlp_dim // n, norm_topk_prob=cfg.norm_topk_prob,
-                   routed_scaling_factor=cfg.routed_scaling_factor, n_group=cfg.n_routing_groups,
-                   topk_group=cfg.topk_routing_group, first_k_dense_replace=min(layers),
-                   scoring_func="sigmoid", topk_method="noaux_tc")
-    elif model_type == "gpt_oss":
-        out.update(num_local_experts=g, intermediate_size=n, swiglu_limit=cfg.swiglu_limit,
-                   swiglu_alpha=cfg.swiglu_alpha)
-    return out
-
-
-def _config_dtype(c: Mapping[str, Any]) -> str:
-    d = c.get("dtype") or c.get("torch_dtype") or "float32"
-    return d if d in ("float32", "bfloat16", "float16") else "float32"
-
-
-# ----------------------------------------------------------------------------- safetensors
-class SafetensorsDir:
-    """The tensors of a directory's ``*.safetensors`` shards by name (lazy: shapes are
-    read from headers; data only on :meth:`get`)."""
-
-    def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
-
-        self.path = Path(path)
-        files = sorted(self.path.glob("*.safetensors"))
-        if not files:
-            extra = ""
-            if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")):
-                extra = " (pickled *.bin/*.pt weights are not read; convert them to safetensors)"
-            raise CheckpointError(f"{self.path}: no *.safetensors files{extra}")
-        self._open = safe_open
-        self.file_of: dict[str, Path] = {}
-        self._info: dict[str, tuple[tuple[int, ...], str]] = {}
-        for f in files:
-            try:
-                with safe_open(f, framework="np") as sf:
-                    for name in sf.keys():  # noqa: SIM118 (not iterable)
-                        sl = sf.get_slice(name)
-                        self.file_of[name] = f
-                        self._info[name] = (tuple(sl.get_shape()), sl.get_dtype())
-            except Exception as exc:  # a corrupt or truncated shard
-                raise CheckpointError(f"{f}: cannot read safetensors header ({exc})") from None
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.file_of
-
-    def names(self, prefix: str = "") -> list[str]:
-        return sorted(n for n in self.file_of if n.startswith(prefix))
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._info[name][0]
-
-    def dtype(self, name: str) -> str:
-        return self._info[name][1]
-
-    def where(self, name: str) -> str:
-        return self.file_of[name].name if name in self.file_of else "no shard"
-
-    def get(self, name: str) -> np.ndarray:
-        with self._open(self.file_of[name], framework="np") as sf:
-            return sf.get_tensor(name)
+    return to_numpy(nnx.state(module).to_pure_dict())
 
 
 # ----------------------------------------------------------------------------- names
-def _prefix(layer: int, block: str) -> str:
-    return f"model.layers.{layer}.{block}."
-
-
 def expected_tensors(
     family: Family, cfg: MoEConfig, layer: int, *, packed: bool, block: str | None = None
 ) -> dict[str, tuple[int, ...]]:
@@ -538,6 +266,7 @@ def load_moe_layer(
     hf_config = read_hf_config(path)
     where = f"{path}/config.json"
     family_of(hf_config, where)
+    refuse_quantized(hf_config, where)
     check_layer(hf_config, layer, where)
     cfg = moe_config(hf_config, fused_moe_mlp=fused_moe_mlp, **overrides)
     tensors, family, block, packed = read_layer_tensors(path, layer, cfg, hf_config=hf_config)
@@ -589,8 +318,6 @@ def export_moe_layer(
     """``moe``'s tensors under the HF names of decoder layer ``layer`` of ``model_type``
     (per expert, as ``save_pretrained`` writes them, or v5 ``packed``). Refuses a layer
     whose routing or FFN ``model_type`` cannot express (:func:`check_exportable`)."""
-    from fusedmoe.checkpoint.module_checkpoint import module_state
-
     check_exportable(moe.config, model_type)
     return state_to_hf(module_state(moe), model_type, layer, packed=packed)
 
@@ -625,6 +352,7 @@ def load_moe_layers(
     hf_config = read_hf_config(path)
     where = f"{path}/config.json"
     family_of(hf_config, where)
+    refuse_quantized(hf_config, where)
     layers = moe_layer_indices(hf_config) if layers is None else list(layers)
     for i in layers:
         check_layer(hf_config, i, where)

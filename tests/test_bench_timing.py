@@ -80,6 +80,21 @@ def test_skip_reasons_name_the_failure_and_a_failed_reference():
         "tiled": "dense reference did not run: RESOURCE_EXHAUSTED: Out of memory"}
 
 
+def test_skip_reasons_keep_the_ratios_while_one_reference_ran():
+    # XLA's dense GEMM ran out of memory, torch's ran: the rows still have a
+    # limit to compare with, and the failed reference is no row of its own.
+    from fusedmoe.bench.timing import Timing, skip_reasons
+
+    oom = MemoryError("RESOURCE_EXHAUSTED: Out of memory")
+    timed = {"dense_torch": Timing((1.0,), 1.0), "tiled": Timing((2.0,), 2.0)}
+    references = ("dense", "dense_torch")
+    assert skip_reasons({"dense": oom}, timed, references) == {}
+    both_failed = skip_reasons({"dense": oom, "dense_torch": oom},
+                               {"tiled": Timing((2.0,), 2.0)}, references)
+    assert both_failed == {
+        "tiled": "dense reference did not run: RESOURCE_EXHAUSTED: Out of memory"}
+
+
 def _fault_counter(monkeypatch, faults_per_call: list[int]):
     """Make every timed function fault in ``faults_per_call[i]`` pages on its
     i-th call overall (0 past the list); return the call log."""

@@ -8,143 +8,110 @@ one process, after a warm-up, the median of several runs of:
   ``x @ w``, ``dout @ w.T``, ``x.T @ dout``.
 
 and prints the ratio to dense (1.0 = as fast as the dense GEMM, the physical
-limit). ``--json PATH`` writes every row. Where the run includes f32 cases
-at the default shape on a CPU, it ends with which backends meet the CPU
-targets (``TARGETS``: forward at most 1.15x, forward+backward at most 1.3x).
+limit). The dense GEMMs are timed in XLA and, where torch imports, in torch
+too, in the same rounds; the ratio is to the faster of the two, named in the
+output, with XLA's kept as a second column (:mod:`fusedmoe.bench.dense`).
+``--json PATH`` writes every row. Where the run includes f32 cases at the
+default shape on a CPU, it ends with which backends meet the CPU targets
+(``TARGETS``: forward at most 1.15x, forward+backward at most 1.3x XLA's
+dense GEMM).
 
-A backend that runs out of memory in a case (``RESOURCE_EXHAUSTED``, e.g.
+Options, the environment record, the JSON file and which backends are skipped
+(:mod:`fusedmoe.bench.skips`) are shared with ``fusedmoe bench``. A backend
+that runs out of memory in a case (``RESOURCE_EXHAUSTED``, e.g.
 ``ragged_dot``'s dense expansion at G=64 on a GPU) gets a skipped row with the
-error's first line, and the run goes on (as ``fusedmoe bench`` does).
-
-Backends that lower to a masked dense product on this platform (``ragged_dot``,
-``tokamax`` off GPU/TPU) cost about G times dense; they are skipped at more
-than ``--dense-expansion-max-groups`` groups (default 8) so the default run
-takes a few minutes. ``megablox`` runs compiled on TPU only; elsewhere it is
-benchmarked only when asked for and at ``--quick`` sizes (interpret mode).
+error's first line, and the run goes on.
 
     python -m fusedmoe.bench.gmm_bench --quick
-    fusedmoe bench-gmm --backend tiled --groups 64 --dtype f32 --json out.json
+    fusedmoe bench-gmm --backend auto,tiled --groups 64 --dtype f32 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import sys
+from typing import Any
 
-from fusedmoe.atomic import write_json
+from fusedmoe.bench import options
 
-DEFAULT_BACKENDS = "tiled,cpu_kernel,ragged_dot,tokamax"
-DTYPES = {"f32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+DEFAULT_GROUPS = (8, 64)
+DEFAULT_DTYPES = ("float32", "bfloat16")
 DISTS = ("balanced", "skewed")
 MODES = ("fwd", "fwdbwd")
 FULL = {"m": 4096, "k": 1024, "n": 2048}
 QUICK = {"m": 512, "k": 256, "n": 512}
-# Above this many multiply-adds megablox (interpreted off TPU) takes minutes.
-MEGABLOX_INTERPRET_MAX = QUICK["m"] * QUICK["k"] * QUICK["n"]
-DENSE_EXPANSION = ("ragged_dot", "tokamax")
-# The CPU speed targets (issue #2): time / dense of equal FLOPs, f32 at the
-# FULL shape, forward and forward+backward (docs/backends.md, "Targets").
+# The CPU speed targets (issue #2): time / XLA's dense GEMM of equal FLOPs, f32
+# at the FULL shape, forward and forward+backward (docs/backends.md, "Targets").
 TARGETS = {"fwd": 1.15, "fwdbwd": 1.3}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--m", type=str, default=None, help=f"rows (default {FULL['m']})")
-    parser.add_argument("--k", type=str, default=None, help=f"inner dim (default {FULL['k']})")
-    parser.add_argument("--n", type=str, default=None, help=f"output dim (default {FULL['n']})")
-    parser.add_argument("--groups", default="8,64", help="comma list of G (default 8,64)")
-    parser.add_argument("--dtype", default="f32,bf16", help="comma list of f32, bf16")
-    parser.add_argument("--dist", default="balanced,skewed", help="comma list of balanced, skewed")
-    parser.add_argument("--mode", default="fwd,fwdbwd", help="comma list of fwd, fwdbwd")
-    parser.add_argument(
-        "--backend",
-        default=DEFAULT_BACKENDS,
-        help=f"comma list of backends (default {DEFAULT_BACKENDS}; also megablox, auto)",
-    )
-    parser.add_argument("--repeats", type=str, default="5", help="timed runs per case (median)")
-    parser.add_argument(
-        "--alpha", type=str, default="0.3", help="Dirichlet alpha of skewed group sizes"
-    )
-    parser.add_argument("--seed", type=str, default="0", help="seed of data and skewed sizes")
-    parser.add_argument(
-        "--dense-expansion-max-groups",
-        type=str,
-        default="8",
-        help="skip ragged_dot/tokamax (G x dense off TPU/GPU) above this G (default 8)",
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help=f"small shapes {QUICK} (seconds, for smoke tests)"
-    )
-    parser.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
+    for dim in ("m", "k", "n"):
+        what = {"m": "rows", "k": "inner dim", "n": "output dim"}[dim]
+        parser.add_argument(f"--{dim}", default=None,
+                            help=f"{what} (default {FULL[dim]}; {QUICK[dim]} with --quick)")
+    options.add_list_option(parser, "--groups", metavar="G",
+                            help="group counts G (default 8,64)")
+    options.add_list_option(parser, "--dist", metavar="DIST",
+                            help="group-size distributions: balanced, skewed (default both)")
+    options.add_list_option(parser, "--mode", metavar="MODE",
+                            help="fwd (forward), fwdbwd (forward+backward) (default both)")
+    options.add_shared_arguments(parser, default_dtypes="float32,bfloat16", default_repeats=5)
+    parser.add_argument("--alpha", default="0.3", help="Dirichlet alpha of skewed group sizes")
+    parser.add_argument("--seed", default="0", help="seed of data and skewed sizes")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small shapes {QUICK} (seconds, for smoke tests)")
 
 
-# --------------------------------------------------------------------------- option parsing
+# --------------------------------------------------------------------------- options
 
 
-def _usage(option: str, got, expected: str):
-    from fusedmoe.errors import UsageError
+@dataclasses.dataclass(frozen=True)
+class GmmPlan:
+    """Every setting of a run, checked (:func:`plan_from_args`)."""
 
-    return UsageError(f"{option}: got {got!r}, expected {expected}")
+    m: int
+    k: int
+    n: int
+    groups: tuple[int, ...]
+    dtypes: tuple[str, ...]
+    dists: tuple[str, ...]
+    modes: tuple[str, ...]
+    backends: tuple[str, ...]
+    named_backends: frozenset[str]  # given with --backend (empty: the default list)
+    repeats: int
+    alpha: float
+    seed: int
+    max_expanded_groups: int | None
+    json_path: str | None
 
-
-def _int(option: str, text, minimum: int = 1) -> int:
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        raise _usage(option, text, f"an integer >= {minimum}") from None
-    if value < minimum:
-        raise _usage(option, text, f"an integer >= {minimum}")
-    return value
-
-
-def _float(option: str, text) -> float:
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        raise _usage(option, text, "a positive number") from None
-    if not value > 0:
-        raise _usage(option, text, "a positive number")
-    return value
+    def as_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "named_backends": sorted(self.named_backends)}
 
 
-def _choices(option: str, text: str, valid) -> list[str]:
-    items = [t.strip() for t in str(text).split(",") if t.strip()]
-    bad = [t for t in items if t not in valid]
-    if not items or bad:
-        raise _usage(option, text, f"a comma list of {', '.join(valid)}")
-    return list(dict.fromkeys(items))
-
-
-def parse_options(args) -> dict:
-    """Validated settings from parsed ``args``; raises ``UsageError``."""
-    from fusedmoe.grouped_matmul import backend_names
-
+def plan_from_args(args) -> GmmPlan:
+    """Every option checked before any work; raises ``UsageError``."""
     base = QUICK if args.quick else FULL
-    opts = {
-        dim: _int(f"--{dim}", base[dim] if getattr(args, dim) is None else getattr(args, dim))
-        for dim in ("m", "k", "n")
-    }
-    groups = [
-        _int("--groups", g) for g in str(args.groups).split(",") if g.strip()
-    ] or [_int("--groups", args.groups)]
-    opts["groups"] = list(dict.fromkeys(groups))
-    opts["dtypes"] = [DTYPES[d] for d in _choices("--dtype", args.dtype, list(DTYPES))]
-    opts["dists"] = _choices("--dist", args.dist, DISTS)
-    opts["modes"] = _choices("--mode", args.mode, MODES)
-    opts["backends"] = _choices("--backend", args.backend, backend_names())
-    opts["explicit_backends"] = args.backend != DEFAULT_BACKENDS
-    opts["repeats"] = _int("--repeats", args.repeats)
-    opts["alpha"] = _float("--alpha", args.alpha)
-    opts["seed"] = _int("--seed", args.seed, minimum=0)
-    opts["dense_expansion_max_groups"] = _int(
-        "--dense-expansion-max-groups", args.dense_expansion_max_groups
+    dims = {dim: options.positive_int(f"--{dim}", base[dim] if getattr(args, dim) is None
+                                      else getattr(args, dim))
+            for dim in ("m", "k", "n")}
+    backends = options.backends(args.backend)
+    return GmmPlan(
+        **dims,
+        groups=options.positive_ints("--groups", args.groups, DEFAULT_GROUPS),
+        dtypes=options.dtypes(args.dtype, DEFAULT_DTYPES),
+        dists=options.choices("--dist", args.dist, DISTS, default=DISTS, what="distribution"),
+        modes=options.choices("--mode", args.mode, MODES, default=MODES, what="mode"),
+        backends=backends,
+        named_backends=frozenset(backends if args.backend else ()),
+        repeats=options.positive_int("--repeats", args.repeats),
+        alpha=options.positive_float("--alpha", args.alpha),
+        seed=options.positive_int("--seed", args.seed, minimum=0),
+        max_expanded_groups=options.optional_positive_int(
+            "--dense-expansion-max-groups", args.dense_expansion_max_groups),
+        json_path=options.output_path("--json", args.json, "JSON"),
     )
-    if args.json is not None:
-        parent = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(parent):
-            raise _usage("--json", args.json, "a path in an existing directory")
-    opts["json"] = args.json
-    return opts
 
 
 # --------------------------------------------------------------------------- cases
@@ -165,34 +132,30 @@ def group_sizes(m: int, g: int, dist: str, alpha: float, seed: int):
     return sizes.astype(np.int32)
 
 
-def skip_reason(backend: str, g: int, opts: dict, platform: str, dtype=None) -> str | None:
-    """Why ``backend`` is not timed at ``g`` groups on ``dtype`` inputs here, or None."""
-    from fusedmoe.grouped_matmul import available_backends
-    from fusedmoe.grouped_matmul.registry import auto_backend
-
-    name = auto_backend(platform, dtype) if backend == "auto" else backend
-    reason = available_backends()[name]
-    if reason is not None:
-        return reason
-    if name == "megablox" and platform != "tpu":
-        if "megablox" not in opts["backends"] or not opts["explicit_backends"]:
-            return "off TPU megablox runs in Pallas interpret mode; ask for it with --backend"
-        if opts["m"] * opts["k"] * opts["n"] > MEGABLOX_INTERPRET_MAX:
-            return "off TPU megablox runs in Pallas interpret mode; use --quick sizes"
-    expands = name == "ragged_dot" and platform != "tpu"
-    expands |= name == "tokamax" and platform == "cpu"
-    if expands and g > opts["dense_expansion_max_groups"]:
-        return (
-            f"a masked dense product on {platform}, ~G x dense; "
-            f"raise --dense-expansion-max-groups (now {opts['dense_expansion_max_groups']})"
-        )
-    return None
+def dense_forward(x, w):
+    """The dense GEMM of ``gmm``'s FLOPs: ``[M, K] @ [K, N]``. Written with ``@``
+    and ``.T`` only, so it runs on jax arrays and torch tensors alike."""
+    return x @ w
 
 
-def _programs(backend: str, dtype):
-    """jitted (forward, forward+backward) for ``backend`` and the dense references."""
+def dense_forward_backward(x, w, d):
+    """The three dense GEMMs of ``gmm``'s forward and backward: out, dX, dW."""
+    return x @ w, d @ w.T, x.T @ d
+
+
+DENSE = {"fwd": dense_forward, "fwdbwd": dense_forward_backward}
+
+
+def _dense_programs():
+    """XLA's (forward, forward+backward) dense programs, jitted (benchmarks/ uses them)."""
     import jax
-    import jax.numpy as jnp
+
+    return jax.jit(dense_forward), jax.jit(dense_forward_backward)
+
+
+def _programs(backend: str):
+    """jitted (forward, forward+backward) of ``backend``'s grouped matmul."""
+    import jax
 
     import fusedmoe
 
@@ -204,25 +167,64 @@ def _programs(backend: str, dtype):
         dx, dw = vjp(d)
         return out, dx, dw
 
-    del jnp, dtype
     return jax.jit(fwd), jax.jit(fwdbwd)
 
 
-def _dense_programs():
-    import jax
-
-    return (
-        jax.jit(lambda x, w: x @ w),
-        jax.jit(lambda x, w, d: (x @ w, d @ w.T, x.T @ d)),
-    )
-
-
-def run_cases(opts: dict, log=print) -> list[dict]:
-    """Time every case; one row per (backend, mode, dtype, G, dist)."""
+def _inputs(plan: GmmPlan, dtype_name: str, g: int) -> dict[str, Any]:
+    """The case's arrays: x ``[M, K]``, w ``[G, K, N]``, dout ``[M, N]``."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    dtype = jnp.dtype(dtype_name)
+    kx, kw, kd = jax.random.split(jax.random.fold_in(jax.random.key(plan.seed), g), 3)
+    w = jax.random.normal(kw, (g, plan.k, plan.n), jnp.float32) / np.sqrt(plan.k)
+    return {"x": jax.random.normal(kx, (plan.m, plan.k), dtype), "w": w.astype(dtype),
+            "d": jax.random.normal(kd, (plan.m, plan.n), dtype)}
+
+
+def run_cases(plan: GmmPlan, log=print) -> list[dict]:
+    """Time every case; one row per (backend, mode, dtype, G, dist), each passed
+    to ``log`` as it is made."""
+    import jax
+    import jax.numpy as jnp
+
+    from fusedmoe.bench import dense
+    from fusedmoe.bench.skips import SkipRules
+    from fusedmoe.bench.timing import dense_flops
+
+    platform = jax.default_backend()
+    rules = SkipRules(platform, plan.named_backends, plan.max_expanded_groups)
+    rows: list[dict] = []
+    for dtype_name in plan.dtypes:
+        for g in plan.groups:
+            arrays = _inputs(plan, dtype_name, g)
+            x, w, d = arrays["x"], arrays["w"], arrays["d"]
+            dense_args = {"fwd": (x, w[0]), "fwdbwd": (x, w[0], d)}
+            references = {mode: dense.candidates(DENSE[mode], dense_args[mode], platform)
+                          for mode in plan.modes}
+            flops = dense_flops(plan.m, plan.k, plan.n)
+            skipped = {b: rules.reason(b, dtype_name, g, flops) for b in plan.backends}
+            for dist in plan.dists:
+                sizes = group_sizes(plan.m, g, dist, plan.alpha, plan.seed)
+                gs = jnp.asarray(sizes)
+                for mode in plan.modes:
+                    common = {"mode": mode, "dtype": dtype_name, "groups": g, "dist": dist,
+                              "m": plan.m, "k": plan.k, "n": plan.n, "platform": platform,
+                              "group_sizes": sizes.tolist()}
+                    args = (x, w, gs) if mode == "fwd" else (x, w, d, gs)
+                    for row in _time_case(plan, rules, common, args, references[mode],
+                                          skipped):
+                        rows.append(row)
+                        log(row)
+    return rows
+
+
+def _time_case(plan: GmmPlan, rules, common: dict, args: tuple, references: dict,
+               skipped: dict[str, str | None]) -> list[dict]:
+    """The rows of one case: every backend not ``skipped`` timed round-robin with
+    the dense ``references`` (:func:`fusedmoe.bench.timing.time_side_by_side`)."""
+    from fusedmoe.bench import dense
     from fusedmoe.bench.timing import (
         dense_flops,
         paired_ratio,
@@ -231,106 +233,82 @@ def run_cases(opts: dict, log=print) -> list[dict]:
         time_side_by_side,
     )
 
-    platform = jax.default_backend()
-    m, k, n = opts["m"], opts["k"], opts["n"]
-    dense_fwd, dense_fwdbwd = _dense_programs()
-    rows: list[dict] = []
-    key = jax.random.key(opts["seed"])
-    for dtype_name in opts["dtypes"]:
-        dtype = jnp.dtype(dtype_name)
-        for g in opts["groups"]:
-            kx, kw, kd = jax.random.split(jax.random.fold_in(key, g), 3)
-            x = jax.random.normal(kx, (m, k), dtype)
-            w = (jax.random.normal(kw, (g, k, n), jnp.float32) / np.sqrt(k)).astype(dtype)
-            d = jax.random.normal(kd, (m, n), dtype)
-            w0 = w[0]
-            for dist in opts["dists"]:
-                sizes = group_sizes(m, g, dist, opts["alpha"], opts["seed"])
-                gs = jnp.asarray(sizes)
-                for mode in opts["modes"]:
-                    flops = dense_flops(m, k, n) * (1 if mode == "fwd" else 3)
-                    if mode == "fwd":
-                        dense = {"dense": (dense_fwd, (x, w0))}
-                    else:
-                        dense = {"dense": (dense_fwdbwd, (x, w0, d))}
-                    candidates = dict(dense)
-                    skipped = {}
-                    for backend in opts["backends"]:
-                        reason = skip_reason(backend, g, opts, platform, dtype)
-                        if reason is not None:
-                            skipped[backend] = reason
-                            continue
-                        f, fb = _programs(backend, dtype)
-                        candidates[backend] = (f, (x, w, gs)) if mode == "fwd" else (
-                            fb, (x, w, d, gs))
-                    # A candidate ~10x+ slower than dense gets fewer repeats.
-                    budget = 12.0 if mode == "fwdbwd" else 4.0
-                    # A candidate out of memory drops out with a skipped row; the
-                    # others of the case are still timed.
-                    failures: dict[str, BaseException] = {}
-                    timings = time_side_by_side(
-                        candidates, 1, opts["repeats"], budget, failures=failures,
-                        settle_rounds=settle_rounds_for_malloc())
-                    ran_out = skip_reasons(failures, timings)
-                    ref = timings.get("dense")
-                    common = {
-                        "mode": mode, "dtype": dtype_name, "groups": g, "dist": dist,
-                        "m": m, "k": k, "n": n, "platform": platform,
-                        "group_sizes": sizes.tolist(),
-                    }
-                    for backend in opts["backends"]:
-                        row = {"backend": backend, **common}
-                        if backend in skipped:
-                            row.update(skipped=skipped[backend], skip_scope="backend")
-                        elif backend in ran_out:
-                            row.update(skipped=ran_out[backend], skip_scope="row")
-                        else:
-                            t = timings[backend]
-                            row.update(
-                                skipped=None,
-                                median_s=t.median,
-                                min_s=t.min,
-                                max_s=t.max,
-                                runs=len(t.times),
-                                settle_rounds=t.settle_rounds,
-                                dense_median_s=ref.median,
-                                dense_min_s=ref.min,
-                                ratio=t.median / ref.median,
-                                ratio_min=t.min / ref.min,
-                                ratio_paired=paired_ratio(t.times, ref.times),
-                                gflops=flops / t.median / 1e9,
-                                dense_gflops=flops / ref.median / 1e9,
-                            )
-                        rows.append(row)
-                        log(row)
+    mode = common["mode"]
+    candidates = dict(references)
+    for backend in plan.backends:
+        if skipped[backend] is None:
+            candidates[backend] = (_programs(backend)[MODES.index(mode)], args)
+    # A candidate ~10x+ slower than dense gets fewer repeats. One out of memory
+    # drops out with a skipped row; the others of the case are still timed.
+    budget = 12.0 if mode == "fwdbwd" else 4.0
+    failures: dict[str, BaseException] = {}
+    timings = time_side_by_side(candidates, 1, plan.repeats, budget, failures=failures,
+                                settle_rounds=settle_rounds_for_malloc())
+    ran_out = skip_reasons(failures, timings, references=dense.NAMES)
+    limit = dense.limit(timings, common["dtype"])
+    flops = dense_flops(plan.m, plan.k, plan.n) * (1 if mode == "fwd" else 3)
+    rows = []
+    for backend in plan.backends:
+        row = {"backend": backend,
+               "backend_used": rules.backend_used(backend, common["dtype"]), **common}
+        if skipped[backend] is not None:
+            row.update(skipped=skipped[backend], skip_scope="backend")
+        elif backend in ran_out:
+            row.update(skipped=ran_out[backend], skip_scope="row")
+        else:
+            t, xla = timings[backend], limit.xla
+            row.update(
+                skipped=None, median_s=t.median, min_s=t.min, max_s=t.max, runs=len(t.times),
+                settle_rounds=t.settle_rounds, **limit.fields(),
+                ratio=t.median / limit.limit.median,
+                ratio_min=t.min / limit.limit.min,
+                ratio_paired=paired_ratio(t.times, limit.limit.times),
+                ratio_xla=None if xla is None else t.median / xla.median,
+                ratio_xla_paired=None if xla is None else paired_ratio(t.times, xla.times),
+                gflops=flops / t.median / 1e9,
+                dense_gflops=flops / limit.limit.median / 1e9,
+            )
+        rows.append(row)
     return rows
 
 
 # --------------------------------------------------------------------------- output
 
 
-SHORT_DTYPE = {"float32": "f32", "bfloat16": "bf16"}
+def backend_text(row: dict) -> str:
+    """``tiled``, or ``auto (cpu_kernel)`` for a row run with auto's pick."""
+    used = row.get("backend_used", row["backend"])
+    return row["backend"] if used == row["backend"] else f"{row['backend']} ({used})"
+
+
+def _ratio(value) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def render_table(rows: list[dict]):
     """A rich table of the timed rows (skipped rows are listed by :func:`skipped_lines`)."""
     from rich.table import Table
 
-    table = Table(title="grouped matmul vs dense GEMM of equal FLOPs (ratio = time / dense)")
-    for col in ("backend", "mode", "dtype", "G", "dist", "ms", "dense ms", "ratio", "min ratio",
-                "paired ratio"):
-        table.add_column(col, justify="left" if col in ("backend", "mode", "dist") else "right")
+    table = Table(title="grouped matmul vs the fastest dense GEMM of equal FLOPs "
+                        "(ratio = time / dense; XLA's dense GEMM kept beside it)")
+    columns = ("backend", "mode", "dtype", "G", "dist", "ms", "dense ms", "dense", "ratio",
+               "min ratio", "paired ratio", "XLA dense ms", "x XLA (paired)")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("backend", "mode", "dist", "dense")
+                         else "right")
     for r in rows:
         if r["skipped"]:
             continue
+        xla_ms = r.get("xla_dense_median_s")
         table.add_row(
-            r["backend"], r["mode"], SHORT_DTYPE.get(r["dtype"], r["dtype"]),
+            backend_text(r), r["mode"], options.SHORT_DTYPE.get(r["dtype"], r["dtype"]),
             str(r["groups"]), r["dist"],
             f"{r['median_s'] * 1e3:.1f}",
             f"{r['dense_median_s'] * 1e3:.1f}",
-            f"{r['ratio']:.2f}x",
-            f"{r['ratio_min']:.2f}x",
-            f"{r['ratio_paired']:.2f}x" if "ratio_paired" in r else "-",
+            r.get("dense_limit", "XLA"),
+            _ratio(r["ratio"]), _ratio(r["ratio_min"]), _ratio(r.get("ratio_paired")),
+            "-" if xla_ms is None else f"{xla_ms * 1e3:.1f}",
+            f"{_ratio(r.get('ratio_xla'))} ({_ratio(r.get('ratio_xla_paired'))})",
         )
     return table
 
@@ -348,82 +326,85 @@ def skipped_lines(rows: list[dict]) -> list[str]:
 
 def target_lines(rows: list[dict]) -> list[str]:
     """Per backend and mode, whether the f32 CPU rows at the FULL shape meet
-    TARGETS, judged by the paired ratio (each round's own dense time, so a
-    machine slowing down between rounds moves both) at the two decimals the
-    table shows, so a cell printed 1.15x meets 1.15x; the misses are named."""
+    TARGETS, judged by the paired ratio to XLA's dense GEMM (the targets are
+    set against it; each round's own dense time, so a machine slowing down
+    between rounds moves both) at the two decimals the table shows, so a cell
+    printed 1.15x meets 1.15x; the misses are named."""
     cells: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         if (not r["skipped"] and r["platform"] == "cpu" and r["dtype"] == "float32"
+                and r.get("ratio_xla_paired") is not None
                 and all(r[dim] == size for dim, size in FULL.items())):
-            cells.setdefault((r["backend"], r["mode"]), []).append(r)
+            cells.setdefault((backend_text(r), r["mode"]), []).append(r)
     lines = []
     for backend in dict.fromkeys(backend for backend, _ in cells):  # in the order measured
         for mode in MODES:
             group, limit = cells.get((backend, mode)), TARGETS[mode]
             if not group:
                 continue
-            missed = [r for r in group if round(r["ratio_paired"], 2) > limit]
+            missed = [r for r in group if round(r["ratio_xla_paired"], 2) > limit]
             line = (f"{backend:<10} {mode:<6} <= {limit:.2f}x: "
                     f"met in {len(group) - len(missed)} of {len(group)} cells")
             if missed:
                 line += "; missed: " + ", ".join(
-                    f"G={r['groups']} {r['dist']} {r['ratio_paired']:.2f}x" for r in missed)
+                    f"G={r['groups']} {r['dist']} {r['ratio_xla_paired']:.2f}x" for r in missed)
             lines.append(line)
     return lines
 
 
+def row_line(row: dict) -> str:
+    """One row as the line printed when it is measured ('' for a backend skipped
+    outright: those are listed at the end)."""
+    head = (f"  {backend_text(row):>10} {row['mode']:>6} {row['dtype']:>8} "
+            f"G={row['groups']:<3} {row['dist']:<8}")
+    if not row["skipped"]:
+        return (f"{head} {row['ratio']:.2f}x dense ({row['dense_limit']}), "
+                f"{_ratio(row['ratio_xla'])} XLA's dense")
+    if row.get("skip_scope") == "row":  # a failure in this case
+        return f"{head} skipped: {row['skipped']}"
+    return ""
+
+
 def run(args) -> int:
-    opts = parse_options(args)
-    import jax
+    plan = plan_from_args(args)
     from rich.console import Console
 
-    from fusedmoe import allocator
-    from fusedmoe.grouped_matmul import cpu_kernel
+    from fusedmoe.bench import dense, record
 
-    console = Console(width=max(Console().width, 100))
-    console.print(
-        f"bench-gmm on {jax.default_backend()} ({jax.devices()[0].device_kind}): "
-        f"M={opts['m']} K={opts['k']} N={opts['n']} G={opts['groups']} "
-        f"dtypes={opts['dtypes']} repeats={opts['repeats']} "
-        f"malloc: {allocator.status()}; cpu_kernel: {cpu_kernel.build_name()}"
-    )
-
+    env = record.environment()
+    torch_reason = dense.torch_unavailable_reason(env["platform"])
+    console = Console(width=max(Console().width, 160))
+    console.print(f"bench-gmm: M={plan.m} K={plan.k} N={plan.n} G={list(plan.groups)} "
+                  f"dtypes={list(plan.dtypes)} repeats={plan.repeats}", highlight=False)
+    console.print(record.environment_line(env), highlight=False)
+    console.print("dense limit: " + ("the faster of XLA's and torch's in each case's rounds"
+                                     if torch_reason is None else
+                                     f"XLA's (torch's not timed: {torch_reason})"),
+                  highlight=False)
+    run_options = {**plan.as_json(), "torch_dense_skipped": torch_reason}
     measured: list[dict] = []
 
-    def save(complete: bool) -> None:
-        # Rewritten (atomically) after every row, "complete" false until the
-        # end: a run stopped by a time limit keeps what it measured.
-        write_json(
-            opts["json"],
-            {"command": " ".join(["fusedmoe", *sys.argv[1:]]), "jax": jax.__version__,
-             "malloc": allocator.status(), "cpu_kernel": cpu_kernel.build_name(),
-             "complete": complete, "rows": measured},
-        )
-
     def log(row):
-        head = (f"  {row['backend']:>10} {row['mode']:>6} {row['dtype']:>8} "
-                f"G={row['groups']:<3} {row['dist']:<8}")
-        if not row["skipped"]:
-            console.print(f"{head} {row['ratio']:.2f}x dense", highlight=False)
-        elif row.get("skip_scope") == "row":  # a failure; unrunnable backends come at the end
-            console.print(f"{head} skipped: {row['skipped']}", highlight=False)
+        line = row_line(row)
+        if line:
+            console.print(line, highlight=False)
         measured.append(row)
-        if opts["json"]:
-            save(complete=False)
+        if plan.json_path:
+            record.write_rows(plan.json_path, env, run_options, measured, complete=False)
 
-    rows = run_cases(opts, log)
+    rows = run_cases(plan, log)
     console.print(render_table(rows))
     for line in skipped_lines(rows):
         console.print(line, highlight=False)
     targets = target_lines(rows)
     if targets:
         shape = " ".join(f"{dim.upper()}={size}" for dim, size in FULL.items())
-        console.print(f"targets (f32 on CPU at {shape}, paired ratio to dense):")
+        console.print(f"targets (f32 on CPU at {shape}, paired ratio to XLA's dense GEMM):")
         for line in targets:
             console.print(line, highlight=False)
-    if opts["json"]:
-        save(complete=True)
-        console.print(f"wrote {opts['json']}")
+    if plan.json_path:
+        record.write_rows(plan.json_path, env, run_options, rows, complete=True)
+        console.print(f"wrote {plan.json_path}")
     return 0
 
 

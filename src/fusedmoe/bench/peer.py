@@ -47,7 +47,7 @@ def unavailable_reason(family: str) -> str | None:
 
 
 def build_peer(layer, family: str):
-    """A transformers MoE block holding ``layer``'s weights (float32 or bfloat16)."""
+    """A transformers MoE block holding ``layer``'s weights, in the layer's dtype."""
     import torch
     import transformers
 
@@ -59,7 +59,7 @@ def build_peer(layer, family: str):
         num_attention_heads=4, num_key_value_heads=4, num_experts_per_tok=c.num_experts_per_tok,
         max_position_embeddings=64, **_FAMILY_FIELDS[family](c),
     )
-    dtype = torch.bfloat16 if c.dtype == "bfloat16" else torch.float32
+    dtype = getattr(torch, c.dtype)  # float32, bfloat16 or float16, as the layer
     with torch.device("meta"):
         # grouped_mm: torch's grouped GEMM, the fastest experts kernel transformers has on CPU.
         model = transformers.AutoModelForCausalLM.from_config(

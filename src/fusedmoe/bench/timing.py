@@ -13,7 +13,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import jax
 
@@ -38,41 +38,11 @@ class Timing:
     def max(self) -> float:
         return max(self.times)
 
-    @property
-    def iqr(self) -> tuple[float, float]:
-        """(25th, 75th) percentile; (min, max) below 4 samples."""
-        if len(self.times) < 4:
-            return self.min, self.max
-        q = statistics.quantiles(self.times, n=4)
-        return q[0], q[2]
-
-    def as_dict(self) -> dict:
-        return {
-            **asdict(self),
-            "median": self.median,
-            "min": self.min,
-            "max": self.max,
-            "iqr": list(self.iqr),
-        }
-
 
 def _call(fn: Callable, args: Sequence) -> float:
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     return time.perf_counter() - start
-
-
-def time_fn(
-    fn: Callable, *args, warmup: int = 1, repeats: int = 5, max_total_s: float | None = None
-) -> Timing:
-    """Time ``fn(*args)``: ``warmup`` untimed calls (the first compiles), then
-    ``repeats`` timed calls, each ended by :func:`jax.block_until_ready`.
-
-    ``max_total_s``: stop repeating once the timed calls add up to this much
-    (at least one timed call is always made) so a very slow candidate cannot
-    hold a benchmark hostage.
-    """
-    return time_side_by_side({"fn": (fn, args)}, warmup, repeats, max_total_s)["fn"]
 
 
 # A round of calls that faults in fewer pages than this (16 MiB of 4 KiB pages)
@@ -105,8 +75,9 @@ def time_side_by_side(
 ) -> dict[str, Timing]:
     """Time several ``name -> (fn, args)`` round-robin: repeat r runs every
     candidate once before repeat r+1, so background load affects them alike.
-    ``max_total_s`` bounds each candidate's timed calls (see :func:`time_fn`);
-    a candidate past its bound drops out of later rounds.
+    ``max_total_s``: a candidate whose timed calls add up to this much drops out
+    of later rounds (it has at least one), so a very slow candidate cannot hold
+    a benchmark hostage.
 
     ``settle_rounds``: after the warm-up, up to this many more untimed rounds,
     until one faults in fewer than :data:`SETTLED_PAGE_FAULTS` pages. With
@@ -178,14 +149,16 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def skip_reasons(failures: dict[str, BaseException], timings: dict[str, Timing],
-                 reference: str = "dense") -> dict[str, str]:
+                 references: Sequence[str] = ("dense",)) -> dict[str, str]:
     """Why each candidate of :func:`time_side_by_side` has no ratio: ``did not
-    run: <first line>`` for those in ``failures``; if the ``reference`` itself
-    failed, every candidate that was timed, since nothing is left to compare with."""
+    run: <first line>`` for those in ``failures``; if every one of the
+    ``references`` failed, also every candidate that was timed, since nothing is
+    left to compare with. A failed reference is dropped when another one ran."""
     reasons = {name: f"did not run: {first_line(exc)}" for name, exc in failures.items()}
-    if reference in reasons:
-        why = reasons.pop(reference)
-        reasons.update({name: f"{reference} reference {why}" for name in timings})
+    failed = {name: reasons.pop(name) for name in references if name in reasons}
+    if failed and not any(name in timings for name in references):
+        name, why = next(iter(failed.items()))
+        reasons.update({timed: f"{name} reference {why}" for timed in timings})
     return reasons
 
 

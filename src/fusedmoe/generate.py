@@ -1,143 +1,151 @@
-"""``fusedmoe generate``: text from a checkpoint written by ``fusedmoe train``.
+"""Generation over the KV cache: a prefill, then one compiled decode step per token.
 
-Greedy (``--temperature 0``) or sampled (temperature, optionally only among the
-``--top-k`` most likely bytes). The model has no KV cache: each new byte runs
-the model over a fixed window of the last ``max_seq_len`` bytes (one compiled
-function for the whole generation), which is plenty for the small models
-trained here.
+``generate(model, prompt [B, P] int32, max_new_tokens, *, temperature=0.0,
+top_k=None, top_p=None, seed=0) -> [B, P + max_new_tokens]`` for any
+:class:`fusedmoe.model.Decoder` (a loaded Hugging Face model or the toy one).
+The prompt runs once through :meth:`~fusedmoe.model.Decoder.decode` into an
+empty cache; each new token is then one call of one jitted step that reads and
+writes the cache in place (the cache's buffers are donated). The step is
+compiled once per model, batch, cache size and sampling rule, not once per
+position: positions live in the cache, as traced integers.
 
-Python API: ``generate(run_dir, prompt, max_new_tokens=200, temperature=0.0,
-top_k=0, seed=0) -> str``.
+Sampling: ``temperature == 0`` is greedy (argmax, as transformers' greedy
+``generate``); otherwise logits are divided by the temperature, cut to the
+``top_k`` most likely and to the smallest set whose probability reaches
+``top_p`` (transformers' order and rules), then sampled with a key derived from
+``seed`` and the position.
+
+Called with a ``fusedmoe train`` run directory and a text prompt instead, it
+is the older API of ``fusedmoe generate RUN_DIR`` and returns text
+(:func:`fusedmoe.generate_cli.generate_text`). The command itself lives in
+:mod:`fusedmoe.generate_cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+from typing import Any, NamedTuple
+
+from fusedmoe.generate_cli import add_arguments, run  # noqa: F401  (the command table's entry)
 
 
-def sample_next(logits, key, temperature, top_k: int, greedy: bool | None = None):
-    """One token id from ``logits [V]``: argmax when ``greedy`` (default:
-    ``temperature == 0``, which then must be a Python number)."""
+class Sampling(NamedTuple):
+    """The static part of the sampling rule (a new combination compiles anew)."""
+
+    greedy: bool
+    top_k: int | None
+    top_p: float | None
+
+
+def sample(logits, key, temperature, rule: Sampling):
+    """Token ids ``[B]`` int32 from ``logits [B, V]``."""
     import jax
     import jax.numpy as jnp
 
-    if greedy is None:
-        greedy = temperature == 0
-    if greedy:
-        return jnp.argmax(logits).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k:
-        kth = jax.lax.top_k(logits, top_k)[0][-1]
+    logits = logits.astype(jnp.float32)
+    if rule.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if rule.top_k is not None:
+        kth = jax.lax.top_k(logits, rule.top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(key, logits).astype(jnp.int32)
+    if rule.top_p is not None:
+        # transformers' TopPLogitsWarper: drop the least likely tokens whose total
+        # probability stays within 1 - top_p; the most likely one always stays.
+        order = jnp.argsort(logits, axis=-1)
+        ascending = jnp.take_along_axis(logits, order, axis=-1)
+        cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+        drop = (cumulative <= 1 - rule.top_p).at[:, -1].set(False)
+        rows = jnp.arange(logits.shape[0])[:, None]
+        drop = jnp.zeros_like(drop).at[rows, order].set(drop)
+        logits = jnp.where(drop, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _next_token(graphdef, state, tokens, length, key, temperature, *, greedy, top_k):
+def _prefill(graphdef, state, prompt, cache, key, temperature, *, rule):
     from flax import nnx
 
-    logits, _ = nnx.merge(graphdef, state)(tokens[None])
-    return sample_next(logits[0, length - 1], key, temperature, top_k, greedy)
+    logits, cache = nnx.merge(graphdef, state).decode(prompt, cache)
+    return sample(logits[:, -1], key, temperature, rule), cache
 
 
-_JITTED = {}
+def _decode_step(graphdef, state, token, cache, key, temperature, *, rule):
+    """One new token per sequence: ``token [B]`` in, the next ``[B]`` out."""
+    import jax
+    from flax import nnx
+
+    logits, cache = nnx.merge(graphdef, state).decode(token[:, None], cache)
+    key = jax.random.fold_in(key, cache.length)
+    return sample(logits[:, -1], key, temperature, rule), cache
 
 
-def _jitted_next_token():
+_JITTED: dict[str, Any] = {}
+
+
+def _jitted(name: str):
+    """The jitted prefill or decode step (one function each: jax caches its compilations)."""
     import jax
 
-    if "f" not in _JITTED:  # one jitted function: compiled once per model shape and mode
-        _JITTED["f"] = jax.jit(_next_token, static_argnames=("graphdef", "greedy", "top_k"))
-    return _JITTED["f"]
+    if name not in _JITTED:
+        fn = {"prefill": _prefill, "step": _decode_step}[name]
+        _JITTED[name] = jax.jit(fn, static_argnames=("graphdef", "rule"),
+                                donate_argnames=("cache",))
+    return _JITTED[name]
 
 
-def generate_tokens(model, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.0,
-                    top_k: int = 0, seed: int = 0) -> list[int]:
-    """Continue ``prompt`` (token ids) by ``max_new_tokens`` tokens with ``model``
-    (a :class:`fusedmoe.model.MoEModel`). Returns only the new tokens."""
+def _check(model, prompt, max_new_tokens, temperature, top_k, top_p):
+    import jax.numpy as jnp
+
+    from fusedmoe.model import Decoder
+
+    if not isinstance(model, Decoder):
+        raise TypeError(f"model: expected a fusedmoe.model.Decoder, got {type(model).__name__}")
+    shape = getattr(prompt, "shape", None)
+    if shape is None or len(shape) != 2 or shape[1] < 1:
+        raise ValueError(f"prompt: expected token ids [batch, length >= 1], got shape {shape}")
+    if not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise TypeError(f"prompt: expected integer token ids, got dtype {prompt.dtype}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) \
+            or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+    if not isinstance(temperature, int | float) or temperature < 0:
+        raise ValueError(f"temperature: expected a number >= 0 (0 = greedy), got {temperature!r}")
+    vocab = model.config.vocab_size
+    if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= vocab):
+        raise ValueError(f"top_k: expected None or an int in 1..{vocab}, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, int | float) and 0 < top_p <= 1):
+        raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
+
+
+def generate(model, prompt, max_new_tokens: int = 200, *, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0, **kwargs):
+    """``prompt [B, P]`` continued by ``max_new_tokens`` tokens: ``[B, P + max_new_tokens]``
+    int32. See the module docstring."""
+    if isinstance(model, str | os.PathLike):  # the older API: a training run's text
+        from fusedmoe.generate_cli import generate_text
+
+        return generate_text(str(model), prompt, max_new_tokens, temperature=temperature,
+                             top_k=top_k or 0, seed=seed, **kwargs)
+    if kwargs:
+        raise TypeError(f"generate: unexpected argument(s) {sorted(kwargs)}")
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
-    window = model.config.max_seq_len
+    prompt = jnp.asarray(prompt) if isinstance(prompt, np.ndarray | list) else prompt
+    _check(model, prompt, max_new_tokens, temperature, top_k, top_p)
+    prompt = prompt.astype(jnp.int32)
+    batch, length = prompt.shape
+    rule = Sampling(greedy=temperature == 0, top_k=top_k, top_p=top_p)
+    temperature = np.float32(temperature or 1.0)
     graphdef, state = nnx.split(model)
-    next_token = _jitted_next_token()
-    greedy = temperature == 0
-    history = list(prompt) or [ord("\n")]
+    cache = model.init_cache(batch, length + max_new_tokens)
     key = jax.random.key(seed)
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        context = history[-window:]
-        # Right-padding is invisible to the causal model at position length - 1.
-        buf = np.zeros((window,), np.int32)
-        buf[: len(context)] = context
-        key, sub = jax.random.split(key)
-        token = int(next_token(graphdef, state, jnp.asarray(buf), len(context), sub,
-                               np.float32(temperature), greedy=greedy, top_k=top_k))
-        history.append(token)
-        new.append(token)
-    return new
-
-
-def load_model(run_dir: str, step: int | None = None):
-    """``(model, config, step)`` from the latest (or given) finalized checkpoint."""
-    from flax import nnx
-
-    from fusedmoe.model import MoEModel
-    from fusedmoe.train.resume import restore_run
-
-    state, config, step = restore_run(run_dir, step, params_only=True)
-    model = nnx.eval_shape(lambda: MoEModel(config.model, rngs=nnx.Rngs(0)))
-    graphdef, abstract = nnx.split(model)
-    abstract.replace_by_pure_dict(state["params"])
-    return nnx.merge(graphdef, abstract), config, step
-
-
-def generate(run_dir: str, prompt: str = "", max_new_tokens: int = 200, *,
-             temperature: float = 0.0, top_k: int = 0, seed: int = 0,
-             step: int | None = None) -> str:
-    """The text (bytes decoded as UTF-8, bad bytes replaced) that the model of
-    ``run_dir`` writes after ``prompt``."""
-    model, _, _ = load_model(run_dir, step)
-    tokens = generate_tokens(model, list(prompt.encode("utf-8")), max_new_tokens,
-                             temperature=temperature, top_k=top_k, seed=seed)
-    return bytes(tokens).decode("utf-8", errors="replace")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="the --out directory of a `fusedmoe train` run")
-    parser.add_argument("--prompt", default="", help="text to continue (default: none)")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate")
-    parser.add_argument("--temperature", type=float, default=0.0,
-                        help="0 = greedy (default); > 0 samples")
-    parser.add_argument("--top-k", type=int, default=0,
-                        help="sample only among the k most likely bytes (0 = all)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--step", type=int, default=None,
-                        help="checkpoint step (default: the latest finalized)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from fusedmoe.checkpoint.run_checkpoint import finalized_run_steps
-    from fusedmoe.errors import UsageError
-
-    if not os.path.isdir(args.run_dir):
-        raise UsageError(f"run_dir: got {args.run_dir!r}, expected an existing run directory")
-    steps = finalized_run_steps(args.run_dir)
-    if not steps:
-        raise UsageError(f"run_dir: {args.run_dir!r} holds no finalized checkpoint, expected "
-                         "the --out directory of a `fusedmoe train` run")
-    if args.step is not None and args.step not in steps:
-        raise UsageError(f"--step: got {args.step}, expected one of {steps}")
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens: got {args.max_new_tokens}, expected >= 1")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature: got {args.temperature}, expected >= 0")
-    if not 0 <= args.top_k <= 256:
-        raise UsageError(f"--top-k: got {args.top_k}, expected 0..256")
-    text = generate(args.run_dir, args.prompt, args.max_new_tokens,
-                    temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                    step=args.step)
-    print(args.prompt + text)
-    return 0
+    token, cache = _jitted("prefill")(graphdef, state, prompt, cache, key, temperature, rule=rule)
+    tokens = [token]
+    step = _jitted("step")
+    for _ in range(max_new_tokens - 1):
+        token, cache = step(graphdef, state, token, cache, key, temperature, rule=rule)
+        tokens.append(token)
+    return jnp.concatenate([prompt, jnp.stack(tokens, axis=1)], axis=1)

@@ -285,6 +285,14 @@ def _ratio(value) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _ms(seconds) -> str:
+    """Milliseconds, with three decimals below 1 ms (tiny shapes)."""
+    if seconds is None:
+        return "-"
+    ms = seconds * 1e3
+    return f"{ms:.1f}" if ms >= 1 else f"{ms:.3f}"
+
+
 def render_table(rows: list[dict]):
     """A rich table of the timed rows (skipped rows are listed by :func:`skipped_lines`)."""
     from rich.table import Table
@@ -294,20 +302,17 @@ def render_table(rows: list[dict]):
     columns = ("backend", "mode", "dtype", "G", "dist", "ms", "dense ms", "dense", "ratio",
                "min ratio", "paired ratio", "XLA dense ms", "x XLA (paired)")
     for col in columns:
-        table.add_column(col, justify="left" if col in ("backend", "mode", "dist", "dense")
-                         else "right")
+        left = col in ("backend", "mode", "dist", "dense")  # names: kept whole
+        table.add_column(col, justify="left" if left else "right", no_wrap=left)
     for r in rows:
         if r["skipped"]:
             continue
-        xla_ms = r.get("xla_dense_median_s")
         table.add_row(
             backend_text(r), r["mode"], options.SHORT_DTYPE.get(r["dtype"], r["dtype"]),
-            str(r["groups"]), r["dist"],
-            f"{r['median_s'] * 1e3:.1f}",
-            f"{r['dense_median_s'] * 1e3:.1f}",
+            str(r["groups"]), r["dist"], _ms(r["median_s"]), _ms(r["dense_median_s"]),
             r.get("dense_limit", "XLA"),
             _ratio(r["ratio"]), _ratio(r["ratio_min"]), _ratio(r.get("ratio_paired")),
-            "-" if xla_ms is None else f"{xla_ms * 1e3:.1f}",
+            _ms(r.get("xla_dense_median_s")),
             f"{_ratio(r.get('ratio_xla'))} ({_ratio(r.get('ratio_xla_paired'))})",
         )
     return table

@@ -550,7 +550,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                         "(ratio = layer time / dense time, same rounds; 'dense' names the "
                         "library, XLA's kept beside it)")
     for col in COLUMNS:
-        table.add_column(col, justify="left" if col in COLUMNS[:5] + ("dense",) else "right")
+        left = col in COLUMNS[:5] + ("dense",)  # names: kept whole, numbers may wrap
+        table.add_column(col, justify="left" if left else "right", no_wrap=left)
     shown_skips = set()
     for r in rows:
         if "skipped" not in r:

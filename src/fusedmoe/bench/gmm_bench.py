@@ -51,17 +51,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         what = {"m": "rows", "k": "inner dim", "n": "output dim"}[dim]
         parser.add_argument(f"--{dim}", default=None,
                             help=f"{what} (default {FULL[dim]}; {QUICK[dim]} with --quick)")
-    options.add_list_option(parser, "--groups", metavar="G",
-                            help="group counts G (default 8,64)")
+    options.add_list_option(parser, "--groups", metavar="G", help="group counts G",
+                            default="8,64")
     options.add_list_option(parser, "--dist", metavar="DIST",
-                            help="group-size distributions: balanced, skewed (default both)")
+                            help="group-size distributions: balanced, skewed", default="both")
     options.add_list_option(parser, "--mode", metavar="MODE",
-                            help="fwd (forward), fwdbwd (forward+backward) (default both)")
+                            help="fwd (forward), fwdbwd (forward+backward)", default="both")
     options.add_shared_arguments(parser, default_dtypes="float32,bfloat16", default_repeats=5)
     parser.add_argument("--alpha", default="0.3", help="Dirichlet alpha of skewed group sizes")
     parser.add_argument("--seed", default="0", help="seed of data and skewed sizes")
     parser.add_argument("--quick", action="store_true",
-                        help=f"small shapes {QUICK} (seconds, for smoke tests)")
+                        help="small shapes: " + ", ".join(f"{d.upper()}={v}" for d, v in
+                                                           QUICK.items())
+                             + " (seconds, for smoke tests)")
 
 
 # --------------------------------------------------------------------------- options

@@ -44,8 +44,8 @@ PASSES = ("forward", "forward+backward")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_list_option(parser, "--preset", metavar="NAME",
-                            help=f"preset(s) to run: {', '.join(PRESETS)} "
-                                 f"(default: {', '.join(DEFAULT_PRESETS)})")
+                            help=f"presets to run: {', '.join(PRESETS)}",
+                            default=",".join(DEFAULT_PRESETS) + "; tiny with --quick")
     options.add_shared_arguments(parser, default_dtypes="float32,bfloat16; float32 with --quick",
                                  default_repeats=3)
     parser.add_argument("--tokens", metavar="T", help="tokens per step (default: the preset's)")

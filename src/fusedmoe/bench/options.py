@@ -34,23 +34,23 @@ PLOT_EXTRA = "pip install 'fusedmoe[plot]'"
 
 
 def add_list_option(parser: argparse.ArgumentParser, flag: str, *, metavar: str,
-                    help: str) -> None:
+                    help: str, default: str) -> None:
     """A list option: repeated flags collect, each may be a comma list."""
     parser.add_argument(flag, action="append", metavar=metavar,
-                        help=f"{help} (a comma list, or the flag repeated)")
+                        help=f"{help}; a comma list or the flag repeated (default: {default})")
 
 
 def add_shared_arguments(parser: argparse.ArgumentParser, *, default_dtypes: str,
                          default_repeats: int) -> None:
     """The options both benchmark commands have, spelled and checked alike."""
     add_list_option(parser, "--backend", metavar="NAME",
-                    help="grouped-matmul backend(s): any name fusedmoe.gmm accepts, auto "
-                         "included (its rows name the backend it picks; default: every "
-                         "backend but auto; those that cannot run here, or would take too "
-                         "long, are listed as skipped)")
+                    help="grouped-matmul backends: any name fusedmoe.gmm accepts, auto "
+                         "included (its rows name the backend it picks); those that cannot "
+                         "run here, or would take too long, are listed as skipped",
+                    default="every backend but auto")
     add_list_option(parser, "--dtype", metavar="DTYPE",
-                    help=f"dtype(s): float32/f32, bfloat16/bf16, float16/f16 "
-                         f"(default: {default_dtypes})")
+                    help="dtypes: float32/f32, bfloat16/bf16, float16/f16",
+                    default=default_dtypes)
     parser.add_argument("--repeats", default=str(default_repeats), metavar="N",
                         help=f"timed runs per row, median (default {default_repeats})")
     parser.add_argument("--dense-expansion-max-groups", default=None, metavar="G",
@@ -59,8 +59,8 @@ def add_shared_arguments(parser: argparse.ArgumentParser, *, default_dtypes: str
                              "this G (default: where the product's estimated time is at most "
                              "1 s a call)")
     parser.add_argument("--json", metavar="PATH",
-                        help="write the rows and the environment as JSON (rewritten after "
-                             "every row, 'complete' false until the end)")
+                        help="write the rows and the environment as JSON (rewritten as the "
+                             "run goes, 'complete' false until it ends)")
 
 
 # --------------------------------------------------------------------------- values

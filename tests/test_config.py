@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from fusedmoe import MoEConfig
@@ -97,3 +99,24 @@ def test_every_field_is_documented():
     doc = (pathlib.Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
     missing = [f.name for f in dataclasses.fields(MoEConfig) if f"`{f.name}`" not in doc]
     assert not missing, f"docs/configuration.md lacks {missing}"
+
+
+@pytest.mark.parametrize(
+    "value, name",
+    [(jnp.bfloat16, "bfloat16"), (np.float32, "float32"), (np.dtype("float16"), "float16"),
+     (jnp.dtype("bfloat16"), "bfloat16"), ("bf16", "bfloat16"), ("float32", "float32")],
+    ids=["jnp-type", "np-type", "np-dtype", "jnp-dtype", "short-name", "name"],
+)
+def test_dtypes_as_names_or_objects(value, name):
+    # JAX and Flax users pass dtypes as objects: one canonical form, the name.
+    c = MoEConfig(dtype=value, weight_dtype=value)
+    assert c.dtype == c.weight_dtype == name
+    assert c == MoEConfig(dtype=name, weight_dtype=name)
+    assert MoEConfig.from_dict(c.to_dict()) == c  # and it round-trips through YAML/JSON
+
+
+@pytest.mark.parametrize("value, exc", [(jnp.int32, ValueError), ("int8", ValueError),
+                                        (3, TypeError), (object(), TypeError)])
+def test_bad_dtype_names_the_field(value, exc):
+    with pytest.raises(exc, match="weight_dtype"):
+        MoEConfig(weight_dtype=value)

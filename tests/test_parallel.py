@@ -1,4 +1,4 @@
-"""Expert, tensor and data parallelism (fusedmoe.parallel).
+"""Expert, tensor and data parallelism (fusedmoe.placement, fusedmoe.exchange).
 
 The multi-device checks run in their own processes (this pytest process has one
 CPU device): ``tests/multidevice/check_parallel.py`` with 8 forced CPU devices,
@@ -22,7 +22,7 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh
 
-from fusedmoe import MoE, MoEConfig, parallel, parallel_report
+from fusedmoe import MoE, MoEConfig, dispatch, parallel_report
 
 HERE = Path(__file__).parent / "multidevice"
 TIMEOUT_S = 400  # per process; a hang fails the test instead of blocking CI
@@ -161,6 +161,34 @@ def test_sharded_initialisation_under_jit(runs):
     assert got["max_diff"] < 1e-6
 
 
+AXIS_TYPE_CASES = (
+    [("explicit", "fused", shape) for shape in MESHES]
+    + [("auto", "fused", (2, 2, 2)), ("mixed", "fused", (2, 4, 1)),
+       ("mixed", "fused", (1, 4, 2)), ("explicit", "unfused", (2, 2, 2))]
+)
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize("context", ["no_context", "set_mesh"])
+@pytest.mark.parametrize(("kind", "layout", "shape"), AXIS_TYPE_CASES,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
+def test_meshes_of_every_axis_type(runs, kind, layout, shape, context):
+    """``jax.make_mesh`` meshes (Explicit axes by default), Auto and mixed axis
+    types, called inside ``jax.set_mesh`` or without a mesh context: output, aux
+    losses and every gradient equal one device's."""
+    name = f"axis_types_{kind}_{layout}_{context}_{shape}"
+    case = runs["check"]["cases"][name]
+    _assert_close(case, name)
+    assert {"out", "d_x", "aux_loss", "d_wo"} <= set(case["errors"])
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize("spec", ["P('data',)", "P(None, 'expert')"])
+def test_input_already_sharded_on_an_explicit_mesh(runs, spec):
+    name = f"axis_types_explicit_input_{spec}"
+    _assert_close(runs["check"]["cases"][name], name)
+
+
 @pytest.mark.multidevice
 def test_dense_path_with_mesh(runs):
     _assert_close(runs["check"]["cases"]["dense_(2, 2, 2)"], "dense")
@@ -205,7 +233,9 @@ def test_two_processes_one_mesh(runs):
     assert sorted(r["process_id"] for r in results) == [0, 1]
     for r in results:
         assert r["process_count"] == 2 and r["device_count"] == 8
-        assert set(r["cases"]) == {"fused_(2, 2, 2)", "fused_(1, 8, 1)", "unfused_(2, 2, 2)"}
+        assert set(r["cases"]) == {"fused_(2, 2, 2)", "fused_(2, 2, 2)_explicit",
+                                   "fused_(1, 8, 1)", "unfused_(2, 2, 2)",
+                                   "unfused_(2, 2, 2)_explicit"}
         for name, case in r["cases"].items():
             _assert_close(case, f"process {r['process_id']} {name}")
             assert case["dropped_rows"] == 0
@@ -293,6 +323,8 @@ def test_analytic_bytes():
 
 
 def test_capacity():
-    assert parallel.capacity(64, 8, -1) == 64
-    assert parallel.capacity(64, 8, 1.0) == 8
-    assert parallel.capacity(64, 8, 100.0) == 64
+    assert dispatch.capacity(64, 8, -1, limit=64) == 64
+    assert dispatch.capacity(64, 8, 1.0, limit=64) == 8
+    assert dispatch.capacity(64, 8, 100.0, limit=64) == 64
+    assert dispatch.capacity(64 * 2, 8, 1.0, limit=64) == 16  # an expert on the dense path
+    assert dispatch.capacity(3, 8, 0.1, limit=3) == 1

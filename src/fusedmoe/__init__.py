@@ -2,6 +2,8 @@
 
 ``import fusedmoe`` is cheap: the names below are imported the first time they
 are used (so the command line's ``--help`` does not wait for jax and flax).
+It sets one thing in the process: malloc keeps freed host memory for reuse
+(:mod:`fusedmoe.allocator`; ``FUSEDMOE_MALLOC=0`` opts out).
 """
 
 from __future__ import annotations
@@ -9,7 +11,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from fusedmoe import allocator as _allocator
+
 __version__ = "0.1.0"
+
+# The one change to the host process: malloc keeps freed memory for reuse
+# (FUSEDMOE_MALLOC=0 opts out; see fusedmoe.allocator). Before jax starts its
+# threads, where it works best.
+_allocator.keep_freed_memory()
 
 # public name -> module that defines it
 _EXPORTS = {

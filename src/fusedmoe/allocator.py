@@ -5,33 +5,29 @@ glibc ``malloc``. With glibc's defaults a buffer of more than 32 MiB is a
 fresh ``mmap``, returned to the kernel when it is freed, so the next call's
 buffer faults in every page again, and the kernel zeroes each one. A grouped
 matmul writes far larger buffers than the dense GEMM it is compared with (the
-weight gradient is ``[G, K, N]``: 512 MiB at the benchmark's G=64, 2.4 GiB for
-the Qwen3 layer, against ``[K, N]``), so on the 2-core benchmark machine the
-page faults, not the arithmetic, set the pace of the backward pass, and made
-it erratic: a loop of the Qwen3 layer's forward+backward took 2.5-3.1 s a
-step with glibc's defaults, 1.7-3.4 s with huge pages, and 1.65-2.1 s with
-no fault at all once its memory was kept (docs/backends.md, "Host memory on
-CPU").
+weight gradient is ``[G, K, N]``), so the page faults, not the arithmetic, can
+set the pace of the backward pass, and make it erratic (docs/backends.md,
+"Host memory on CPU", has the measurements).
 
-The tunables (:data:`TUNABLES`) make glibc serve every allocation from one
-heap (``arena_max=1``, ``mmap_max=0``; XLA's threads would otherwise get
-their own arenas, which ``mmap`` large blocks anyway) and never give the
-heap's free top back to the kernel (``trim_threshold``). After a few warm-up
-steps the heap holds what a step needs, and later steps fault no page, or
-only now and then where the heap must still grow (more on a busy machine). The
-same choice as JAX on GPU, which reserves most of the device's memory up
-front; the cost is the same too: the process keeps its high-water mark,
-raised by fragmentation (9.3-10.0 GiB resident for that loop, against 5.2
-GiB with glibc's defaults). :func:`release_free_memory` hands the free part
-back.
+So ``import fusedmoe`` sets, in this process, once (:func:`keep_freed_memory`):
+every allocation from one heap (``M_ARENA_MAX=1``, ``M_MMAP_MAX=0``; XLA's
+threads would otherwise get arenas of their own, which ``mmap`` large blocks
+anyway), whose free top is never handed back (``M_TRIM_THRESHOLD`` at its
+maximum). After a few warm-up steps the heap holds what a step needs and
+later steps fault no page. The same choice as JAX on GPU, which reserves most
+of the device's memory up front, with the same cost: the process keeps its
+high-water mark, raised by fragmentation. :func:`release_free_memory` hands
+the free part back. Arenas that already exist stay, so the setting works best
+before jax starts its threads, i.e. with ``import fusedmoe`` before the first
+computation.
 
-glibc reads ``GLIBC_TUNABLES`` once, at process start, so the ``fusedmoe``
-command re-executes itself once with them set (:func:`reexec_with_tunables`),
-unless ``FUSEDMOE_MALLOC=0``, or ``GLIBC_TUNABLES`` already sets any
-``glibc.malloc`` tunable (the user's choice stands; and glibc's huge-page
-malloc, ``glibc.malloc.hugetlb=1``, combined with ours stalled some calls
-for 0.7-1.2 s while the heap grew). Library users who want the same effect
-export the variable before starting Python.
+It is the one change fusedmoe makes to its host process, and it is skipped:
+
+- when ``FUSEDMOE_MALLOC=0`` is set (the opt-out);
+- when ``GLIBC_TUNABLES`` sets any ``glibc.malloc`` tunable (the user's choice
+  stands; glibc's huge-page malloc, ``glibc.malloc.hugetlb=1``, combined with
+  ours stalled some calls for 0.7-1.2 s while the heap grew);
+- off Linux/glibc, where there is nothing to set.
 """
 
 from __future__ import annotations
@@ -40,11 +36,13 @@ import os
 import sys
 from collections.abc import Mapping
 
-# 1 TiB: larger than any heap top this process frees, so none is returned.
-TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-            "glibc.malloc.trim_threshold=1099511627776")
-OPT_OUT = "FUSEDMOE_MALLOC"  # "0" keeps the process exactly as it was started
+OPT_OUT = "FUSEDMOE_MALLOC"  # "0" leaves malloc exactly as the process has it
 _MIN_GLIBC = (2, 26)  # first glibc with GLIBC_TUNABLES
+# mallopt parameters (glibc's malloc.h): every one returns 1 on success.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0),
+             (_M_TRIM_THRESHOLD, -1))  # -1: the largest size_t, so never trimmed
+_status: str | None = None  # what keep_freed_memory did, once it has run
 
 
 def _named(environ: Mapping[str, str]) -> dict[str, str]:
@@ -57,14 +55,8 @@ def _named(environ: Mapping[str, str]) -> dict[str, str]:
     return settings
 
 
-def started_with_tunables(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether ``environ`` (default: this process's) sets :data:`TUNABLES`."""
-    named = _named(os.environ if environ is None else environ)
-    return named.items() >= _named({"GLIBC_TUNABLES": TUNABLES}).items()
-
-
 def unavailable_reason() -> str | None:
-    """Why the tunables cannot work here, or ``None`` if they can."""
+    """Why malloc cannot be set here, or ``None`` if it can."""
     if not sys.platform.startswith("linux"):
         return f"not Linux ({sys.platform})"
     try:
@@ -82,45 +74,47 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def status() -> str:
-    """A few words for reports: ``"keeps freed memory"``, or ``"glibc default (why)"``."""
-    if started_with_tunables():
-        reason = unavailable_reason()
-        return "keeps freed memory" if reason is None else f"glibc default ({reason})"
-    if _named(os.environ):
-        return "as GLIBC_TUNABLES sets it"
+def keep_freed_memory() -> bool:
+    """Set malloc to keep freed memory (see the module docstring), once per
+    process; ``import fusedmoe`` calls it. Returns whether this process now
+    keeps freed memory. :func:`status` says what was done and why."""
+    global _status
+    if _status is None:
+        _status = _apply()
+    return _status == "keeps freed memory"
+
+
+def _apply() -> str:
     if os.environ.get(OPT_OUT) == "0":
         return f"glibc default ({OPT_OUT}=0)"
-    return "glibc default (GLIBC_TUNABLES not set at start)"
+    if _named(os.environ):
+        return "as GLIBC_TUNABLES sets it"
+    reason = unavailable_reason()
+    if reason is not None:
+        return f"glibc default ({reason})"
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        done = all(libc.mallopt(param, value) == 1 for param, value in _SETTINGS)
+    except (OSError, AttributeError) as exc:
+        return f"glibc default (mallopt failed: {exc})"
+    return "keeps freed memory" if done else "glibc default (mallopt refused a setting)"
 
 
-def environ_with_tunables(environ: Mapping[str, str]) -> dict[str, str]:
-    """A copy of ``environ`` with :data:`TUNABLES` appended to ``GLIBC_TUNABLES``,
-    unless it already sets a ``glibc.malloc`` tunable."""
-    env = dict(environ)
-    if not _named(env):
-        tunables = env.get("GLIBC_TUNABLES", "")
-        env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLES}" if tunables else TUNABLES
-    return env
-
-
-def should_reexec(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether :func:`reexec_with_tunables` would restart the process: not when
-    opted out, nor when ``GLIBC_TUNABLES`` already sets a ``glibc.malloc`` tunable."""
-    environ = os.environ if environ is None else environ
-    if environ.get(OPT_OUT) == "0" or _named(environ):
-        return False
-    return unavailable_reason() is None
+def status() -> str:
+    """A few words for reports: ``"keeps freed memory"``, or ``"glibc default (why)"``."""
+    keep_freed_memory()
+    return _status
 
 
 def release_free_memory() -> bool:
     """Hand the heap's free memory back to the kernel (glibc's ``malloc_trim``).
 
-    With :data:`TUNABLES` freed memory stays in the process for the next
-    step; a program that moves on to other work (the benchmark, from one
-    backend to the next) calls this so the next one does not start from the
-    last one's high-water mark. Returns whether anything was released; a
-    no-op (``False``) off glibc."""
+    While freed memory is kept, a program that moves on to other work (the
+    benchmark, from one backend to the next) calls this so the next one does
+    not start from the last one's high-water mark. Returns whether anything
+    was released; a no-op (``False``) off glibc."""
     if unavailable_reason() is not None:
         return False
     import ctypes
@@ -129,18 +123,3 @@ def release_free_memory() -> bool:
         return bool(ctypes.CDLL(None).malloc_trim(0))
     except (OSError, AttributeError):
         return False
-
-
-def reexec_with_tunables() -> None:
-    """Restart this process with :data:`TUNABLES` set: the same interpreter and
-    command line (``sys.orig_argv``, interpreter flags included).
-
-    Returns (doing nothing) when they are set already, opted out, or
-    unavailable; otherwise does not return. Call it first thing, before
-    anything is printed or any thread started."""
-    if not should_reexec():
-        return
-    env = environ_with_tunables(os.environ)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, env)

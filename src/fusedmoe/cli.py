@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 
 from fusedmoe.errors import UsageError
@@ -33,8 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusedmoe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        if importlib.util.find_spec(module_name) is None:
-            continue  # not built yet in this checkout
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name)
         # Every parser needs its arguments for --help, so each module is imported.
@@ -59,11 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The console script and ``python -m fusedmoe``: restart once with malloc
-    set to keep freed memory (see :mod:`fusedmoe.allocator`), then :func:`main`."""
-    from fusedmoe.allocator import reexec_with_tunables
-
-    reexec_with_tunables()
+    """The console script and ``python -m fusedmoe``."""
     sys.exit(main())
 
 

@@ -19,6 +19,28 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "clamped_swiglu")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 EXPERT_ALL_TO_ALL = ("auto", "ragged", "buckets")
+DTYPE_FIELDS = ("dtype", "weight_dtype")
+_SHORT_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+
+
+def canonical_dtype(value: Any, field: str) -> str:
+    """The name (``"float32"``, ``"bfloat16"``, ``"float16"``) of ``value``: a name
+    (full or short: ``"bf16"``), a NumPy or JAX dtype, or a scalar type such as
+    ``jnp.bfloat16``. Anything else is an error naming ``field``."""
+    if isinstance(value, str):
+        name = _SHORT_DTYPES.get(value, value)
+    else:
+        try:
+            name = jnp.dtype(value).name
+        except TypeError:
+            raise TypeError(
+                f"{field}: expected a floating-point dtype (a name like 'bfloat16', or a "
+                f"dtype object like jnp.bfloat16), got {value!r} ({type(value).__name__})"
+            ) from None
+    if name not in FLOAT_DTYPES:
+        raise ValueError(f"{field}: got {value!r}, expected one of {FLOAT_DTYPES} "
+                         f"(or {', '.join(_SHORT_DTYPES)}, or a dtype object)")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +52,8 @@ class MoEConfig:
     num_experts_per_tok: int = 2
     emb_dim: int = 64
     mlp_dim: int = 128
-    dtype: str = "float32"  # activations and compute
-    weight_dtype: str = "float32"  # parameters as stored
+    dtype: str = "float32"  # activations and compute (a name or a dtype object)
+    weight_dtype: str = "float32"  # parameters as stored (a name or a dtype object)
 
     # --- FFN ---
     mlp_activations: str = "silu"  # gate activation; "clamped_swiglu" is gpt-oss's
@@ -69,6 +91,8 @@ class MoEConfig:
     expert_capacity_factor: float = -1.0  # rows per device per destination; -1 = worst case
 
     def __post_init__(self) -> None:
+        for name in DTYPE_FIELDS:  # one canonical form: the dtype's name
+            object.__setattr__(self, name, canonical_dtype(getattr(self, name), name))
         _validate(self)
 
     # --- derived ---
@@ -150,6 +174,12 @@ def _check_type(config: MoEConfig) -> None:
 
 def _validate(c: MoEConfig) -> None:
     _check_type(c)
+    _validate_shape_and_computation(c)
+    _validate_routing(c)
+    _validate_parallelism(c)
+
+
+def _validate_shape_and_computation(c: MoEConfig) -> None:
     for name in ("num_experts", "num_experts_per_tok", "emb_dim", "mlp_dim"):
         if getattr(c, name) < 1:
             raise ValueError(f"{name}: must be >= 1, got {getattr(c, name)}")
@@ -158,9 +188,6 @@ def _validate(c: MoEConfig) -> None:
             f"num_experts_per_tok: {c.num_experts_per_tok} is more than num_experts="
             f"{c.num_experts}; choose at most {c.num_experts}"
         )
-    for name in ("dtype", "weight_dtype"):
-        if getattr(c, name) not in FLOAT_DTYPES:
-            raise ValueError(f"{name}: got {getattr(c, name)!r}, expected one of {FLOAT_DTYPES}")
     if c.mlp_activations not in ACTIVATIONS:
         raise ValueError(
             f"mlp_activations: unknown activation {c.mlp_activations!r}; expected one of "
@@ -186,6 +213,11 @@ def _validate(c: MoEConfig) -> None:
             f"capacity_factor={c.capacity_factor} applies to the dense path only; the sparse "
             "path is dropless. Set sparse_matmul=False to drop tokens, or capacity_factor=-1"
         )
+    if c.swiglu_limit <= 0:
+        raise ValueError(f"swiglu_limit: must be > 0, got {c.swiglu_limit}")
+
+
+def _validate_routing(c: MoEConfig) -> None:
     if c.n_routing_groups < 1 or c.num_experts % c.n_routing_groups:
         raise ValueError(
             f"n_routing_groups: {c.n_routing_groups} must be >= 1 and divide num_experts="
@@ -218,8 +250,9 @@ def _validate(c: MoEConfig) -> None:
     for name in ("load_balance_loss_weight", "router_z_loss_weight"):
         if getattr(c, name) < 0:
             raise ValueError(f"{name}: must be >= 0, got {getattr(c, name)}")
-    if c.swiglu_limit <= 0:
-        raise ValueError(f"swiglu_limit: must be > 0, got {c.swiglu_limit}")
+
+
+def _validate_parallelism(c: MoEConfig) -> None:
     axes = {"data_axis": c.data_axis, "expert_axis": c.expert_axis, "tensor_axis": c.tensor_axis}
     for name, value in axes.items():
         if not value:

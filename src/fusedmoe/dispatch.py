@@ -96,25 +96,34 @@ def unsort_and_combine(
     return out.astype(y_rows.dtype)
 
 
-def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
-    """Rows each expert takes on the dense path; dropless (-1) means every token."""
+def capacity(rows: int, destinations: int, capacity_factor: float, *, limit: int) -> int:
+    """Rows each of ``destinations`` takes when ``rows`` are spread over them:
+    ``ceil(rows / destinations * capacity_factor)``, between 1 and ``limit``; or
+    ``limit`` (all that can come) for -1, dropless. An expert on the dense path:
+    ``capacity(T * k, E, f, limit=T)``; a peer of an exchange: ``capacity(M, ep, f, limit=M)``."""
     if capacity_factor == -1:
-        return num_tokens
-    return max(1, min(num_tokens, math.ceil(num_tokens * k / num_experts * capacity_factor)))
+        return limit
+    return max(1, min(limit, math.ceil(rows / destinations * capacity_factor)))
 
 
 def dispatch_masks(
-    experts: jax.Array, weights: jax.Array, num_experts: int, capacity: int
+    experts: jax.Array, weights: jax.Array, num_experts: int, capacity: int,
+    offsets: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One-hot dispatch ``[T, E, C]`` (bool) and combine ``[T, E, C]`` (f32) masks.
 
     Capacity is filled in token order, slot 0 of every token before slot 1 (so a
-    token's first choice is the last to be dropped).
+    token's first choice is the last to be dropped). ``offsets [k, E]``: places
+    of expert ``e`` already taken before these tokens' slot-``s`` pairs by pairs
+    that are not theirs (other devices' tokens, on a mesh).
     """
     t, k = experts.shape
     one_hot = jax.nn.one_hot(experts, num_experts, dtype=jnp.int32)  # [T, k, E]
     slot_major = one_hot.transpose(1, 0, 2).reshape(k * t, num_experts)
-    position = (jnp.cumsum(slot_major, axis=0) - 1).reshape(k, t, num_experts).transpose(1, 0, 2)
+    position = (jnp.cumsum(slot_major, axis=0) - 1).reshape(k, t, num_experts)
+    if offsets is not None:
+        position = position + offsets[:, None, :]
+    position = position.transpose(1, 0, 2)
     kept = (one_hot > 0) & (position < capacity)  # [T, k, E]
     slot = jax.nn.one_hot(jnp.where(kept, position, capacity), capacity, dtype=jnp.float32)
     dispatch = (slot * kept[..., None]).sum(1)  # [T, E, C]

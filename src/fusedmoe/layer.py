@@ -1,5 +1,5 @@
-"""``MoE``: the Flax NNX module that owns the parameters and calls the pure
-functions of :mod:`routing`, :mod:`dispatch` and :mod:`experts`.
+"""``MoE``: the Flax NNX module that owns the parameters and hands them, as
+arrays, to the layer's one computation (:mod:`fusedmoe.pipeline`).
 
 Parameters (``G`` experts, ``K = emb_dim``, ``N = mlp_dim``):
 
@@ -29,14 +29,14 @@ Fused and unfused layers built from the same seed hold the same numbers:
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from fusedmoe import dispatch, experts, parallel, routing
+from fusedmoe import experts, pipeline
 from fusedmoe.config import MoEConfig
+from fusedmoe.placement import Placement, shard_module, validate_mesh
 
 
 class RoutingBias(nnx.Variable):
@@ -54,13 +54,18 @@ class MoE(nnx.Module):
     ``aux`` has ``load_balance_loss``, ``router_z_loss``, ``aux_loss`` (the two,
     weighted as configured), ``tokens_per_expert [G]`` and ``dropped_rows`` (the
     (token, slot) rows dropped for capacity: dense path or ``expert_capacity_factor``).
+
+    With ``mesh=`` (a ``jax.sharding.Mesh`` of any axis types, made by
+    ``jax.make_mesh`` or ``Mesh``) the parameters are placed on it and each call
+    runs data, expert and tensor parallel (see :mod:`fusedmoe.placement`); the
+    output has the input's sharding.
     """
 
     def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs, mesh=None):
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
-        if mesh is not None:  # data/expert/tensor parallelism: see fusedmoe.parallel
-            parallel.validate_mesh(config, mesh)
+        if mesh is not None:
+            validate_mesh(config, mesh)
         self.mesh = mesh
         self.config = c = config
         g, k, n, pdt = c.num_experts, c.emb_dim, c.mlp_dim, c.param_dtype
@@ -100,7 +105,7 @@ class MoE(nnx.Module):
                     kernel_init=nnx.initializers.normal(k**-0.5), rngs=rngs,
                 )
         if mesh is not None:
-            parallel.shard_module(self, mesh)
+            shard_module(self, Placement(config, mesh))
 
     @classmethod
     def from_state(cls, config: MoEConfig, state) -> MoE:
@@ -110,17 +115,43 @@ class MoE(nnx.Module):
 
         return module_from_state(lambda: cls(config, rngs=nnx.Rngs(0)), state)
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ forward
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        self._check_input(x)
+        c = self.config
+        placement = Placement(c, self.mesh)
+        tokens = _to_tokens(x, self.mesh, placement.axes.batch).astype(c.compute_dtype)
+        out, aux = pipeline.moe(tokens, self.weights(), c, placement)
+        return _from_tokens(out, x, self.mesh).astype(x.dtype), aux
+
+    def expert_weights(self) -> experts.ExpertWeights:
+        """The routed experts' weights as arrays in the compute dtype."""
+        dt = self.config.compute_dtype
+        return experts.ExpertWeights(
+            **{n: None if (v := self._param(n)) is None else v.astype(dt)
+               for n in experts.ExpertWeights._fields}
+        )
+
+    def weights(self) -> pipeline.MoEWeights:
+        """Every array the layer computes with (:class:`fusedmoe.pipeline.MoEWeights`)."""
+        shared = None
+        if self.config.shared_mlp_dim:
+            shared_gate = getattr(self, "shared_gate", None)
+            shared = pipeline.SharedWeights(
+                wo=self._param("shared_wo"), wi=self._param("shared_wi"),
+                wi_0=self._param("shared_wi_0"), wi_1=self._param("shared_wi_1"),
+                gate=None if shared_gate is None else shared_gate.kernel[...],
+            )
+        bias = getattr(self.gate, "bias", None)
+        return pipeline.MoEWeights(
+            router=self.gate.kernel[...], experts=self.expert_weights(),
+            router_bias=None if bias is None else bias[...],
+            selection_bias=self._param("selection_bias"), shared=shared,
+        )
+
     def _param(self, name: str):
         v = getattr(self, name, None)
         return None if v is None else v[...]
-
-    def _activation(self):
-        c = self.config
-        return partial(
-            experts.gated_activation, kind=c.mlp_activations,
-            swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit,
-        )
 
     def _check_input(self, x) -> None:
         k = self.config.emb_dim
@@ -133,99 +164,36 @@ class MoE(nnx.Module):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"x: expected a floating-point array, got dtype {x.dtype}")
 
-    # ------------------------------------------------------------------ forward
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        self._check_input(x)
-        c = self.config
-        b, s, k = x.shape
-        tokens = x.reshape(b * s, k).astype(c.compute_dtype)
-        if self.mesh is not None:
-            tokens = parallel.constrain_tokens(tokens, c, self.mesh)
-        logits = self.gate(tokens)
-        route = routing.route if self.mesh is None else parallel.route_fn(c, self.mesh)
-        chosen = route(
-            logits, k=c.num_experts_per_tok, score_func=c.score_func,
-            softmax_after_topk=c.softmax_after_topk, norm_topk_prob=c.norm_topk_prob,
-            routed_scaling_factor=c.routed_scaling_factor,
-            selection_bias=self._param("selection_bias"),
-            n_groups=c.n_routing_groups, top_groups=c.topk_routing_group,
-        )
-        dropped = jnp.zeros((), jnp.int32)
-        if c.sparse_matmul and self.mesh is not None:
-            out, dropped = parallel.sparse_moe(
-                tokens, chosen.experts, chosen.weights, self.expert_weights(),
-                self._activation(), c, self.mesh,
-            )
-        elif c.sparse_matmul:
-            out = self._sparse(tokens, chosen)
-        else:
-            out, dropped = self._dense(tokens, chosen)
-        if c.shared_mlp_dim:
-            out = out + self._shared(tokens)
-        aux = self._aux(logits, chosen)
-        aux["dropped_rows"] = dropped  # (token, slot) rows past a capacity; 0 when dropless
-        return out.reshape(b, s, k).astype(x.dtype), aux
 
-    def expert_weights(self) -> experts.ExpertWeights:
-        """The routed experts' weights as arrays in the compute dtype."""
-        dt = self.config.compute_dtype
-        names = experts.ExpertWeights._fields
-        return experts.ExpertWeights(
-            **{n: None if (v := self._param(n)) is None else v.astype(dt) for n in names}
-        )
+def _to_tokens(x, mesh, batch_axes):
+    """``x [B, S, K]`` -> ``[B*S, K]``. On a mesh with ``Explicit`` axes jax must be
+    told where a reshape's result lives: the input goes onto the mesh (as it
+    is, or replicated) and the tokens over the ``batch_axes`` that are
+    ``Explicit``; the rest is placed by :meth:`Placement.run`."""
+    b, s, k = x.shape
+    explicit = _explicit_axes(mesh)
+    if not explicit:
+        return x.reshape(b * s, k)
+    if not _explicit_axes(jax.typeof(x).sharding.mesh):
+        x = jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+    kept = tuple(a for a in batch_axes if a in explicit)
+    tokens = NamedSharding(mesh, PartitionSpec(kept or None))
+    return jax.lax.reshape(x, (b * s, k), out_sharding=tokens)
 
-    def _sparse(self, tokens, chosen: routing.Routing):
-        c = self.config
-        rows = dispatch.sort_by_expert(tokens, chosen.experts, c.num_experts)
-        y = experts.expert_ffn(
-            rows.rows, rows.group_sizes, rows.row_experts, self.expert_weights(),
-            self._activation(), backend=c.gmm_backend,
-        )
-        return dispatch.unsort_and_combine(y, rows, chosen.weights, c.float32_weight_sum)
 
-    def _dense(self, tokens, chosen: routing.Routing):
-        c = self.config
-        dt = c.compute_dtype
-        capacity = dispatch.expert_capacity(
-            tokens.shape[0], c.num_experts_per_tok, c.num_experts, c.capacity_factor
-        )
-        dispatch_mask, combine = dispatch.dispatch_masks(
-            chosen.experts, chosen.weights, c.num_experts, capacity
-        )
-        xe = jnp.einsum("tec,tk->eck", dispatch_mask.astype(dt), tokens)
-        gate = jnp.einsum("eck,ekn->ecn", xe, self.wi_0[...].astype(dt))
-        up = jnp.einsum("eck,ekn->ecn", xe, self.wi_1[...].astype(dt))
-        if c.mlp_bias:
-            gate = gate + self.wi_0_bias[...][:, None].astype(dt)
-            up = up + self.wi_1_bias[...][:, None].astype(dt)
-        act = self._activation()(gate, up)
-        y = jnp.einsum("ecn,enk->eck", act, self.wo[...].astype(dt))
-        if c.mlp_bias:
-            y = y + self.wo_bias[...][:, None].astype(dt)
-        sum_dtype = jnp.float32 if c.float32_weight_sum else dt
-        out = jnp.einsum("tec,eck->tk", combine.astype(sum_dtype), y.astype(sum_dtype))
-        dropped = chosen.experts.size - jnp.sum(dispatch_mask, dtype=jnp.int32)
-        return out.astype(dt), dropped
+def _from_tokens(out, x, mesh):
+    """``out [B*S, K]`` -> ``[B, S, K]`` with ``x``'s sharding (on a mesh with
+    ``Explicit`` axes; replicated when ``x`` had none)."""
+    if not _explicit_axes(mesh):
+        return out.reshape(x.shape)
+    sharding = jax.typeof(x).sharding
+    if not _explicit_axes(sharding.mesh):
+        sharding = NamedSharding(mesh, PartitionSpec())
+    return jax.lax.reshape(out, x.shape, out_sharding=sharding)
 
-    def _shared(self, tokens):
-        dt = self.config.compute_dtype
-        if self.config.fused_moe_mlp:
-            wi = self.shared_wi[...]
-        else:
-            wi = jnp.stack([self.shared_wi_0[...], self.shared_wi_1[...]], axis=1)
-        y = experts.dense_ffn(tokens, wi.astype(dt), self.shared_wo[...].astype(dt),
-                              self._activation())
-        if self.config.shared_expert_gate:
-            y = y * jax.nn.sigmoid(self.shared_gate(tokens)).astype(dt)
-        return y
 
-    def _aux(self, logits, chosen: routing.Routing) -> dict[str, jax.Array]:
-        c = self.config
-        balance = routing.load_balance_loss(chosen.scores, chosen.experts, c.num_experts)
-        z = routing.router_z_loss(logits)
-        return {
-            "load_balance_loss": balance,
-            "router_z_loss": z,
-            "aux_loss": c.load_balance_loss_weight * balance + c.router_z_loss_weight * z,
-            "tokens_per_expert": routing.tokens_per_expert(chosen.experts, c.num_experts),
-        }
+def _explicit_axes(mesh) -> tuple[str, ...]:
+    if mesh is None:
+        return ()
+    return tuple(name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+                 if kind == AxisType.Explicit)

@@ -1,8 +1,8 @@
-"""Communication bytes of :mod:`fusedmoe.parallel`, measured and on paper.
+"""Communication bytes of the layer on a mesh, measured and on paper.
 
-Measured: compile the routed-expert path for a mesh (abstract inputs, nothing is
-allocated, so full model sizes compile on a laptop), read the optimized HLO and
-add up the collectives' sizes. On paper: the same counts from the shapes.
+Measured: compile the layer for a mesh (abstract inputs, nothing is allocated,
+so full model sizes compile on a laptop), read the optimized HLO and add up
+the collectives' sizes. On paper: the same counts from the shapes.
 
     python -m fusedmoe.parallel_report                      # 8 CPU devices, forward
     python -m fusedmoe.parallel_report --mesh 1,4,2 --backward
@@ -16,16 +16,16 @@ GPU/TPU under uniform routing.
 from __future__ import annotations
 
 import re
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from fusedmoe import experts
 from fusedmoe.config import MoEConfig
-from fusedmoe.parallel import capacity, param_specs, sparse_moe, token_spec
+from fusedmoe.dispatch import capacity
+from fusedmoe.placement import Placement
 
 COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "reduce-scatter",
                "all-reduce", "collective-permute")
@@ -89,7 +89,7 @@ def collective_bytes(hlo_text: str, num_devices: int) -> dict[str, dict[str, int
 def analytic_bytes(config: MoEConfig, tokens_per_device: int, ep: int, tp: int,
                    kind: str = "buckets", dtype_bytes: int = 4, *, dp: int = 1,
                    backward: bool = False) -> dict[str, int]:
-    """Bytes one device sends for the routed experts in one forward pass, or one
+    """Bytes one device sends for the layer in one forward pass, or one
     forward+backward pass (``backward``), by the cost model of :func:`collective_bytes`.
 
     ``tokens_per_device``: tokens each device routes (global tokens / (data*expert)).
@@ -103,7 +103,7 @@ def analytic_bytes(config: MoEConfig, tokens_per_device: int, ep: int, tp: int,
     """
     c = config
     k_dim, rows = c.emb_dim, tokens_per_device * c.num_experts_per_tok
-    cap = capacity(rows, ep, c.expert_capacity_factor)
+    cap = capacity(rows, ep, c.expert_capacity_factor, limit=rows)
     ring = lambda size, n: 2 * size * (n - 1) // n  # noqa: E731 - all-reduce
     if ep == 1:
         a2a, processed, counts = 0, rows, 0
@@ -116,14 +116,19 @@ def analytic_bytes(config: MoEConfig, tokens_per_device: int, ep: int, tp: int,
         processed = ep * cap
         counts = c.num_experts * 4 * (ep - 1) // ep + 2 * (ep * ep * 4 * (ep - 1) // ep)
     psum = ring(processed * k_dim * dtype_bytes, tp) if tp > 1 else 0
+    # (Not counted: the aux losses' statistics, [G] counts and probability sums
+    # all-reduced over data x expert when the caller uses the aux losses.)
     out = {"all_to_all": a2a, "counts": counts, "tensor_psum": psum}
     if backward:
         out["all_to_all"] *= 2
         out["tensor_psum"] *= 2
         w_local = 3 * (c.num_experts // ep) * k_dim * (c.mlp_dim // tp) * dtype_bytes
         out["weight_grad_data_psum"] = ring(w_local, dp) if dp > 1 else 0
-        tokens_grad = tokens_per_device * (k_dim + c.num_experts_per_tok) * dtype_bytes
+        tokens_grad = tokens_per_device * k_dim * dtype_bytes
         out["token_grad_tensor_psum"] = ring(tokens_grad, tp) if tp > 1 else 0
+        # the router's [K, G] f32 gradient, replicated on every device
+        router = k_dim * c.num_experts * 4
+        out["router_grad_psum"] = ring(router, dp * ep * tp) if dp * ep * tp > 1 else 0
     out["total"] = sum(out.values())
     return out
 
@@ -145,38 +150,27 @@ PRESETS: dict[str, MoEConfig] = {
 
 
 def compiled_bytes(config: MoEConfig, mesh: Mesh, tokens: int, *, backward: bool = False):
-    """Compile the routed-expert path for ``tokens`` global tokens on ``mesh``
-    (abstract inputs: nothing is allocated) and count its collectives."""
-    c = config
-    g, k_dim, n = c.num_experts, c.emb_dim, c.mlp_dim
-    specs = param_specs(c, mesh)
-    dt = c.compute_dtype
-    sds = lambda shape, spec, dtype=dt: jax.ShapeDtypeStruct(  # noqa: E731
-        shape, dtype, sharding=NamedSharding(mesh, spec))
-    tok = token_spec(c, mesh)
-    x = sds((tokens, k_dim), tok)
-    chosen = sds((tokens, c.num_experts_per_tok), tok, jnp.int32)
-    comb = sds((tokens, c.num_experts_per_tok), tok, jnp.float32)
-    if c.fused_moe_mlp:
-        w = experts.ExpertWeights(wo=sds((g, n, k_dim), specs["wo"]),
-                                  wi=sds((g, k_dim, 2, n), specs["wi"]))
-    else:
-        w = experts.ExpertWeights(wo=sds((g, n, k_dim), specs["wo"]),
-                                  wi_0=sds((g, k_dim, n), specs["wi_0"]),
-                                  wi_1=sds((g, k_dim, n), specs["wi_1"]))
-    act = partial(experts.gated_activation, kind=c.mlp_activations)
+    """Compile the layer for ``tokens`` global tokens on ``mesh`` (abstract
+    inputs: nothing is allocated) and count its collectives."""
+    from flax import nnx
 
-    def fwd(x, chosen, comb, w):
-        return sparse_moe(x, chosen, comb, w, act, c, mesh)[0]
+    from fusedmoe.layer import MoE
+
+    c = config
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: MoE(c, rngs=nnx.Rngs(0), mesh=mesh)))
+    batch = Placement(c, mesh).token_spec()
+    # [tokens, 1, K]: the batch dim split like the layer's tokens, so no reshard
+    x = jax.ShapeDtypeStruct((tokens, 1, c.emb_dim), c.compute_dtype,
+                             sharding=NamedSharding(mesh, P(*batch)))
+
+    def fwd(state, x):
+        return nnx.merge(graphdef, state)(x)[0]
 
     if backward:
-        def loss(x, comb, w, chosen):
-            return jnp.sum(fwd(x, chosen, comb, w))
-        fn = jax.jit(lambda x, chosen, comb, w: jax.grad(loss, argnums=(0, 1, 2))(
-            x, comb, w, chosen))
+        fn = jax.jit(jax.grad(lambda state, x: jnp.sum(fwd(state, x)), argnums=(0, 1)))
     else:
         fn = jax.jit(fwd)
-    hlo = fn.lower(x, chosen, comb, w).compile().as_text()
+    hlo = fn.lower(state, x).compile().as_text()
     return collective_bytes(hlo, mesh.size)
 
 
@@ -247,7 +241,7 @@ def scaling(preset: str = "deepseek-v3", devices=(8, 64, 256), tokens_per_device
             f"| {ep} | {base.num_experts // ep} | "
             f"{_fmt(expert_weight_bytes_per_device(base, ep, 1, dtype_bytes))} | "
             f"{_fmt(rag['total'])} | {_fmt(ep * rows * row_bytes)} / "
-            f"{_fmt(ep * capacity(rows, ep, capacity_factor) * row_bytes)} | "
+            f"{_fmt(ep * capacity(rows, ep, capacity_factor, limit=rows) * row_bytes)} | "
             f"{_fmt(worst['total'])} | {_fmt(capped['total'])} |"
         )
     return "\n".join(lines)

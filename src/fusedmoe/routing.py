@@ -84,14 +84,37 @@ def tokens_per_expert(experts: jax.Array, num_experts: int) -> jax.Array:
     return jnp.bincount(experts.reshape(-1), length=num_experts).astype(jnp.int32)
 
 
-def load_balance_loss(scores: jax.Array, experts: jax.Array, num_experts: int) -> jax.Array:
-    """Switch-Transformer balance loss, ``E * sum_e f_e * p_e``: ``f_e`` the fraction
-    of routed (token, slot) pairs sent to e, ``p_e`` the mean router probability of e
-    (sigmoid scores are normalised per token first). 1.0 when perfectly balanced."""
+class BalanceStatistics(NamedTuple):
+    """What the balance loss needs, as sums over tokens (so the sums of several
+    devices' statistics are the statistics of all their tokens)."""
+
+    counts: jax.Array  # [E] int32 (token, slot) pairs sent to each expert
+    prob_sums: jax.Array  # [E] f32 sum over tokens of each expert's router probability
+    num_tokens: jax.Array  # [] int32
+
+
+def balance_statistics(
+    scores: jax.Array, experts: jax.Array, num_experts: int
+) -> BalanceStatistics:
+    """:class:`BalanceStatistics` of these tokens (sigmoid scores are normalised
+    per token first)."""
     probs = scores / scores.sum(-1, keepdims=True)
-    k = experts.shape[-1]
-    fraction = tokens_per_expert(experts, num_experts) / (experts.shape[0] * k)
-    return num_experts * jnp.sum(jax.lax.stop_gradient(fraction) * probs.mean(0))
+    return BalanceStatistics(tokens_per_expert(experts, num_experts), probs.sum(0),
+                             jnp.asarray(scores.shape[0], jnp.int32))
+
+
+def balance_loss_of(stats: BalanceStatistics, k: int) -> jax.Array:
+    """Switch-Transformer balance loss, ``E * sum_e f_e * p_e``: ``f_e`` the fraction
+    of routed (token, slot) pairs sent to e, ``p_e`` the mean router probability of e.
+    1.0 when perfectly balanced. ``f_e`` carries no gradient."""
+    fraction = stats.counts / (stats.num_tokens * k)
+    mean_probs = stats.prob_sums / stats.num_tokens
+    return stats.counts.shape[0] * jnp.sum(jax.lax.stop_gradient(fraction) * mean_probs)
+
+
+def load_balance_loss(scores: jax.Array, experts: jax.Array, num_experts: int) -> jax.Array:
+    """:func:`balance_loss_of` these tokens' statistics."""
+    return balance_loss_of(balance_statistics(scores, experts, num_experts), experts.shape[-1])
 
 
 def router_z_loss(logits: jax.Array) -> jax.Array:

@@ -1,4 +1,4 @@
-"""Multi-device checks of fusedmoe.parallel on 8 forced CPU devices.
+"""Multi-device checks of the layer on meshes of 8 forced CPU devices.
 
 Run by tests/test_parallel.py in its own process (the main pytest process has
 one device). Prints one JSON object on the last line:
@@ -9,6 +9,7 @@ one device). Prints one JSON object on the last line:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -23,15 +24,30 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
 
-from fusedmoe import MoE, parallel  # noqa: E402
+from fusedmoe import MoE, exchange  # noqa: E402
+from fusedmoe.placement import put  # noqa: E402
 
 
-def compare(cases, name, cfg, shape, ref):
-    mesh = common.make_mesh(shape)
+def compare(cases, name, cfg, shape, ref, *, mesh=None, run_as=None, context=False,
+            input_spec=None):
+    """The layer of ``cfg`` on ``mesh`` (default: an Auto ``Mesh`` of ``shape``)
+    against ``ref``; ``run_as``: a config the built layer runs with instead
+    (past the construction's checks); ``context``: called inside ``jax.set_mesh``;
+    ``input_spec``: the input placed on the mesh so (else as it comes)."""
+    mesh = common.make_mesh(shape) if mesh is None else mesh
     model = common.layer(cfg, mesh)
-    got = common.step(model, *common.inputs(), mesh=mesh)
+    if run_as is not None:
+        model.config = run_as
+    inputs = common.inputs()
+    if input_spec is not None:
+        inputs = [put(a, NamedSharding(mesh, input_spec)) for a in inputs]
+    if context:
+        with jax.set_mesh(mesh):
+            got = common.step(model, *inputs, mesh=mesh)
+    else:
+        got = common.step(model, *inputs, mesh=mesh)
     cases[name] = {"errors": common.max_errors(ref, got),
                    "dropped_rows": int(got[1].get("dropped_rows", 0))}
     return model
@@ -51,7 +67,7 @@ def global_concat_case(cases, fused_cfg):
     g, k, _, n = wi.shape
     shard_view = (wi.reshape(g, k, 2 * n).reshape(g, k, tp, 2, n // tp)
                   .transpose(0, 1, 3, 2, 4).reshape(g, k, 2, n))
-    model.wi.set_value(parallel.put(jnp.asarray(shard_view), model.wi.get_value().sharding))
+    model.wi.set_value(put(jnp.asarray(shard_view), model.wi.get_value().sharding))
     out, _ = forward(model, mesh)
     cases[f"global_concat_layout_{shape}"] = {
         "errors": {"out": common._err(ref, out)}, "expect_wrong": True}
@@ -118,6 +134,47 @@ def layer_collectives():
     return collective_bytes(fn.lower(state, x).compile().as_text(), 8)
 
 
+@contextlib.contextmanager
+def emulated_ragged_exchange():
+    """The ragged exchange with ``ragged_all_to_all``'s semantics emulated by
+    ``all_gather`` (XLA:CPU does not implement it)."""
+    real = exchange.ragged_all_to_all
+    exchange.ragged_all_to_all = exchange.emulated_ragged_all_to_all
+    try:
+        yield
+    finally:
+        exchange.ragged_all_to_all = real
+
+
+def axis_type_cases(cases, refs):
+    """Meshes made the way JAX's docs make them (``jax.make_mesh``: Explicit axes),
+    Auto and mixed axis types, called inside ``jax.set_mesh`` or not: each the
+    single-device result."""
+    from jax.sharding import AxisType
+    from jax.sharding import PartitionSpec as P
+
+    explicit, auto = (AxisType.Explicit,) * 3, (AxisType.Auto,) * 3
+    mixed = (AxisType.Explicit, AxisType.Auto, AxisType.Explicit)
+    plan = [(shape, "explicit", explicit, True) for shape in common.MESHES]
+    plan += [((2, 2, 2), "auto", auto, True), ((2, 4, 1), "mixed", mixed, True),
+             ((1, 4, 2), "mixed", mixed, True), ((2, 2, 2), "explicit", explicit, False)]
+    for shape, kind, types, fused in plan:
+        cfg = common.config(fused_moe_mlp=fused, gmm_backend="ragged_dot")
+        ref = refs[("ragged_dot", fused)]
+        mesh = jax.make_mesh(shape, common.AXES, axis_types=types)
+        layout = "fused" if fused else "unfused"
+        for context in (False, True):
+            where = "set_mesh" if context else "no_context"
+            compare(cases, f"axis_types_{kind}_{layout}_{where}_{shape}", cfg, shape, ref,
+                    mesh=mesh, context=context)
+    # A user's input already sharded over the mesh (batch over data, or seq over expert).
+    for spec in (P("data"), P(None, "expert")):
+        mesh = jax.make_mesh((2, 4, 1), common.AXES, axis_types=explicit)
+        cfg = common.config(fused_moe_mlp=True, gmm_backend="ragged_dot")
+        compare(cases, f"axis_types_explicit_input_{spec}", cfg, (2, 4, 1),
+                refs[("ragged_dot", True)], mesh=mesh, input_spec=spec)
+
+
 def bad_meshes(base):
     devices = np.array(jax.devices())
     attempts = {
@@ -150,26 +207,24 @@ def main() -> None:
     # bf16 and GPU default) on the mesh with all three axes.
     plan = [("ragged_dot", shape) for shape in common.MESHES]
     plan += [("auto", (2, 2, 2)), ("tiled", (2, 2, 2))]
+    refs = {}
     for fused in (True, False):
-        refs = {}
         for backend, shape in plan:
             cfg = common.config(fused_moe_mlp=fused, gmm_backend=backend)
-            if backend not in refs:
-                refs[backend] = common.step(common.layer(cfg), *common.inputs())
+            if (backend, fused) not in refs:
+                refs[backend, fused] = common.step(common.layer(cfg), *common.inputs())
             name = f"sparse_{'fused' if fused else 'unfused'}_{backend}_{shape}"
-            compare(cases, name, cfg, shape, refs[backend])
+            compare(cases, name, cfg, shape, refs[backend, fused])
         if fused:
             # ragged exchange: jax.lax.ragged_all_to_all is GPU/TPU only; its
             # semantics emulated with all_gather check the offset bookkeeping here.
-            cfg = common.config(fused_moe_mlp=True, gmm_backend="ragged_dot",
-                                expert_all_to_all="ragged")
-            parallel._RAGGED_ALL_TO_ALL = parallel.emulated_ragged_all_to_all
-            try:
+            cfg = common.config(fused_moe_mlp=True, gmm_backend="ragged_dot")
+            with emulated_ragged_exchange():
                 for shape in [(2, 2, 2), (1, 8, 1)]:
                     compare(cases, f"ragged_emulated_fused_{shape}", cfg, shape,
-                            refs["ragged_dot"])
-            finally:
-                parallel._RAGGED_ALL_TO_ALL = jax.lax.ragged_all_to_all
+                            refs["ragged_dot", True],
+                            run_as=cfg.replace(expert_all_to_all="ragged"))
+    axis_type_cases(cases, refs)
     for fused in (True, False):
         for backend in ("auto", "tiled"):
             user_shard_map_case(cases, fused, backend)
@@ -185,12 +240,10 @@ def main() -> None:
         "errors": {}, "dropped_rows": int(aux["dropped_rows"]),
         "finite": bool(np.isfinite(np.asarray(out)).all())}
     # the ragged exchange drops the same rows as the buckets
-    parallel._RAGGED_ALL_TO_ALL = parallel.emulated_ragged_all_to_all
-    try:
-        rag_out, rag_aux = forward(
-            common.layer(cfg.replace(expert_all_to_all="ragged"), mesh), mesh)
-    finally:
-        parallel._RAGGED_ALL_TO_ALL = jax.lax.ragged_all_to_all
+    with emulated_ragged_exchange():
+        model = common.layer(cfg, mesh)
+        model.config = cfg.replace(expert_all_to_all="ragged")
+        rag_out, rag_aux = forward(model, mesh)
     cases["capacity_0.5_ragged_vs_buckets"] = {
         "errors": {"out": common._err(out, rag_out)},
         "dropped_rows": int(rag_aux["dropped_rows"])}

@@ -14,7 +14,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fusedmoe import MoE, MoEConfig, parallel
+from fusedmoe import MoE, MoEConfig
+from fusedmoe.placement import put
 
 AXES = ("data", "expert", "tensor")
 MESHES = [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
@@ -30,9 +31,14 @@ def config(**changes) -> MoEConfig:
     return base.replace(**changes)
 
 
-def make_mesh(shape, devices=None) -> Mesh:
+def make_mesh(shape, devices=None, axis_types=None) -> Mesh:
+    """A ``Mesh`` of ``shape`` over (data, expert, tensor); ``axis_types``: a
+    ``jax.sharding.AxisType`` per axis (default: ``Mesh``'s own, Auto)."""
     devices = jax.devices() if devices is None else devices
-    return Mesh(np.array(devices[: int(np.prod(shape))]).reshape(shape), AXES)
+    grid = np.array(devices[: int(np.prod(shape))]).reshape(shape)
+    if axis_types is None:
+        return Mesh(grid, AXES)
+    return Mesh(grid, AXES, axis_types=axis_types)
 
 
 def layer(cfg: MoEConfig, mesh=None) -> MoE:
@@ -48,7 +54,7 @@ def layer(cfg: MoEConfig, mesh=None) -> MoE:
     for name, value in values.items():
         var = getattr(m, name, None)
         if var is not None:
-            var.set_value(value if mesh is None else parallel.put(value, var.get_value().sharding))
+            var.set_value(value if mesh is None else put(value, var.get_value().sharding))
     return m
 
 
@@ -76,7 +82,7 @@ def step(model: MoE, x, r, mesh=None):
     if mesh is None:
         return jax.jit(f)(state, x, r)
     if not NamedSharding(mesh, P()).is_fully_addressable:  # several processes
-        x, r = (parallel.put(a, NamedSharding(mesh, P())) for a in (x, r))
+        x, r = (put(a, NamedSharding(mesh, P())) for a in (x, r))
     return jax.jit(f, out_shardings=NamedSharding(mesh, P()))(state, x, r)
 
 

@@ -4,8 +4,9 @@
 
 Each process has 4 CPU devices (``--xla_force_host_platform_device_count=4``);
 the coordinator listens on 127.0.0.1:PORT; CPU collectives go through gloo. Both
-processes run the layer on a (data, expert, tensor) = (2, 2, 2) and a (1, 8, 1)
-mesh over all 8 devices (unfused: (2, 2, 2) only) and compare output, aux
+processes run the layer on a (data, expert, tensor) = (2, 2, 2) mesh, with Auto
+and with Explicit axes, and a (1, 8, 1) mesh over all 8 devices (unfused:
+(2, 2, 2) only) and compare output, aux
 losses and every gradient with the single-device layer computed locally. Prints
 one JSON line. Every wait is bounded (initialize / heartbeat / shutdown timeouts
 here, a process timeout in the launching test).
@@ -24,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import jax  # noqa: E402
+from jax.sharding import AxisType  # noqa: E402
 
 
 def main() -> None:
@@ -41,12 +43,15 @@ def main() -> None:
         cfg = common.config(fused_moe_mlp=fused, gmm_backend="ragged_dot")  # quick to compile
         ref = common.step(common.layer(cfg), *common.inputs())  # on this process's device 0
         for shape in [(2, 2, 2), (1, 8, 1)] if fused else [(2, 2, 2)]:
-            mesh = common.make_mesh(shape)
-            got = common.step(common.layer(cfg, mesh), *common.inputs(), mesh=mesh)
-            cases[f"{'fused' if fused else 'unfused'}_{shape}"] = {
-                "errors": common.max_errors(ref, got),
-                "dropped_rows": int(got[1]["dropped_rows"]),
-            }
+            for kind in ("auto", "explicit") if shape == (2, 2, 2) else ("auto",):
+                types = (AxisType.Explicit,) * 3 if kind == "explicit" else None
+                mesh = common.make_mesh(shape, axis_types=types)
+                got = common.step(common.layer(cfg, mesh), *common.inputs(), mesh=mesh)
+                name = f"{'fused' if fused else 'unfused'}_{shape}"
+                cases[name if kind == "auto" else f"{name}_explicit"] = {
+                    "errors": common.max_errors(ref, got),
+                    "dropped_rows": int(got[1]["dropped_rows"]),
+                }
     print(json.dumps({"process_id": process_id, "process_count": jax.process_count(),
                       "device_count": jax.device_count(), "cases": cases}), flush=True)
     jax.distributed.shutdown()

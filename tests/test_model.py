@@ -1,5 +1,7 @@
 """The small MoE language model: shapes, causality, fused == unfused, config errors."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ from flax import nnx
 
 from fusedmoe import MoEConfig
 from fusedmoe.checkpoint.fusion import unfuse_state
-from fusedmoe.model import ModelConfig, MoEModel, cross_entropy
+from fusedmoe.model import ModelConfig, MoEModel, RopeScaling, cross_entropy
 
 MOE = MoEConfig(num_experts=4, num_experts_per_tok=2, emb_dim=16, mlp_dim=16,
                 fused_moe_mlp=True, load_balance_loss_weight=0.01)
@@ -86,6 +88,18 @@ def test_tied_embeddings_and_all_moe():
         (dict(num_layers=0), "num_layers: expected an int >= 1, got 0"),
         (dict(vocab_size=1.5), "vocab_size: expected an int >= 1"),
         (dict(rope_theta=-1.0), "rope_theta: expected a number > 0"),
+        (dict(num_kv_heads=3), "num_kv_heads: 3 does not divide num_heads=2"),
+        (dict(head_dim=7), "head_dim 7 must be even"),
+        (dict(qk_norm="layer"), "qk_norm: got 'layer'"),
+        (dict(qk_norm="head"), "qk_norm: needs fused_qkv=False"),
+        (dict(attention="mla"), "attention: got 'mla', expected one of"),
+        (dict(clip_qkv=-1.0), "clip_qkv: expected a number >= 0"),
+        (dict(layer_types=("full_attention",)), "layer_types: 1 entries for num_layers=2"),
+        (dict(layer_types=("sliding_attention", "full_attention")),
+         "a sliding_attention layer needs sliding_window > 0"),
+        (dict(layer_types=("full", "full")), "layer_types: unknown"),
+        (dict(dense_layers=(2,)), r"dense_layers: \[2\] are not layers 0..1"),
+        (dict(hf_extra="[1]"), "hf_extra: expected a JSON object"),
     ],
 )
 def test_config_errors(changes, match):
@@ -97,6 +111,17 @@ def test_config_type_errors_and_dict_roundtrip():
     with pytest.raises(TypeError, match="moe: expected a MoEConfig"):
         ModelConfig(moe={"emb_dim": 16})
     assert ModelConfig.from_dict(CFG.to_dict()) == CFG
+    # the fields the Hugging Face families use survive a JSON round trip too
+    rich = CFG.replace(num_kv_heads=1, head_dim=8, fused_qkv=False, qk_norm="full",
+                       sliding_window=4, layer_types=("sliding_attention", "full_attention"),
+                       rope_scaling=RopeScaling("yarn", factor=4.0,
+                                                original_max_position_embeddings=8),
+                       dense_layers=(1,), hf_extra='{"eos_token_id": 2}')
+    again = ModelConfig.from_dict(json.loads(json.dumps(rich.to_dict())))
+    assert again == rich and hash(again) == hash(rich)
+    assert rich.moe_layers == [] and rich.window(0) == 4 and rich.window(1) == 0
+    with pytest.raises(ValueError, match="rope_scaling.rope_type: got 'ntk'"):
+        RopeScaling("ntk")
     with pytest.raises(ValueError, match="unknown field"):
         ModelConfig.from_dict({"layers": 2})
 

@@ -9,6 +9,7 @@ unfused. The reference runs transformers' eager attention in float32.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import jax.numpy as jnp
@@ -335,3 +336,46 @@ def test_save_refusals_and_atomicity(saved, tmp_path, monkeypatch):
         hf.save_model(model, tmp_path / "half")
     assert not (tmp_path / "half").exists()
     assert [p.name for p in tmp_path.iterdir()] == []  # no temporary directory left either
+
+
+# ----------------------------------------------------------------------------- command line
+def test_generate_command(saved, tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from fusedmoe.cli import main
+
+    d = _copy(saved, tmp_path)
+    args = ["generate", "--model", str(d), "--max-new-tokens", "5"]
+    assert main([*args, "--prompt-ids", "1,2,3"]) == 0
+    printed = [int(t) for t in capsys.readouterr().out.strip().split(",")]
+    want = np.asarray(generate(hf.load_model(d), np.asarray([[1, 2, 3]], np.int32), 5))[0]
+    assert printed == want.tolist()
+
+    assert main([*args, "--prompt", "hello world"]) == 2
+    assert "has no tokenizer.json; pass --prompt-ids" in capsys.readouterr().err
+    words = {f"w{i}": i for i in range(VOCAB)}
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(d / "tokenizer.json"))
+    assert main([*args, "--prompt", "w1 w2 w3"]) == 0
+    text = capsys.readouterr().out.strip()
+    assert text.startswith("w1 w2 w3") and text.split()[3:] == [f"w{t}" for t in want[3:]]
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["RUN"], "give either a run directory or --model DIR"),
+        ([], "give either --prompt TEXT or --prompt-ids"),
+        (["--prompt-ids", "1,x"], "--prompt-ids: got '1,x', expected comma-separated"),
+        (["--prompt-ids", "1,500"], "--prompt-ids: id 500 is past the vocabulary"),
+        (["--prompt-ids", "1", "--top-p", "0"], r"--top-p: got 0.0, expected a number in"),
+        (["--prompt-ids", "1", "--step", "3"], "--step: applies to a run directory only"),
+    ],
+)
+def test_generate_command_errors(saved, tmp_path, capsys, extra, match):
+    from fusedmoe.cli import main
+
+    extra = [str(tmp_path) if e == "RUN" else e for e in extra]
+    assert main(["generate", "--model", str(saved), *extra]) == 2
+    assert re.search(match, capsys.readouterr().err)

@@ -251,5 +251,5 @@ def _run_model(args: argparse.Namespace) -> int:
     if tokenizer is None:
         print(",".join(str(t) for t in ids + new))
     else:
-        print(args.prompt + tokenizer.decode(new))
+        print(tokenizer.decode(ids + new))  # whole, so the tokenizer joins words its way
     return 0

@@ -10,12 +10,12 @@ import pytest
 from flax import nnx
 
 from fusedmoe import MoE, MoEConfig
-from fusedmoe.grouped_matmul import available_backends
+from fusedmoe.grouped_matmul import available_backends, backend_names
 from fusedmoe.grouped_matmul.api import count_grouped_matmuls
 from fusedmoe.reference import activation, moe_forward, route_token
 
 SMALL = dict(num_experts=4, num_experts_per_tok=2, emb_dim=8, mlp_dim=16)
-BACKENDS = ["tiled", "cpu_kernel", "ragged_dot", "megablox", "tokamax"]
+BACKENDS = [name for name in backend_names() if name != "auto"]  # every registered backend
 
 
 def _backend_or_skip(name):
@@ -80,9 +80,9 @@ def test_fused_equals_unfused_forward_f32(backend):
     np.testing.assert_array_equal(aux_f["tokens_per_expert"], aux_u["tokens_per_expert"])
 
 
-@pytest.mark.parametrize("backend", ["tiled", "ragged_dot"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_equals_unfused_forward_bf16(backend):
-    config = MoEConfig(**SMALL, gmm_backend=backend, dtype="bfloat16", weight_dtype="bfloat16")
+    config = MoEConfig(**SMALL, gmm_backend=_backend_or_skip(backend), dtype="bfloat16", weight_dtype="bfloat16")
     unfused, fused = _pair(config)
     x = _x(dtype=jnp.bfloat16)
     out_u, _ = unfused(x)
@@ -178,7 +178,7 @@ def _loss(layer, x):
     return jnp.sum(out * jnp.cos(out)) + aux["load_balance_loss"]
 
 
-@pytest.mark.parametrize("backend", ["tiled", "ragged_dot", "megablox", "tokamax"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_gradients_equal_unfused(backend):
     config = MoEConfig(**SMALL, gmm_backend=_backend_or_skip(backend), mlp_bias=True,
                        shared_experts=1)

@@ -159,8 +159,8 @@ class Tokamax(Backend):
 
     def suitability(self, platform, dtype) -> int:
         sixteen_bit = dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-        # Its GPU kernels are 16-bit only; its f32 fallback there ran 2x-3.3x
-        # tiled's time (docs/backends.md). Elsewhere it is XLA's ragged_dot.
+        # Its GPU kernels are 16-bit only, and its f32 fallback there is slower
+        # than tiled (docs/backends.md). Elsewhere it is XLA's ragged_dot.
         return BEST if platform == "gpu" and sixteen_bit else NEVER
 
     def times_weight(self, lhs, rhs, group_sizes, out_dtype, *, transpose_rhs, operand_dtype):

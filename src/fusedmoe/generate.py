@@ -115,6 +115,15 @@ def _check(model, prompt, max_new_tokens, temperature, top_k, top_p):
         raise ValueError(f"top_k: expected None or an int in 1..{vocab}, got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, int | float) and 0 < top_p <= 1):
         raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
+    if model.mesh is not None:  # each decode step's B tokens split over data x expert
+        from fusedmoe.placement import sizes
+
+        dp, ep, _ = sizes(model.config.moe, model.mesh)
+        if shape[0] % (dp * ep):
+            raise ValueError(
+                f"prompt: batch {shape[0]} does not split over the mesh's data x expert axes "
+                f"({dp} x {ep} devices); use a multiple of {dp * ep}"
+            )
 
 
 def generate(model, prompt, max_new_tokens: int = 200, *, temperature: float = 0.0,

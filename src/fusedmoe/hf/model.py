@@ -259,21 +259,22 @@ def _read_top(st: SafetensorsDir, name: str, sub_like: Mapping) -> dict:
 
 
 def _place(model, mesh) -> None:
-    """Replicate the decoder's own parameters over ``mesh``; place each MoE layer's
-    as :mod:`fusedmoe.parallel` says."""
-    import jax
+    """Place each MoE layer's parameters as :mod:`fusedmoe.placement` says, and
+    replicate the rest of the model over ``mesh``."""
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from fusedmoe import parallel
+    from fusedmoe.placement import Placement, put, shard_module
 
     replicated = NamedSharding(mesh, PartitionSpec())
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Variable):
-            node.set_value(jax.device_put(node.get_value(), replicated))
+    for path, node in nnx.iter_graph(model):
+        in_moe = len(path) > 2 and path[0] == "blocks" and path[2] == "ffn" \
+            and model.blocks[path[1]].is_moe
+        if isinstance(node, nnx.Variable) and not in_moe:
+            node.set_value(put(node.get_value(), replicated))
     for block in model.blocks:
         if block.is_moe:
-            parallel.shard_module(block.ffn, mesh)
+            shard_module(block.ffn, Placement(block.ffn.config, mesh))
 
 
 def _dtype_name(dtype) -> str | None:

@@ -64,6 +64,7 @@ class Decoder(nnx.Module):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config: expected a ModelConfig, got {type(config).__name__}")
         self.config = c = config
+        self.mesh = mesh  # the MoE layers run on it; the rest is replicated
         pdt, dt = c.moe.param_dtype, c.moe.compute_dtype
         self.embed = nnx.Embed(c.vocab_size, c.emb_dim, dtype=dt, param_dtype=pdt,
                                embedding_init=nnx.initializers.normal(1.0), rngs=rngs)

@@ -29,7 +29,8 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attenti
               num_key_value_heads=2, max_position_embeddings=64, bos_token_id=None,
               eos_token_id=None, pad_token_id=None)
 # model_type -> config; between them: sliding windows crossed by the prompt (all layers,
-# and per layer), dense layers among MoE ones, biases, q/k norms, clip_qkv, head_dim.
+# and per layer), dense layers among MoE ones, biases, q/k norms, clip_qkv, head_dim,
+# tied embeddings.
 FAMILIES = {
     "mixtral": dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
                     sliding_window=8),
@@ -40,7 +41,8 @@ FAMILIES = {
     "qwen3_moe": dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8,
                       num_experts_per_tok=3, norm_topk_prob=True, head_dim=16,
                       mlp_only_layers=[1], attention_bias=True),
-    "olmoe": dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2, clip_qkv=0.8),
+    "olmoe": dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2, clip_qkv=0.8,
+                  tie_word_embeddings=True),
 }
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 20))
 PROMPT = np.random.default_rng(1).integers(0, VOCAB, (2, 12))  # longer than the windows

@@ -260,10 +260,12 @@ def model_config(
     hf_config: Mapping[str, Any], *, fused_moe_mlp: bool = True, dtype: str = "float32",
     where: str = "config.json", **overrides: Any,
 ):
-    """The :class:`ModelConfig` of a whole model's ``config.json``.
+    """The :class:`ModelConfig` of a whole model's ``config.json``, computing and
+    storing its parameters in ``dtype``.
 
     ``overrides`` set :class:`ModelConfig` fields or, for the names of
-    :class:`MoEConfig` fields (``gmm_backend``, ...), the MoE layers'."""
+    :class:`MoEConfig` fields (``gmm_backend``, ``weight_dtype``, ...), the MoE
+    layers' (whose config holds the whole model's dtypes)."""
     import dataclasses
 
     from fusedmoe.model import ModelConfig
@@ -284,8 +286,9 @@ def model_config(
                         "ModelConfig or MoEConfig")
     c = hf_config
     f = lambda *names, **kw: _field(c, *names, where=where, **kw)  # noqa: E731
-    moe = moe_config(c, fused_moe_mlp=fused_moe_mlp, weight_dtype=dtype, where=where,
-                     **{k: v for k, v in overrides.items() if k in moe_fields})
+    moe_overrides = {"dtype": dtype, **{k: v for k, v in overrides.items() if k in moe_fields}}
+    moe = moe_config(c, fused_moe_mlp=fused_moe_mlp, where=where,
+                     weight_dtype=moe_overrides.pop("weight_dtype", dtype), **moe_overrides)
     layers = int(f("num_hidden_layers"))
     moe_layers = set(moe_layer_indices(c))
     theta, scaling, max_len = _rope(c, fam, where)

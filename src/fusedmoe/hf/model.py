@@ -396,9 +396,8 @@ def save_model(model, path: str | os.PathLike, *, overwrite: bool = False,
     family = check_model_exportable(cfg)
     state = nnx.state(model).to_pure_dict()
     groups = _export_specs(cfg, family, state)
-    dtype = {name: np.dtype(_np_dtype(cfg.moe.weight_dtype)) for _, names in groups
-             for name in names}
-    specs = [(name, shape, dtype[name]) for _, names in groups for name, shape in names.items()]
+    dtype = _np_dtype(cfg.moe.weight_dtype)  # every parameter is stored in it
+    specs = [(name, shape, dtype) for _, names in groups for name, shape in names.items()]
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for group, names in groups:
@@ -407,7 +406,7 @@ def save_model(model, path: str | os.PathLike, *, overwrite: bool = False,
                 raise RuntimeError(f"save_model: layer {group} produced {sorted(produced)}, "
                                    f"planned {sorted(names)}")
             for name in names:
-                yield name, produced[name].astype(dtype[name], copy=False)
+                yield name, produced[name].astype(dtype, copy=False)
 
     hf_config = model_hf_config(cfg)
     with atomic_directory(path, overwrite=overwrite) as tmp:
@@ -416,7 +415,7 @@ def save_model(model, path: str | os.PathLike, *, overwrite: bool = False,
     return Path(path).absolute()
 
 
-def _np_dtype(name: str):
+def _np_dtype(name: str) -> np.dtype:
     import ml_dtypes
 
-    return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
+    return np.dtype(ml_dtypes.bfloat16 if name == "bfloat16" else name)

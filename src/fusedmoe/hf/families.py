@@ -84,21 +84,33 @@ MODEL_TENSORS = {
     "final_norm/scale": "model.norm.weight",
     "unembed/kernel": "lm_head.weight",
 }
-# Per decoder layer, under ``model.layers.{i}.``.
-LAYER_TENSORS = {
+# Per decoder layer, under ``model.layers.{i}.``: the norms, then the attention's
+# tensors by ``ModelConfig.attention`` (a new attention kind adds its own table).
+NORM_TENSORS = {
     "attn_norm/scale": "input_layernorm.weight",
     "ffn_norm/scale": "post_attention_layernorm.weight",
-    "attn/q/kernel": "self_attn.q_proj.weight",
-    "attn/q/bias": "self_attn.q_proj.bias",
-    "attn/k/kernel": "self_attn.k_proj.weight",
-    "attn/k/bias": "self_attn.k_proj.bias",
-    "attn/v/kernel": "self_attn.v_proj.weight",
-    "attn/v/bias": "self_attn.v_proj.bias",
-    "attn/out/kernel": "self_attn.o_proj.weight",
-    "attn/out/bias": "self_attn.o_proj.bias",
-    "attn/q_norm/scale": "self_attn.q_norm.weight",
-    "attn/k_norm/scale": "self_attn.k_norm.weight",
 }
+ATTENTION_TENSORS = {
+    "gqa": {
+        "attn/q/kernel": "self_attn.q_proj.weight",
+        "attn/q/bias": "self_attn.q_proj.bias",
+        "attn/k/kernel": "self_attn.k_proj.weight",
+        "attn/k/bias": "self_attn.k_proj.bias",
+        "attn/v/kernel": "self_attn.v_proj.weight",
+        "attn/v/bias": "self_attn.v_proj.bias",
+        "attn/out/kernel": "self_attn.o_proj.weight",
+        "attn/out/bias": "self_attn.o_proj.bias",
+        "attn/q_norm/scale": "self_attn.q_norm.weight",
+        "attn/k_norm/scale": "self_attn.k_norm.weight",
+    },
+}
+
+
+def layer_tensors(attention: str) -> dict[str, str]:
+    """A layer's tensors around its MLP: our path in the block -> the HF name."""
+    return {**NORM_TENSORS, **ATTENTION_TENSORS[attention]}
+
+
 # A dense layer's MLP: our DenseFFN's w_in [K, 2, N] is (gate, up) stacked, w_out [N, K].
 DENSE_MLP_TENSORS = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 # Tensors a checkpoint may hold that carry no weights of the model.

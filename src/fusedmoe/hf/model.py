@@ -30,11 +30,11 @@ from fusedmoe.hf.families import (
     DENSE_MLP_TENSORS,
     FAMILIES,
     IGNORED_SUFFIXES,
-    LAYER_TENSORS,
     MODEL_TENSORS,
     Family,
     family_of,
     layer_prefix,
+    layer_tensors,
 )
 from fusedmoe.hf.layers import (
     _QUANT_SUFFIXES,
@@ -79,18 +79,18 @@ def _block_tensor_names(cfg, family: Family, layer: int, block_like: Mapping,
                         moe_block: tuple[str, bool] | None) -> dict[str, tuple[int, ...]]:
     """HF name -> shape of decoder layer ``layer``'s tensors (``moe_block``: the MoE
     block's name and whether its experts are packed; None for a dense layer)."""
-    p = layer_prefix(layer)
+    p, names = layer_prefix(layer), layer_tensors(cfg.attention)
     out = {}
     for keys, leaf in _leaves(block_like):
         rel = _path(keys)
         if keys[0] == "ffn":
             continue
-        if rel not in LAYER_TENSORS:
+        if rel not in names:
             raise CheckpointError(
                 f"{cfg.model_type}: the model's parameter {rel!r} has no Hugging Face name"
             )
         shape = tuple(leaf.shape)
-        out[p + LAYER_TENSORS[rel]] = shape[::-1] if keys[-1] == "kernel" else shape
+        out[p + names[rel]] = shape[::-1] if keys[-1] == "kernel" else shape
     if moe_block is None:
         k, n = cfg.emb_dim, cfg.ffn_dim
         gate, up, down = (p + name for name in DENSE_MLP_TENSORS)
@@ -168,11 +168,11 @@ def _read_block(st: SafetensorsDir, cfg, family: Family, layer: int, block_like:
 
     from fusedmoe.checkpoint.fusion import fuse_state
 
-    p = layer_prefix(layer)
+    p, names = layer_prefix(layer), layer_tensors(cfg.attention)
     out: dict = {}
     for keys, leaf in _leaves(block_like):
         if keys[0] != "ffn":
-            array = _torch_layout(keys, st.get(p + LAYER_TENSORS[_path(keys)]))
+            array = _torch_layout(keys, st.get(p + names[_path(keys)]))
             _set(out, keys, jnp.asarray(array, leaf.dtype))
     ffn_like = block_like["ffn"]
     if moe_block is None:
@@ -357,8 +357,8 @@ def _export_group(cfg, family: Family, state: Mapping, group) -> dict[str, np.nd
                                                                                    "blocks")]
         return {MODEL_TENSORS[_path(keys)]: _torch_layout(keys, host(v))
                 for keys, v in _leaves({k: state[k] for k in names})}
-    block, p = state["blocks"][group], layer_prefix(group)
-    out = {p + LAYER_TENSORS[_path(keys)]: _torch_layout(keys, host(v))
+    block, p, names = state["blocks"][group], layer_prefix(group), layer_tensors(cfg.attention)
+    out = {p + names[_path(keys)]: _torch_layout(keys, host(v))
            for keys, v in _leaves({k: v for k, v in block.items() if k != "ffn"})}
     ffn = block["ffn"]
     if cfg.is_moe_layer(group):

@@ -273,6 +273,8 @@ def _copy(saved, tmp_path, **config_changes):
         (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                                "partial_rotary_factor": 0.5}),
          "partial_rotary_factor 0.5 is not supported"),
+        (dict(rope_parameters={"full_attention": {"rope_type": "default"}}),
+         r"rope_parameters per layer type \(full_attention\) is not supported"),
         (dict(num_key_value_heads=1),
          r"model.safetensors: tensor 'model.layers.0.self_attn.k_proj.weight' has shape "
          r"\[16, 32\], but config.json implies \[8, 32\]"),
@@ -280,7 +282,7 @@ def _copy(saved, tmp_path, **config_changes):
         (dict(vocab_size=None), "missing field 'vocab_size'"),
     ],
     ids=["model_type", "deepseek", "quantized", "hidden_act", "rope_type", "partial_rotary",
-         "shape", "unexpected", "missing-field"],
+         "rope_per_layer", "shape", "unexpected", "missing-field"],
 )
 def test_bad_config(saved, tmp_path, changes, match):
     with pytest.raises(hf.CheckpointError, match=match):

@@ -369,6 +369,12 @@ def _rope(c: Mapping[str, Any], fam: Family, where: str):
 
     name = "rope_parameters" if c.get("rope_parameters") else "rope_scaling"
     params = dict(c.get(name) or {})
+    nested = sorted(k for k in params if k in ("full_attention", "sliding_attention"))
+    if nested:
+        raise CheckpointError(
+            f"{where}: {name} per layer type ({', '.join(nested)}) is not supported; "
+            "expected one set of RoPE parameters for every layer"
+        )
     max_len = int(_field(c, "max_position_embeddings", where=where))
     theta = float(params.get("rope_theta") or c.get("rope_theta") or fam.default_theta)
     rope_type = params.get("rope_type", params.get("type", "default"))

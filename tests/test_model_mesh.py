@@ -1,6 +1,7 @@
-"""Whole models on meshes: logits on three meshes of 8 forced CPU devices equal
-one device's, and so does greedy generation (the check runs in its own process:
-tests/multidevice/check_models.py)."""
+"""Whole models on meshes: logits on four meshes of 8 forced CPU devices (three
+with Auto axes, one with Explicit ones) equal one device's, attention heads and
+dense widths are split over ``tensor``, and greedy generation equals one
+device's (the check runs in its own process: tests/multidevice/check_models.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 SCRIPT = Path(__file__).parent / "multidevice" / "check_models.py"
 TIMEOUT_S = 400
 TOL = 1e-5
-MESHES = ["8x1x1", "2x4x1", "1x4x2"]
+MESHES = ["8x1x1", "2x4x1", "1x4x2", "explicit_2x2x2"]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,19 @@ def test_mesh_gives_the_single_device_logits(result, fused, mesh):
 
 
 @pytest.mark.multidevice
+def test_heads_and_widths_split_over_tensor(result):
+    """On Auto axes with a tensor axis, query heads and the dense width are split;
+    without one, or on Explicit axes, they stay replicated."""
+    for fused in ("fused", "unfused"):
+        assert result["specs"][f"{fused}_1x4x2"] == ["P(None, 'tensor')",
+                                                     "P(None, None, 'tensor')"]
+        for mesh in ("8x1x1", "explicit_2x2x2"):
+            assert result["specs"][f"{fused}_{mesh}"] == ["P()"] * 2
+
+
+@pytest.mark.multidevice
 def test_greedy_generation_on_a_mesh(result):
-    assert result["generate"] == {f"fused_{MESHES[-1]}": True}
+    assert result["generate"] == {"fused_1x4x2": True}
 
 
 @pytest.mark.multidevice

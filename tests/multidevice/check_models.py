@@ -2,10 +2,12 @@
 
 A random Qwen3-MoE-shaped model (a dense layer, per-head q/k norms, grouped
 queries) is written with ``hf.save_model``, then loaded with
-``hf.load_model`` on one device and on each mesh, fused and unfused: logits
-are compared, and greedy generation on the last mesh. Run by tests/test_model_mesh.py in its own
+``hf.load_model`` on one device and on each mesh (``Mesh``'s Auto axes, and one
+of ``jax.make_mesh``'s Explicit ones), fused and unfused: logits are compared,
+and greedy generation on the last Auto mesh. Run by tests/test_model_mesh.py in its own
 process; prints one JSON object on the last line:
-``{"logits": {case: max abs diff}, "generate": {case: equal?}, "bad_batch": message}``.
+``{"logits": {case: max abs diff}, "specs": {case: [q kernel's, dense w_in's
+PartitionSpec]}, "generate": {case: equal?}, "bad_batch": message}``.
 
     python tests/multidevice/check_models.py
 """
@@ -49,7 +51,7 @@ def forward(model, tokens):
 def main() -> None:
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (8, 8)), jnp.int32)
     prompt = np.random.default_rng(1).integers(0, 64, (8, 6)).astype(np.int32)
-    out = {"logits": {}, "generate": {}}
+    out = {"logits": {}, "generate": {}, "specs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         path = hf.save_model(Decoder(CONFIG, rngs=nnx.Rngs(0)), os.path.join(tmp, "model"))
         for fused in (True, False):
@@ -61,8 +63,19 @@ def main() -> None:
                 model = hf.load_model(path, fused_moe_mlp=fused, mesh=mesh)
                 name = f"{'fused' if fused else 'unfused'}_{'x'.join(map(str, shape))}"
                 out["logits"][name] = float(np.abs(forward(model, tokens) - ref).max())
+                out["specs"][name] = [str(model.blocks[0].attn.q.kernel.sharding.spec),
+                                      str(model.blocks[1].ffn.w_in.sharding.spec)]
+            # jax.make_mesh's Explicit axes: heads and widths stay replicated
+            model = hf.load_model(path, fused_moe_mlp=fused,
+                                  mesh=jax.make_mesh((2, 2, 2), ("data", "expert", "tensor")))
+            name = f"{'fused' if fused else 'unfused'}_explicit_2x2x2"
+            out["logits"][name] = float(np.abs(forward(model, tokens) - ref).max())
+            out["specs"][name] = [str(model.blocks[0].attn.q.kernel.sharding.spec),
+                                  str(model.blocks[1].ffn.w_in.sharding.spec)]
             if fused:  # generation (each step's 8 tokens split over the devices), on one mesh
+                model = hf.load_model(path, fused_moe_mlp=fused, mesh=mesh)
                 want = np.asarray(generate(one, prompt, 6))
+                name = "fused_" + "x".join(map(str, MESHES[-1]))
                 out["generate"][name] = bool(np.array_equal(generate(model, prompt, 6), want))
         try:
             generate(model, prompt[:3], 2)

@@ -209,8 +209,8 @@ def load_model(path: str | os.PathLike, *, fused_moe_mlp: bool = True, dtype=Non
       fused_moe_mlp: store each MoE layer's gate and up projections as one
         ``wi [G, K, 2, N]`` (the default) or as two.
       dtype: parameters and compute; None keeps the checkpoint's own dtype.
-      mesh: a ``jax.sharding.Mesh`` with ``data``/``expert``/``tensor`` axes: the MoE
-        layers are placed and run on it (the rest of the model is replicated).
+      mesh: a ``jax.sharding.Mesh`` with ``data``/``expert``/``tensor`` axes, on which
+        the parameters are placed (:mod:`fusedmoe.model.sharding`) and the model runs.
       overrides: :class:`ModelConfig` or :class:`MoEConfig` fields (``gmm_backend``,
         ``max_seq_len``, ...).
     """
@@ -242,7 +242,9 @@ def load_model(path: str | os.PathLike, *, fused_moe_mlp: bool = True, dtype=Non
     nnx.replace_by_pure_dict(state, tree)
     model = nnx.merge(graphdef, state)
     if mesh is not None:
-        _place(model, mesh)
+        from fusedmoe.model.sharding import place
+
+        place(model, mesh)
     jax.block_until_ready(nnx.state(model))
     return model
 
@@ -256,25 +258,6 @@ def _read_top(st: SafetensorsDir, name: str, sub_like: Mapping) -> dict:
         array = st.get(MODEL_TENSORS[_path((name, *keys))])
         _set(out, keys, jnp.asarray(_torch_layout(keys, array), leaf.dtype))
     return out
-
-
-def _place(model, mesh) -> None:
-    """Place each MoE layer's parameters as :mod:`fusedmoe.placement` says, and
-    replicate the rest of the model over ``mesh``."""
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from fusedmoe.placement import Placement, put, shard_module
-
-    replicated = NamedSharding(mesh, PartitionSpec())
-    for path, node in nnx.iter_graph(model):
-        in_moe = len(path) > 2 and path[0] == "blocks" and path[2] == "ffn" \
-            and model.blocks[path[1]].is_moe
-        if isinstance(node, nnx.Variable) and not in_moe:
-            node.set_value(put(node.get_value(), replicated))
-    for block in model.blocks:
-        if block.is_moe:
-            shard_module(block.ffn, Placement(block.ffn.config, mesh))
 
 
 def _dtype_name(dtype) -> str | None:

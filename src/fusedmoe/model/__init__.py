@@ -9,6 +9,7 @@ module             what it holds
 ``layers``         :class:`RMSNorm`, the dense gated FFN
 ``attention``      the masked softmax, grouped-query attention, ``ATTENTIONS``
 ``cache``          the KV cache (rings of slots, per layer)
+``sharding``       where the parameters live on a mesh
 ``decoder``        blocks and :class:`Decoder` (``MoEModel``), ``cross_entropy``
 =================  ===========================================================
 """

@@ -64,7 +64,7 @@ class Decoder(nnx.Module):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config: expected a ModelConfig, got {type(config).__name__}")
         self.config = c = config
-        self.mesh = mesh  # the MoE layers run on it; the rest is replicated
+        self.mesh = mesh  # see fusedmoe.model.sharding
         pdt, dt = c.moe.param_dtype, c.moe.compute_dtype
         self.embed = nnx.Embed(c.vocab_size, c.emb_dim, dtype=dt, param_dtype=pdt,
                                embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
@@ -76,6 +76,10 @@ class Decoder(nnx.Module):
             self.unembed = nnx.Linear(c.emb_dim, c.vocab_size, use_bias=False, dtype=dt,
                                       param_dtype=pdt, kernel_init=normal_init(c.emb_dim**2),
                                       rngs=rngs)
+        if mesh is not None:  # the MoE layers placed themselves; this places the rest
+            from fusedmoe.model.sharding import place
+
+            place(self, mesh)
 
     # ------------------------------------------------------------------ forward
     def __call__(self, tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -4,9 +4,12 @@ failure and settings, other dtypes, and what ``auto`` takes on CPU."""
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -200,12 +203,13 @@ def test_cpu_kernel_other_dtypes_run_in_f32():
 def test_auto_on_cpu_by_dtype(dtype, pairs, monkeypatch):
     # f32 takes the compiled kernel where it can run; bf16 only a build that
     # multiplies bf16 pairs; other dtypes take tiled.
-    from fusedmoe.grouped_matmul import cpu_kernel
+    from fusedmoe.grouped_matmul import cpu_kernel, measured
     from fusedmoe.grouped_matmul.registry import auto_backend
 
     kernel_runs = available_backends()["cpu_kernel"] is None
     assert cpu_kernel.multiplies_bf16_pairs() == (kernel_runs and cpu_kernel._isa() == "avx512bf16")
     monkeypatch.setattr(cpu_kernel, "_planned_isa", lambda: "avx512bf16" if pairs else "avx512")
+    monkeypatch.setattr(measured, "kernel_is_faster", lambda library, dtype: True)
     takes_kernel = dtype == jnp.float32 or (dtype == jnp.bfloat16 and pairs)
     assert auto_backend("cpu", dtype) == ("cpu_kernel" if takes_kernel and kernel_runs else "tiled")
 
@@ -234,3 +238,42 @@ def test_auto_without_a_compiler_falls_back_to_tiled_with_one_warning(monkeypatc
         monkeypatch.undo()
         for fn in (cpu_kernel.unavailable_reason, cpu_kernel._load):
             fn.cache_clear()
+
+
+@pytest.mark.parametrize(("kernel_s", "tiled_s", "kernel_kept"),
+                         [(1.0, 2.0, True), (1.1, 1.0, True), (2.0, 1.0, False)],
+                         ids=["kernel-faster", "within-margin", "tiled-clearly-faster"])
+def test_auto_takes_what_was_measured_faster_here(tmp_path, monkeypatch, kernel_s, tiled_s,
+                                                   kernel_kept):
+    # auto takes cpu_kernel for a dtype only where it measured at least about as
+    # fast as tiled on this machine; the measurement is kept beside the build
+    # and read back instead of measuring again.
+    from fusedmoe.grouped_matmul import cpu_kernel, measured, registry
+
+    skip_unavailable("cpu_kernel")
+    library = tmp_path / "cpu_kernel-test.so"
+    monkeypatch.setattr(cpu_kernel, "_library", lambda: library)
+    calls = []
+    fake = lambda dtype: calls.append(dtype) or (kernel_s, tiled_s)  # noqa: E731
+    monkeypatch.setattr(measured, "measure", fake)
+    monkeypatch.setattr(measured, "kernel_is_faster",
+                        functools.cache(measured.kernel_is_faster.__wrapped__))
+    want = "cpu_kernel" if kernel_kept else "tiled"
+    assert registry.auto_backend("cpu", jnp.float32) == want
+    assert registry.auto_backend("cpu", jnp.float32) == want
+    assert calls == [jnp.dtype(jnp.float32)]  # measured once
+    kept = json.loads(Path(f"{library}.json").read_text())
+    assert kept[f"{measured.cpu_model()} / float32"]["tiled_s"] == tiled_s
+    measured.kernel_is_faster.cache_clear()  # a new process reads the file, measures nothing
+    monkeypatch.setattr(measured, "measure", lambda dtype: pytest.fail("measured again"))
+    assert registry.auto_backend("cpu", jnp.float32) == want
+
+
+def test_the_measurement_times_both_backends(monkeypatch):
+    from fusedmoe.grouped_matmul import measured
+
+    skip_unavailable("cpu_kernel")
+    monkeypatch.setattr(measured, "SHAPE", (256, 64, 128, 4))  # small: seconds, not minutes
+    kernel_s, tiled_s = measured.measure(jnp.float32)
+    assert 0 < kernel_s < 10 and 0 < tiled_s < 10
+

@@ -190,6 +190,14 @@ def test_input_already_sharded_on_an_explicit_mesh(runs, spec):
 
 
 @pytest.mark.multidevice
+@pytest.mark.parametrize("name", ["odd_tokens_sparse_(2, 2, 2)", "odd_tokens_sparse_(1, 8, 1)",
+                                  "odd_tokens_dense_(2, 2, 2)"])
+def test_token_counts_that_do_not_divide_over_the_mesh(runs, name):
+    """3 tokens on 8 devices (a decode step): padded, and padding counts nowhere."""
+    _assert_close(runs["check"]["cases"][name], name)
+
+
+@pytest.mark.multidevice
 def test_dense_path_with_mesh(runs):
     _assert_close(runs["check"]["cases"]["dense_(2, 2, 2)"], "dense")
 

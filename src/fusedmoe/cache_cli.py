@@ -2,11 +2,12 @@
 
 ``cpu_kernel`` compiles its C++ source on first use and keeps the library,
 named by a hash of the source, flags, compiler and jax version
-(:mod:`fusedmoe.grouped_matmul.cpu_kernel`). Every change of one of those leaves the
-old library behind. This lists the cache and, with ``--clean``, removes the
-libraries no build of this checkout would load (``--all``: every one), and
-files left by builds that were killed mid-way. Other files there are never
-touched.
+(:mod:`fusedmoe.grouped_matmul.cpu_kernel`), with what ``auto`` measured of it
+beside it (``<library>.json``, :mod:`fusedmoe.grouped_matmul.measured`). Every
+change of one of those leaves the old library behind. This lists the cache
+and, with ``--clean``, removes the libraries no build of this checkout would
+load (``--all``: every one), and files left by builds that were killed
+mid-way. Other files there are never touched.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def run(args) -> int:
         label = f"{_size(library)}  {'current' if in_use else 'stale'}"
         if args.clean and (args.all or not in_use):
             library.unlink()
+            Path(f"{library}.json").unlink(missing_ok=True)  # its measured choices
             removed += 1
             label += ", removed"
         print(f"  {library.name}  {label}")

@@ -66,12 +66,26 @@ AUX_KEYS = ("load_balance_loss", "router_z_loss", "aux_loss", "tokens_per_expert
 
 def moe(tokens: jax.Array, weights: MoEWeights, config: MoEConfig,
         placement: Placement) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """``tokens [T, K]`` -> ``(out [T, K], aux)`` (see :class:`fusedmoe.MoE`)."""
-    placement.check_tokens(tokens.shape[0])
+    """``tokens [T, K]`` -> ``(out [T, K], aux)`` (see :class:`fusedmoe.MoE`).
+
+    On a mesh the tokens are split over its data x expert devices; when ``T``
+    does not divide by their number (a decode step's few tokens), zero rows
+    pad it up to a multiple, marked invalid: they are routed but weigh
+    nothing, take no capacity, count in no aux statistic, and are cut off the
+    output."""
+    t = tokens.shape[0]
+    pad = -t % placement.axes.batch_devices
+    valid = None
+    if pad:
+        tokens = jnp.concatenate([tokens, jnp.zeros((pad, tokens.shape[1]), tokens.dtype)])
+        valid = jnp.arange(t + pad) < t
     body = partial(per_device, config=config, axes=placement.axes)
     tok = placement.token_spec()
-    return placement.run(body, (tokens, weights), in_specs=(tok, weight_specs(weights, placement)),
-                         out_specs=(tok, dict.fromkeys(AUX_KEYS, P())))
+    out, aux = placement.run(
+        body, (tokens, weights, valid),
+        in_specs=(tok, weight_specs(weights, placement), None if valid is None else tok),
+        out_specs=(tok, dict.fromkeys(AUX_KEYS, P())))
+    return (out[:t] if pad else out), aux
 
 
 def weight_specs(weights: MoEWeights, placement: Placement) -> MoEWeights:
@@ -96,9 +110,10 @@ def weight_specs(weights: MoEWeights, placement: Placement) -> MoEWeights:
     )
 
 
-def per_device(tokens: jax.Array, w: MoEWeights, *, config: MoEConfig,
-               axes: Axes) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """One device's program: its ``tokens [T_local, K]`` -> ``(out [T_local, K], aux)``."""
+def per_device(tokens: jax.Array, w: MoEWeights, valid: jax.Array | None = None, *,
+               config: MoEConfig, axes: Axes) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """One device's program: its ``tokens [T_local, K]`` -> ``(out [T_local, K], aux)``;
+    ``valid [T_local]`` marks the real tokens among padding (``None``: all are)."""
     c = config
     logits = _linear_f32(tokens, w.router, w.router_bias)
     chosen = routing.route(
@@ -107,11 +122,13 @@ def per_device(tokens: jax.Array, w: MoEWeights, *, config: MoEConfig,
         routed_scaling_factor=c.routed_scaling_factor, selection_bias=w.selection_bias,
         n_groups=c.n_routing_groups, top_groups=c.topk_routing_group,
     )
+    if valid is not None:  # padding weighs nothing
+        chosen = chosen._replace(weights=jnp.where(valid[:, None], chosen.weights, 0.0))
     routed = _sparse if c.sparse_matmul else _dense
-    out, dropped = routed(tokens, chosen, w.experts, c, axes)
+    out, dropped = routed(tokens, chosen, w.experts, c, axes, valid)
     if w.shared is not None:
         out = out + _shared(tokens, w.shared, c, axes)
-    aux = _aux(logits, chosen, c, axes)
+    aux = _aux(logits, chosen, c, axes, valid)
     aux["dropped_rows"] = axes.sum_over_batch(dropped)
     return out, aux
 
@@ -128,8 +145,10 @@ def _linear_f32(x, kernel, bias=None):
     return y if bias is None else y + bias.astype(jnp.float32)
 
 
-def _sparse(tokens, chosen: routing.Routing, w: experts.ExpertWeights, c: MoEConfig, axes: Axes):
-    """Dropless: rows sorted by expert, exchanged, one grouped matmul per projection."""
+def _sparse(tokens, chosen: routing.Routing, w: experts.ExpertWeights, c: MoEConfig, axes: Axes,
+            valid=None):
+    """Dropless: rows sorted by expert, exchanged, one grouped matmul per projection.
+    (Padding rows, which weigh nothing, may take an exchange's capacity.)"""
     srt = dispatch.sort_by_expert(tokens, chosen.experts, c.num_experts)
     wo_bias, w = w.wo_bias, w._replace(wo_bias=None)  # added once, after the tensor-axis sum
 
@@ -145,7 +164,8 @@ def _sparse(tokens, chosen: routing.Routing, w: experts.ExpertWeights, c: MoECon
     return out, dropped
 
 
-def _dense(tokens, chosen: routing.Routing, w: experts.ExpertWeights, c: MoEConfig, axes: Axes):
+def _dense(tokens, chosen: routing.Routing, w: experts.ExpertWeights, c: MoEConfig, axes: Axes,
+           valid=None):
     """Capacity-based: one-hot masks and einsums. Each device takes the tokens of
     its data shard (gathered over ``expert``) to its own experts; capacity is
     filled in the order one device would fill it (all tokens' first choices,
@@ -155,6 +175,8 @@ def _dense(tokens, chosen: routing.Routing, w: experts.ExpertWeights, c: MoEConf
     gather = (lambda a: jax.lax.all_gather(a, axes.expert, axis=0, tiled=True)) if axes.ep > 1 \
         else (lambda a: a)
     x, ids, weights = gather(tokens), gather(chosen.experts), gather(chosen.weights)
+    if valid is not None:  # padding takes no capacity: an expert id past the last
+        ids = jnp.where(gather(valid)[:, None], ids, g)
     total_tokens = x.shape[0] * axes.dp
     capacity = dispatch.capacity(total_tokens * k, g, c.capacity_factor, limit=total_tokens)
     dispatch_mask, combine = dispatch.dispatch_masks(ids, weights, g, capacity,
@@ -206,11 +228,13 @@ def _shared(tokens, w: SharedWeights, c: MoEConfig, axes: Axes):
     return y
 
 
-def _aux(logits, chosen: routing.Routing, c: MoEConfig, axes: Axes) -> dict[str, jax.Array]:
+def _aux(logits, chosen: routing.Routing, c: MoEConfig, axes: Axes,
+         valid=None) -> dict[str, jax.Array]:
     stats = axes.sum_over_batch(
-        routing.balance_statistics(chosen.scores, chosen.experts, c.num_experts))
+        routing.balance_statistics(chosen.scores, chosen.experts, c.num_experts, valid))
     balance = routing.balance_loss_of(stats, c.num_experts_per_tok)
-    z_sum = jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2)
+    lse_squared = jax.nn.logsumexp(logits, axis=-1) ** 2
+    z_sum = jnp.sum(lse_squared if valid is None else jnp.where(valid, lse_squared, 0.0))
     z = axes.sum_over_batch(z_sum) / stats.num_tokens
     return {
         "load_balance_loss": balance,

@@ -153,15 +153,6 @@ class Placement:
             "shared_wi_1": P(None, tp), "shared_wo": P(tp, None), "shared_gate.kernel": P(),
         }
 
-    def check_tokens(self, num_tokens: int) -> None:
-        n = self.axes.batch_devices
-        if num_tokens % n:
-            dp, ep = self.axes.dp, self.axes.ep
-            raise ValueError(
-                f"x: batch*seq={num_tokens} tokens do not split evenly over the data x expert "
-                f"axes ({dp} x {ep} = {n} devices); use a multiple of {n}"
-            )
-
     def run(self, body: Callable, args: tuple, in_specs: tuple, out_specs) -> Any:
         """``body(*args)`` on one device; on a mesh, ``body`` is each device's
         program under ``jax.shard_map`` and ``args`` are placed per ``in_specs``

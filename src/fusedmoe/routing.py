@@ -94,13 +94,18 @@ class BalanceStatistics(NamedTuple):
 
 
 def balance_statistics(
-    scores: jax.Array, experts: jax.Array, num_experts: int
+    scores: jax.Array, experts: jax.Array, num_experts: int, valid: jax.Array | None = None
 ) -> BalanceStatistics:
     """:class:`BalanceStatistics` of these tokens (sigmoid scores are normalised
-    per token first)."""
+    per token first); ``valid [T]``: only those tokens count (``None``: all)."""
     probs = scores / scores.sum(-1, keepdims=True)
-    return BalanceStatistics(tokens_per_expert(experts, num_experts), probs.sum(0),
-                             jnp.asarray(scores.shape[0], jnp.int32))
+    if valid is None:
+        return BalanceStatistics(tokens_per_expert(experts, num_experts), probs.sum(0),
+                                 jnp.asarray(scores.shape[0], jnp.int32))
+    # Invalid tokens' choices go to a bin past the last expert, which is dropped.
+    counts = tokens_per_expert(jnp.where(valid[:, None], experts, num_experts), num_experts + 1)
+    return BalanceStatistics(counts[:num_experts], jnp.where(valid[:, None], probs, 0.0).sum(0),
+                             jnp.sum(valid, dtype=jnp.int32))
 
 
 def balance_loss_of(stats: BalanceStatistics, k: int) -> jax.Array:

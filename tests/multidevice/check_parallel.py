@@ -134,6 +134,19 @@ def layer_collectives():
     return collective_bytes(fn.lower(state, x).compile().as_text(), 8)
 
 
+def odd_token_counts(cases):
+    """Token counts that do not divide over the data x expert devices (a decode
+    step's few tokens): padded inside the layer, the same result as one device."""
+    for sparse, shape in ((True, (2, 2, 2)), (True, (1, 8, 1)), (False, (2, 2, 2))):
+        cfg = common.config(fused_moe_mlp=sparse, sparse_matmul=sparse, gmm_backend="ragged_dot")
+        x, r = (a[:1, :3] for a in common.inputs())  # 3 tokens on 8 devices
+        ref = common.step(common.layer(cfg), x, r)
+        mesh = common.make_mesh(shape)
+        got = common.step(common.layer(cfg, mesh), x, r, mesh=mesh)
+        name = f"odd_tokens_{'sparse' if sparse else 'dense'}_{shape}"
+        cases[name] = {"errors": common.max_errors(ref, got)}
+
+
 @contextlib.contextmanager
 def emulated_ragged_exchange():
     """The ragged exchange with ``ragged_all_to_all``'s semantics emulated by
@@ -225,6 +238,7 @@ def main() -> None:
                             refs["ragged_dot", True],
                             run_as=cfg.replace(expert_all_to_all="ragged"))
     axis_type_cases(cases, refs)
+    odd_token_counts(cases)
     for fused in (True, False):
         for backend in ("auto", "tiled"):
             user_shard_map_case(cases, fused, backend)

@@ -50,6 +50,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from fusedmoe.grouped_matmul import measured
 from fusedmoe.grouped_matmul.backend import BEST, NEVER, Backend, f32_or_bf16, vary_like
 
 _SOURCE = Path(__file__).with_name("cpu_kernel.cc")
@@ -216,6 +217,11 @@ def _build(cxx: str, isa: str | None = None) -> Path:
     return library
 
 
+def _library() -> Path:
+    """The library this process loaded (or would load)."""
+    return library_path(_compiler(), _isa())
+
+
 @functools.cache
 def _load() -> str:
     """Compile (or find) the kernel and register its FFI targets with jax, once;
@@ -307,13 +313,15 @@ class CpuKernel(Backend):
         if platform != "cpu":
             return NEVER
         dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
-        if dtype == jnp.float32:
-            return BEST
         # Its build that widens bf16 to f32 loses to XLA's own bf16 dots, which
         # use the CPU's bf16 instructions (docs/backends.md, "auto").
-        if dtype == jnp.bfloat16 and _planned_isa() == "avx512bf16":
-            return BEST
-        return NEVER
+        pairs = dtype == jnp.bfloat16 and _planned_isa() == "avx512bf16"
+        if dtype != jnp.float32 and not pairs:
+            return NEVER
+        if jax.default_backend() != "cpu" or unavailable_reason() is not None:
+            return BEST  # auto passes it over (and says why) when it cannot run
+        # Where it can run, it is taken where it is faster than tiled here.
+        return BEST if measured.kernel_is_faster(_library(), dtype.name) else NEVER
 
 
 BACKEND = CpuKernel()

@@ -82,7 +82,8 @@ def test_fused_equals_unfused_forward_f32(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_equals_unfused_forward_bf16(backend):
-    config = MoEConfig(**SMALL, gmm_backend=_backend_or_skip(backend), dtype="bfloat16", weight_dtype="bfloat16")
+    config = MoEConfig(**SMALL, gmm_backend=_backend_or_skip(backend), dtype="bfloat16",
+                       weight_dtype="bfloat16")
     unfused, fused = _pair(config)
     x = _x(dtype=jnp.bfloat16)
     out_u, _ = unfused(x)

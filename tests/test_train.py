@@ -24,7 +24,7 @@ from fusedmoe.checkpoint.run_checkpoint import (
 )
 from fusedmoe.cli import main
 from fusedmoe.corpus import batch_at
-from fusedmoe.generate import generate
+from fusedmoe.generate_cli import generate_text
 from fusedmoe.train import (
     DEFAULT_PRESET,
     PRESETS,
@@ -165,11 +165,11 @@ def test_convert_run_fused_to_unfused_and_back(fused_run, tmp_path):
 
 def test_generate_api(fused_run):
     out, _ = fused_run
-    greedy = generate(out, "The ", 8)
+    greedy = generate_text(out, "The ", 8)
     assert len(greedy.encode("utf-8", errors="replace")) >= 1
-    assert generate(out, "The ", 8) == greedy
+    assert generate_text(out, "The ", 8) == greedy
     # top-1 sampling is greedy whatever the temperature
-    assert generate(out, "The ", 8, temperature=1.5, top_k=1, seed=3) == greedy
+    assert generate_text(out, "The ", 8, temperature=1.5, top_k=1, seed=3) == greedy
 
 
 def test_cli_train_and_generate(tmp_path, capsys):

@@ -23,7 +23,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "check": ("fusedmoe.check", "equivalence checks: fused vs unfused, each backend vs reference"),
     "convert": ("fusedmoe.checkpoint.convert_cli", "convert Hugging Face <-> orbax checkpoints"),
     "train": ("fusedmoe.train.command", "train the small MoE language model"),
-    "generate": ("fusedmoe.generate", "generate text from a trained checkpoint"),
+    "generate": ("fusedmoe.generate_cli",
+                 "generate text from a Hugging Face model or a training run's checkpoint"),
     "cache": ("fusedmoe.cache_cli", "list, or clean, the compiled cpu_kernel builds on disk"),
 }
 

@@ -15,18 +15,14 @@ Sampling: ``temperature == 0`` is greedy (argmax, as transformers' greedy
 ``top_p`` (transformers' order and rules), then sampled with a key derived from
 ``seed`` and the position.
 
-Called with a ``fusedmoe train`` run directory and a text prompt instead, it
-is the older API of ``fusedmoe generate RUN_DIR`` and returns text
-(:func:`fusedmoe.generate_cli.generate_text`). The command itself lives in
-:mod:`fusedmoe.generate_cli`.
+Text from a ``fusedmoe train`` run directory:
+:func:`fusedmoe.generate_cli.generate_text`. The ``fusedmoe generate`` command
+lives in :mod:`fusedmoe.generate_cli`.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any, NamedTuple
-
-from fusedmoe.generate_cli import add_arguments, run  # noqa: F401  (the command table's entry)
 
 
 class Sampling(NamedTuple):
@@ -115,28 +111,12 @@ def _check(model, prompt, max_new_tokens, temperature, top_k, top_p):
         raise ValueError(f"top_k: expected None or an int in 1..{vocab}, got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, int | float) and 0 < top_p <= 1):
         raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
-    if model.mesh is not None:  # each decode step's B tokens split over data x expert
-        from fusedmoe.placement import sizes
-
-        dp, ep, _ = sizes(model.config.moe, model.mesh)
-        if shape[0] % (dp * ep):
-            raise ValueError(
-                f"prompt: batch {shape[0]} does not split over the mesh's data x expert axes "
-                f"({dp} x {ep} devices); use a multiple of {dp * ep}"
-            )
 
 
 def generate(model, prompt, max_new_tokens: int = 200, *, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int = 0, **kwargs):
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0):
     """``prompt [B, P]`` continued by ``max_new_tokens`` tokens: ``[B, P + max_new_tokens]``
     int32. See the module docstring."""
-    if isinstance(model, str | os.PathLike):  # the older API: a training run's text
-        from fusedmoe.generate_cli import generate_text
-
-        return generate_text(str(model), prompt, max_new_tokens, temperature=temperature,
-                             top_k=top_k or 0, seed=seed, **kwargs)
-    if kwargs:
-        raise TypeError(f"generate: unexpected argument(s) {sorted(kwargs)}")
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -4,6 +4,7 @@ the plot without matplotlib or pyplot, and the modules' imports (light, no cycle
 
 import argparse
 import ast
+import hashlib
 import json
 import os
 import shutil
@@ -211,6 +212,24 @@ def test_cli_errors(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"fusedmoe {argv[0]}: error: ") and message in err, err
+
+
+def test_toy_model_on_a_file_of_token_ids(tmp_path, capsys):
+    ids = np.tile(np.arange(0, 200, 3), 20)  # a pattern to learn, ids below the toy's 256
+    np.save(tmp_path / "ids.npy", ids)
+    out = str(tmp_path / "run")
+    argv = ["train", "--preset", "tiny", "--steps", "3", "--out", out, "--quiet"]
+    assert main([*argv, "--data", str(tmp_path / "ids.npy")]) == 0
+    config = restore_run(out, params_only=True)[1]
+    assert config.data == str(tmp_path / "ids.npy") and not config.byte_level
+    assert config.data_sha256 == hashlib.sha256(ids.astype("<i4").tobytes()).hexdigest()
+    np.save(tmp_path / "big.npy", np.array([5] * 40 + [256]))
+    assert main([*argv[:-3], "--data", str(tmp_path / "big.npy")]) == 2
+    assert "token id 256 (first past the vocabulary at position 40) is past the model's " \
+        "vocabulary of 256 tokens" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="byte-level training needs >= 256"):
+        TINY.replace(model=TINY.model.replace(vocab_size=100))
+    assert TINY.replace(model=TINY.model.replace(vocab_size=100), data="ids.npy").data
 
 
 def test_trainer_starts_from_given_params():

@@ -1,15 +1,26 @@
-"""Train the small MoE language model of :mod:`fusedmoe.model` (``fusedmoe train``).
+"""Train the small MoE language model of :mod:`fusedmoe.model`, or fine-tune a
+Hugging Face model (``fusedmoe train``).
 
-Byte-level (vocab 256) next-token prediction on the text the package ships in
-``fusedmoe/data/*.txt`` (no download), AdamW with linear warm-up and cosine
-decay, global-norm gradient clipping, the MoE load-balance loss added to the
-cross-entropy.
+Next-token prediction on the text the package ships in ``fusedmoe/data/*.txt``
+(no download) read byte by byte (vocab 256), or through a Hugging Face model's
+``tokenizer.json``, or on token ids from a file; AdamW with linear warm-up and
+cosine decay, global-norm gradient clipping, the MoE load-balance loss added
+to the cross-entropy. ``TrainConfig.init`` starts from a Hugging Face model's
+weights; :func:`export_hf` writes tuned parameters back in its format.
 
 Python API::
 
     from fusedmoe.train import TrainConfig, train
     result = train(TrainConfig.preset("tiny"), out="runs/tiny")
     result.losses          # one float per step run
+
+    # fine-tuning: the model of a Hugging Face directory, on its tokenizer
+    from fusedmoe.train.pretrained import init_model_config
+    config = TrainConfig.preset("tiny").replace(
+        model=init_model_config("path/to/model", fused=True), init="path/to/model",
+        tokenizer="path/to/model/tokenizer.json", learning_rate=1e-5)
+    result = train(config, out="runs/ft")
+    export_hf(result.state["params"], config.model, "out/", tokenizer_from="path/to/model")
 
 Everything that makes a run reproducible is a pure function of the config: the
 batch of step ``s`` is drawn from ``numpy.random.default_rng([seed, s])`` (see
@@ -29,6 +40,8 @@ Written to ``--out DIR``:
 One concern per module, each importing only the ones above it:
 
 - ``config``: :class:`TrainConfig`, its validation, ``PRESETS``;
+- ``data``: the token stream (bytes, a tokenizer's ids, or ids from a file);
+- ``pretrained``: a Hugging Face model's config and weights in, tuned weights out;
 - ``trainer``: schedule, optimizer, :class:`Trainer` (the jitted step), ``trainer_for``;
 - ``metrics``: ``metrics.jsonl``; ``plot``: the loss-curve PNG; ``progress``: the
   progress bar and the closing summary;
@@ -64,12 +77,15 @@ _EXPORTS = {
     "convert_run": "fusedmoe.train.resume",
     "train": "fusedmoe.train.loop",
     "TrainResult": "fusedmoe.train.loop",
+    "export_hf": "fusedmoe.train.pretrained",
+    "init_model_config": "fusedmoe.train.pretrained",
 }
 
 __all__ = [  # noqa: RUF022 - the order of _EXPORTS
     "TrainConfig", "PRESETS", "DEFAULT_PRESET", "Trainer", "trainer_for", "make_schedule",
     "make_optimizer", "learning_rates", "METRICS_FILE", "read_metrics", "write_metrics",
     "LOSS_PNG", "plot_losses", "restore_run", "convert_run", "train", "TrainResult",
+    "export_hf", "init_model_config",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time see __getattr__
@@ -77,6 +93,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time see __getattr__
     from fusedmoe.train.loop import TrainResult, train
     from fusedmoe.train.metrics import METRICS_FILE, read_metrics, write_metrics
     from fusedmoe.train.plot import LOSS_PNG, plot_losses
+    from fusedmoe.train.pretrained import export_hf, init_model_config
     from fusedmoe.train.resume import convert_run, restore_run
     from fusedmoe.train.trainer import (
         Trainer,

@@ -30,6 +30,11 @@ class TrainConfig:
     adam_b2: float = 0.95
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
+    # --- where the run starts and what it reads (fusedmoe.train.pretrained, .data) ---
+    init: str = ""  # a Hugging Face model directory the parameters start from; "": seed
+    tokenizer: str = ""  # a tokenizer.json the shipped text is encoded with; "": bytes
+    data: str = ""  # a file of token ids (.txt or .npy) trained on instead of the text
+    data_sha256: str = ""  # the token stream's digest (fusedmoe.train.data.digest); "": unchecked
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -37,6 +42,11 @@ class TrainConfig:
     @property
     def fused(self) -> bool:
         return self.model.moe.fused_moe_mlp
+
+    @property
+    def byte_level(self) -> bool:
+        """Whether the run reads the shipped text byte by byte (no tokenizer, no data file)."""
+        return not (self.tokenizer or self.data)
 
     @property
     def tokens_per_step(self) -> int:
@@ -91,9 +101,12 @@ def _validate(c: TrainConfig) -> None:
     check_ints_at_least(c, ("seed", "warmup_steps"), 0)
     if c.seq_len > c.model.max_seq_len:
         raise ValueError(f"seq_len: {c.seq_len} exceeds model.max_seq_len={c.model.max_seq_len}")
-    if c.model.vocab_size < 256:
+    if c.byte_level and c.model.vocab_size < 256:
         raise ValueError(f"model.vocab_size: byte-level training needs >= 256, got "
-                         f"{c.model.vocab_size}")
+                         f"{c.model.vocab_size} (or train on a tokenizer or a data file)")
+    for name in ("init", "tokenizer", "data", "data_sha256"):
+        if not isinstance(getattr(c, name), str):
+            raise TypeError(f"{name}: expected a str, got {getattr(c, name)!r}")
     if not c.learning_rate > 0:
         raise ValueError(f"learning_rate: expected > 0, got {c.learning_rate}")
     if not 0 <= c.min_lr_ratio <= 1:

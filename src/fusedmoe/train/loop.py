@@ -11,11 +11,17 @@ from typing import Any
 
 import numpy as np
 
-from fusedmoe.checkpoint.run_checkpoint import run_checkpoint_manager, save_run_step
+from fusedmoe.checkpoint.run_checkpoint import (
+    finalized_run_steps,
+    run_checkpoint_manager,
+    save_run_step,
+)
 from fusedmoe.corpus import batch_at
 from fusedmoe.train.config import TrainConfig
+from fusedmoe.train.data import stream_for
 from fusedmoe.train.metrics import MetricsLog, read_metrics, step_row, write_metrics
 from fusedmoe.train.plot import LOSS_PNG, plot_losses
+from fusedmoe.train.pretrained import init_params
 from fusedmoe.train.progress import ProgressBar, print_summary
 from fusedmoe.train.resume import holds_a_run, resume_point
 from fusedmoe.train.trainer import learning_rates, trainer_for
@@ -53,22 +59,33 @@ def train(config: TrainConfig, out: str | None = None, *, resume: bool = False,
     the latest finalized checkpoint in ``out`` (converting it when it was written
     in the other fused/unfused layout); the config must agree with the
     checkpoint's except for the layout and backend. Without a checkpoint, start
-    from scratch. ``on_step`` is called with each step's metrics row.
+    from ``config.init``'s weights (a Hugging Face model) or from fresh ones.
+    Batches come from the token stream ``config`` names (:mod:`fusedmoe.train.data`).
+    ``on_step`` is called with each step's metrics row.
+
+    The returned ``TrainResult.config`` records the token stream's digest.
     """
     if stop_after is not None and not 1 <= stop_after <= config.steps:
         raise ValueError(f"stop_after: expected 1..steps={config.steps}, got {stop_after}")
     if resume and out is None:
         raise ValueError("resume: needs an out directory to resume from")
+    if out is not None and not resume and holds_a_run(out):
+        raise FileExistsError(f"{out}: already holds a run; resume it or choose another directory")
     last = config.steps if stop_after is None else stop_after
+    config, data = stream_for(config)
 
-    state, start = None, 0
-    if out is not None:
-        state, start = _open_run_directory(out, config, resume=resume, verbose=verbose)
     trainer = trainer_for(config)
-    if state is None:
-        state = trainer.init_state(config.seed)
+    # The starting point comes first (loading --init's weights may fail), so a
+    # failed start leaves the run directory as it was.
+    state = None
+    if not (resume and finalized_run_steps(out)):
+        state = init_state(trainer, config)
+    start = 0
+    if out is not None:
+        restored, start = _open_run_directory(out, config, resume=resume, verbose=verbose)
+        state = restored if restored is not None else state
 
-    run_steps = _StepRunner(trainer, config, out, last)
+    run_steps = _StepRunner(trainer, config, out, last, data)
     progress = None
     if verbose:
         layout = "fused" if config.fused else "unfused"
@@ -94,17 +111,23 @@ def train(config: TrainConfig, out: str | None = None, *, resume: bool = False,
     return result
 
 
+def init_state(trainer, config: TrainConfig) -> dict[str, Any]:
+    """A run's first state: the parameters of ``config.init`` (a Hugging Face
+    model) or fresh ones of ``config.seed``, with a fresh optimizer state."""
+    if config.init:
+        return trainer.state_for(init_params(config))
+    return trainer.init_state(config.seed)
+
+
 def _open_run_directory(out: str, config: TrainConfig, *, resume: bool, verbose: bool
                         ) -> tuple[dict[str, Any] | None, int]:
     """Make ``out`` ready for steps after the returned one: the restored state and
-    step when resuming one that has a checkpoint, else ``(None, 0)`` (a fresh run,
-    refused where a run already is). ``metrics.jsonl`` is left holding the rows up
-    to that step."""
+    step when resuming one that has a checkpoint, else ``(None, 0)`` (a fresh
+    run; :func:`train` has refused one where a run already is). ``metrics.jsonl``
+    is left holding the rows up to that step."""
     os.makedirs(out, exist_ok=True)
     if resume:
         state, start, rows = resume_point(out, config, verbose=verbose)
-    elif holds_a_run(out):
-        raise FileExistsError(f"{out}: already holds a run; resume it or choose another directory")
     else:
         state, start, rows = None, 0, []
     write_metrics(out, rows)
@@ -113,11 +136,14 @@ def _open_run_directory(out: str, config: TrainConfig, *, resume: bool, verbose:
 
 class _StepRunner:
     """One training step after another: runs the compiled step on the batch of
-    ``(seed, step)``, and with an ``out`` directory appends each metrics row and
-    checkpoints every ``checkpoint_every`` steps and at step ``last``."""
+    ``(seed, step)`` drawn from ``data`` (the token stream), and with an ``out``
+    directory appends each metrics row and checkpoints every ``checkpoint_every``
+    steps and at step ``last``."""
 
-    def __init__(self, trainer, config: TrainConfig, out: str | None, last: int):
+    def __init__(self, trainer, config: TrainConfig, out: str | None, last: int,
+                 data: np.ndarray):
         self.trainer, self.config, self.out, self.last = trainer, config, out, last
+        self.data = data
         self.lrs = learning_rates(config)
         self.log = MetricsLog(out) if out is not None else None
         self.mngr = (run_checkpoint_manager(out, config.keep_checkpoints)
@@ -127,7 +153,7 @@ class _StepRunner:
         import jax
 
         c = self.config
-        inputs, targets = batch_at(c.seed, step, c.batch_size, c.seq_len)
+        inputs, targets = batch_at(c.seed, step, c.batch_size, c.seq_len, self.data)
         lr = self.lrs[step - 1]
         t0 = time.perf_counter()
         params, opt_state, m = self.trainer.step(state["params"], state["opt_state"],

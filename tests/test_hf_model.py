@@ -264,7 +264,7 @@ def _copy(saved, tmp_path, **config_changes):
     ("changes", "match"),
     [
         (dict(model_type="llama"), "unsupported model_type 'llama'"),
-        (dict(model_type="deepseek_v3"), "whole models are not supported yet"),
+        (dict(model_type="deepseek_v3"), "num_key_value_heads 2 < num_attention_heads 4"),
         (dict(quantization_config={"quant_method": "fp8"}),
          "quantization_config .*'fp8'.*quantized checkpoints are not read"),
         (dict(hidden_act="relu"), "hidden_act 'relu' is not supported"),

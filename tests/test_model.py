@@ -92,7 +92,7 @@ def test_tied_embeddings_and_all_moe():
         (dict(head_dim=7), "head_dim 7 must be even"),
         (dict(qk_norm="layer"), "qk_norm: got 'layer'"),
         (dict(qk_norm="head"), "qk_norm: needs fused_qkv=False"),
-        (dict(attention="mla"), "attention: got 'mla', expected one of"),
+        (dict(attention="mha"), "attention: got 'mha', expected one of"),
         (dict(clip_qkv=-1.0), "clip_qkv: expected a number >= 0"),
         (dict(layer_types=("full_attention",)), "layer_types: 1 entries for num_layers=2"),
         (dict(layer_types=("sliding_attention", "full_attention")),

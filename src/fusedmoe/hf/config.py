@@ -1,6 +1,7 @@
 """``config.json`` <-> our configs: :class:`MoEConfig` for the MoE blocks (every
-family) and :class:`ModelConfig` for whole models (the grouped-query-attention
-families). Every field we cannot honour is refused with its name, before
+family) and :class:`ModelConfig` for whole models (every family: grouped-query
+attention, gpt-oss's attention with sinks, DeepSeek-V3's multi-head latent
+attention). Every field we cannot honour is refused with its name, before
 anything is built; fields that change no number (token ids, initializer range,
 ...) ride along in ``ModelConfig.hf_extra`` and are written back on export.
 """
@@ -243,7 +244,17 @@ _CONSUMED = {
     "max_window_layers", "layer_types", "qkv_bias", "attention_bias", "clip_qkv",
     "mlp_only_layers", "decoder_sparse_step", "dtype", "torch_dtype", "quantization_config",
     "transformers_version", "_name_or_path",
+    # DeepSeek-V3: multi-head latent attention, dense layers, routing
+    "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+    "qk_head_dim", "rope_interleave", "first_k_dense_replace", "n_routed_experts",
+    "n_shared_experts", "routed_scaling_factor", "n_group", "topk_group", "scoring_func",
+    "topk_method", "moe_layer_freq",
+    # gpt-oss: the experts' clamped SwiGLU
+    "swiglu_alpha", "swiglu_limit",
 }
+# Names under which transformers and DeepSeek's own code count the multi-token
+# prediction (MTP) modules; see _refuse_mtp.
+_MTP_FIELDS = ("num_nextn_predict_layers", "num_mtp_layers")
 
 
 def refuse_quantized(hf_config: Mapping[str, Any], where: str) -> None:
@@ -278,6 +289,9 @@ def model_config(
             "fusedmoe.hf.load_moe_layer"
         )
     refuse_quantized(hf_config, where)
+    overrides = _refuse_mtp(fam, overrides, where)
+    if fam.model_type == "deepseek_v3":
+        _refuse_deepseek(hf_config, where)
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
     moe_fields = {f.name for f in dataclasses.fields(MoEConfig)}
     unknown = sorted(set(overrides) - model_fields - moe_fields)
@@ -305,6 +319,17 @@ def model_config(
     )
     if fam.dense_layers:
         values["dense_mlp_dim"] = int(f("intermediate_size"))
+    if fam.attention != "gqa":
+        values["attention"] = fam.attention
+    if fam.attention == "mla":
+        # MLA computes keys and values for every query head: num_key_value_heads and
+        # head_dim (transformers sets it to qk_rope_head_dim) change nothing.
+        values.update(
+            num_kv_heads=0, head_dim=0, q_lora_rank=int(c.get("q_lora_rank") or 0),
+            kv_lora_rank=int(f("kv_lora_rank")), qk_nope_head_dim=int(f("qk_nope_head_dim")),
+            qk_rope_head_dim=int(f("qk_rope_head_dim")), v_head_dim=int(f("v_head_dim")),
+            rope_interleave=bool(c.get("rope_interleave", True)),
+        )
     if fam.bias_field:
         default = fam.bias_field == "qkv_bias"  # Qwen2-MoE's biases predate the field
         bias = bool(c.get(fam.bias_field, default))
@@ -317,6 +342,61 @@ def model_config(
         return ModelConfig(**values)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: the model it describes is not valid: {exc}") from None
+
+
+def _refuse_mtp(fam: Family, overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    """DeepSeek-V3's multi-token prediction (MTP) modules sit after the last layer;
+    transformers runs them only to draft tokens for speculative decoding, never in a
+    forward pass or plain generation, and neither do we: their tensors are skipped on
+    load and ``num_nextn_predict_layers`` rides along in ``hf_extra``. Asking for
+    them (an override ``num_nextn_predict_layers > 0``) is refused; 0 is a no-op."""
+    overrides = dict(overrides)
+    for name in _MTP_FIELDS:
+        if name in overrides:
+            value = overrides.pop(name)
+            if value:
+                raise CheckpointError(
+                    f"{where}: {name}={value!r}: multi-token prediction layers are not "
+                    f"computed (model_type {fam.model_type!r}: the model runs its "
+                    "num_hidden_layers layers; MTP modules, used only to draft tokens for "
+                    "speculative decoding, are not loaded)"
+                )
+    return overrides
+
+
+def mtp_layers(hf_config: Mapping[str, Any]) -> int:
+    """How many MTP modules a DeepSeek-V3 checkpoint may hold after its last layer."""
+    for name in _MTP_FIELDS:
+        if hf_config.get(name):
+            return int(hf_config[name])
+    return 0
+
+
+def _refuse_deepseek(c: Mapping[str, Any], where: str) -> None:
+    """DeepSeek(-V2) config values transformers' DeepseekV3 code would ignore and
+    compute otherwise, so neither of us computes what the checkpoint expects."""
+    fixed = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1}
+    for name, want in fixed.items():
+        if c.get(name) is not None and c[name] != want:
+            raise CheckpointError(
+                f"{where}: {name} {c[name]!r} is not supported; deepseek_v3 computes "
+                f"{name}={want!r}"
+            )
+    heads, kv_heads = c.get("num_attention_heads"), c.get("num_key_value_heads")
+    if kv_heads and heads and kv_heads < heads:
+        raise CheckpointError(
+            f"{where}: num_key_value_heads {kv_heads} < num_attention_heads {heads}: multi-head "
+            "latent attention computes keys and values for every head (grouped queries are "
+            "not supported)"
+        )
+    params = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    params = params if isinstance(params, Mapping) else {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if params.get("mscale_all_dim") and rope_type != "yarn":
+        raise CheckpointError(
+            f"{where}: rope_parameters.mscale_all_dim with rope_type {rope_type!r} is not "
+            "supported (only yarn's mscale_all_dim corrects the softmax scale here)"
+        )
 
 
 def _sliding(c: Mapping[str, Any], fam: Family, layers: int, where: str) -> dict[str, Any]:
@@ -332,8 +412,9 @@ def _sliding(c: Mapping[str, Any], fam: Family, layers: int, where: str) -> dict
         if not isinstance(window, int) or window < 1:
             raise CheckpointError(f"{where}: sliding_window {window!r}: expected an int >= 1")
         return {"sliding_window": window}
-    # qwen2_moe: per layer; without layer_types, transformers derives them like this
-    use = bool(c.get("use_sliding_window", False))
+    # qwen2_moe and gpt_oss: per layer; without layer_types, transformers derives them
+    # like this (gpt_oss has no use_sliding_window: its sliding layers always slide)
+    use = bool(c.get("use_sliding_window", fam.model_type == "gpt_oss"))
     window = (window or 0) if use else 0
     types = c.get("layer_types")
     if types is None:
@@ -436,7 +517,15 @@ def model_hf_config(cfg) -> dict[str, Any]:
     if cfg.head_dim:
         out["head_dim"] = cfg.head_dim
     out.update(_moe_fields(cfg.moe, fam.model_type))
-    if fam.dense_layers:
+    if fam.attention == "mla":
+        out.update(q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank,
+                   qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
+                   v_head_dim=cfg.v_head_dim, rope_interleave=cfg.rope_interleave)
+    if fam.model_type == "deepseek_v3":
+        moe = cfg.moe_layers
+        out.update(first_k_dense_replace=moe[0] if moe else cfg.num_layers,
+                   intermediate_size=cfg.ffn_dim)
+    elif fam.dense_layers:
         moe = cfg.moe_layers
         out.update(decoder_sparse_step=1, intermediate_size=cfg.ffn_dim,
                    mlp_only_layers=[i for i in range(cfg.num_layers) if i not in moe])
@@ -449,9 +538,10 @@ def model_hf_config(cfg) -> dict[str, Any]:
         if fam.model_type == "qwen3_moe":
             out["use_sliding_window"] = bool(cfg.sliding_window)
     elif fam.sliding == "layer_types":
-        out.update(use_sliding_window=bool(cfg.sliding_window),
-                   sliding_window=cfg.sliding_window or None,
+        out.update(sliding_window=cfg.sliding_window or None,
                    layer_types=[cfg.layer_type(i) for i in range(cfg.num_layers)])
+        if fam.model_type != "gpt_oss":
+            out["use_sliding_window"] = bool(cfg.sliding_window)
     return out
 
 

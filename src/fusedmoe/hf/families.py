@@ -29,10 +29,12 @@ class Family:
     # --- whole models (None: only the MoE layers load, see hf.load_moe_layer) ---
     causal_lm: str | None = None  # transformers' class, written as config.json "architectures"
     default_theta: float = 10000.0  # rope_theta when config.json has none
+    attention: str = "gqa"  # ModelConfig.attention (and the ATTENTION_TENSORS table)
     bias_field: str | None = None  # "qkv_bias": q/k/v biases; "attention_bias": q/k/v/o
     qk_norm: str = "none"  # "head" (per head) or "full" (over the projection)
     sliding: str = "none"  # "all": sliding_window applies to every layer; "layer_types"
-    dense_layers: bool = False  # mlp_only_layers / decoder_sparse_step place dense layers
+    dense_layers: bool = False  # Qwen's mlp_only_layers / decoder_sparse_step, or
+    #                             DeepSeek's first_k_dense_replace, place dense layers
     clip_qkv: bool = False
 
 
@@ -53,8 +55,11 @@ FAMILIES: dict[str, Family] = {
                causal_lm="OlmoeForCausalLM", bias_field="attention_bias", qk_norm="full",
                clip_qkv=True),
         Family("deepseek_v3", "gate", layouts.HF_PROJ_NAMES, Layout.HF_PACKED,
-               shared="shared_experts"),
-        Family("gpt_oss", "router", layouts.HF_PROJ_NAMES, Layout.GPT_OSS),
+               shared="shared_experts", causal_lm="DeepseekV3ForCausalLM", attention="mla",
+               bias_field="attention_bias", dense_layers=True),
+        Family("gpt_oss", "router", layouts.HF_PROJ_NAMES, Layout.GPT_OSS,
+               causal_lm="GptOssForCausalLM", attention="gqa_sinks",
+               bias_field="attention_bias", sliding="layer_types"),
     )
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
@@ -76,9 +81,9 @@ def layer_prefix(layer: int, block: str = "") -> str:
 
 
 # ----------------------------------------------------------------------------- decoder tensors
-# The tensors around the MoE blocks, for the grouped-query-attention families:
-# our state path -> the Hugging Face name. An nnx.Linear's ``kernel`` is the
-# transpose of torch's ``weight``; everything else is stored as is.
+# The tensors around the MoE blocks: our state path -> the Hugging Face name. An
+# nnx.Linear's ``kernel`` is the transpose of torch's ``weight``; everything else
+# is stored as is.
 MODEL_TENSORS = {
     "embed/embedding": "model.embed_tokens.weight",
     "final_norm/scale": "model.norm.weight",
@@ -90,18 +95,33 @@ NORM_TENSORS = {
     "attn_norm/scale": "input_layernorm.weight",
     "ffn_norm/scale": "post_attention_layernorm.weight",
 }
+_GQA_TENSORS = {
+    "attn/q/kernel": "self_attn.q_proj.weight",
+    "attn/q/bias": "self_attn.q_proj.bias",
+    "attn/k/kernel": "self_attn.k_proj.weight",
+    "attn/k/bias": "self_attn.k_proj.bias",
+    "attn/v/kernel": "self_attn.v_proj.weight",
+    "attn/v/bias": "self_attn.v_proj.bias",
+    "attn/out/kernel": "self_attn.o_proj.weight",
+    "attn/out/bias": "self_attn.o_proj.bias",
+    "attn/q_norm/scale": "self_attn.q_norm.weight",
+    "attn/k_norm/scale": "self_attn.k_norm.weight",
+}
 ATTENTION_TENSORS = {
-    "gqa": {
-        "attn/q/kernel": "self_attn.q_proj.weight",
-        "attn/q/bias": "self_attn.q_proj.bias",
-        "attn/k/kernel": "self_attn.k_proj.weight",
-        "attn/k/bias": "self_attn.k_proj.bias",
-        "attn/v/kernel": "self_attn.v_proj.weight",
-        "attn/v/bias": "self_attn.v_proj.bias",
+    "gqa": _GQA_TENSORS,
+    "gqa_sinks": {**_GQA_TENSORS, "attn/sinks": "self_attn.sinks"},
+    "mla": {
+        "attn/q/kernel": "self_attn.q_proj.weight",  # q_lora_rank null
+        "attn/q_a/kernel": "self_attn.q_a_proj.weight",
+        "attn/q_a/bias": "self_attn.q_a_proj.bias",
+        "attn/q_a_norm/scale": "self_attn.q_a_layernorm.weight",
+        "attn/q_b/kernel": "self_attn.q_b_proj.weight",
+        "attn/kv_a/kernel": "self_attn.kv_a_proj_with_mqa.weight",
+        "attn/kv_a/bias": "self_attn.kv_a_proj_with_mqa.bias",
+        "attn/kv_a_norm/scale": "self_attn.kv_a_layernorm.weight",
+        "attn/kv_b/kernel": "self_attn.kv_b_proj.weight",
         "attn/out/kernel": "self_attn.o_proj.weight",
         "attn/out/bias": "self_attn.o_proj.bias",
-        "attn/q_norm/scale": "self_attn.q_norm.weight",
-        "attn/k_norm/scale": "self_attn.k_norm.weight",
     },
 }
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from fusedmoe.errors import CheckpointError
-from fusedmoe.hf.config import _DTYPES, model_config, model_hf_config, read_hf_config
+from fusedmoe.hf.config import _DTYPES, model_config, model_hf_config, mtp_layers, read_hf_config
 from fusedmoe.hf.families import (
     DENSE_MLP_TENSORS,
     FAMILIES,
@@ -149,8 +149,11 @@ def check_model_tensors(st: SafetensorsDir, cfg, family: Family, like: Mapping):
                 f"expected one of {sorted(_DTYPES)}"
             )
     tied_head = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    # DeepSeek-V3's multi-token prediction modules follow the last layer; not computed
+    # (see hf.config._refuse_mtp), so not read.
+    mtp = tuple(layer_prefix(cfg.num_layers + i) for i in range(mtp_layers(cfg.extra)))
     unexpected = [n for n in st.names() if n not in expected and n not in tied_head
-                  and not n.endswith(IGNORED_SUFFIXES)]
+                  and not n.endswith(IGNORED_SUFFIXES) and not (mtp and n.startswith(mtp))]
     if unexpected:
         raise CheckpointError(
             f"{st.path / st.where(unexpected[0])}: {len(unexpected)} tensor(s) the model of "
@@ -205,7 +208,7 @@ def load_model(path: str | os.PathLike, *, fused_moe_mlp: bool = True, dtype=Non
     Args:
       path: a directory with ``config.json`` and ``model.safetensors`` (or shards
         with ``model.safetensors.index.json``) of a ``mixtral``, ``qwen2_moe``,
-        ``qwen3_moe`` or ``olmoe`` model.
+        ``qwen3_moe``, ``olmoe``, ``deepseek_v3`` or ``gpt_oss`` model.
       fused_moe_mlp: store each MoE layer's gate and up projections as one
         ``wi [G, K, 2, N]`` (the default) or as two.
       dtype: parameters and compute; None keeps the checkpoint's own dtype.
@@ -289,9 +292,10 @@ def check_model_exportable(cfg) -> Family:
         raise CheckpointError(f"model: model_type {cfg.model_type!r}: whole models of it cannot "
                               "be saved yet")
     bad = []
-    if cfg.attention != "gqa" or cfg.fused_qkv:
-        bad.append(f"attention={cfg.attention!r}, fused_qkv={cfg.fused_qkv} (needs 'gqa', "
-                   "separate q/k/v)")
+    if cfg.attention != family.attention:
+        bad.append(f"attention={cfg.attention!r} (needs {family.attention!r})")
+    elif cfg.fused_qkv and cfg.attention != "mla":
+        bad.append("fused_qkv=True (needs separate q/k/v)")
     if cfg.qk_norm != family.qk_norm:
         bad.append(f"qk_norm={cfg.qk_norm!r} (needs {family.qk_norm!r})")
     if family.bias_field is None and (cfg.qkv_bias or cfg.out_bias):
@@ -306,8 +310,11 @@ def check_model_exportable(cfg) -> Family:
         bad.append(f"sliding_window={cfg.sliding_window}")
     if family.sliding == "all" and len({cfg.layer_type(i) for i in range(cfg.num_layers)}) > 1:
         bad.append("layer_types mixing sliding and full layers")
-    if cfg.num_moe_layers < cfg.num_layers and not family.dense_layers:
-        bad.append(f"dense layers {[i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)]}")
+    dense = [i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)]
+    if dense and not family.dense_layers:
+        bad.append(f"dense layers {dense}")
+    if family.model_type == "deepseek_v3" and dense != list(range(len(dense))):
+        bad.append(f"dense layers {dense} (first_k_dense_replace: only the first layers)")
     if cfg.tie_embeddings and cfg.scale_tied_logits:
         bad.append("scale_tied_logits=True")
     if bad:

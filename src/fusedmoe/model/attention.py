@@ -1,16 +1,14 @@
-"""Attention: the masked softmax over positions (a pure function) and the
-grouped-query attention module the four GQA families and the toy model use.
+"""Attention classes: grouped-query attention (the four GQA families and the toy
+model), the same with attention sinks (gpt-oss), and the table that names them.
 
 An attention class is built as ``cls(config, layer, rngs=...)``, keeps its own
-cache type (``init_cache(batch, capacity, dtype)``) and is called as
+cache type (``init_cache(batch, capacity, dtype)``), says how many cached numbers
+one token costs a layer (``cache_width(config)``), and is called as
 ``attn(x [B, S, K], positions [S], cache, cache_empty=...) -> (y [B, S, K], cache)``.
-Other attention kinds (multi-head latent attention, attention with sinks) are
-further classes in :data:`ATTENTIONS`, chosen by ``ModelConfig.attention``.
-
-Masks come from positions, not from array indices: a query at position ``p``
-sees the keys at positions ``p - window < q <= p`` (all ``q <= p`` without a
-window), and empty cache slots carry position -1. The same function thus serves
-training (a chunk attends to itself), the prefill and every decode step.
+:data:`ATTENTIONS` maps ``ModelConfig.attention`` to the class: ``"gqa"``,
+``"gqa_sinks"`` and ``"mla"`` (multi-head latent attention,
+:mod:`fusedmoe.model.latent_attention`). The masked softmax they share is in
+:mod:`fusedmoe.model.softmax_attention`.
 """
 
 from __future__ import annotations
@@ -21,35 +19,13 @@ from flax import nnx
 
 from fusedmoe.model.cache import LayerKV
 from fusedmoe.model.config import ModelConfig
+from fusedmoe.model.latent_attention import MultiHeadLatentAttention
 from fusedmoe.model.layers import RMSNorm, normal_init
 from fusedmoe.model.rope import apply_rotary, rotary_tables
+from fusedmoe.model.softmax_attention import attend, position_mask
 
-
-def position_mask(q_pos: jax.Array, k_pos: jax.Array, window: int = 0) -> jax.Array:
-    """``[S, T]`` bool: which keys (``k_pos [T]``, -1 = empty) each query
-    (``q_pos [S]``) attends to: causal, and within ``window`` positions when > 0."""
-    q, k = q_pos[:, None], k_pos[None, :]
-    mask = (k >= 0) & (k <= q)
-    if window:
-        mask &= q - k < window
-    return mask
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
-           scale: float, window: int = 0) -> jax.Array:
-    """Softmax attention of ``q [B, S, H, D]`` over ``k [B, T, Hkv, D]``,
-    ``v [B, T, Hkv, Dv]`` (``H`` a multiple of ``Hkv``: query head ``h`` reads key
-    head ``h // (H / Hkv)``), masked by :func:`position_mask`. Scores and softmax
-    in float32. Returns ``[B, S, H, Dv]``."""
-    b, s, h, d = q.shape
-    hkv = k.shape[2]
-    q = q.reshape(b, s, hkv, h // hkv, d)
-    scores = jnp.einsum("bsngd,btnd->bngst", q, k, preferred_element_type=jnp.float32) * scale
-    mask = position_mask(q_pos, k_pos, window)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bngst,btnd->bsngd", probs, v)
-    return out.reshape(b, s, h, v.shape[-1])
+__all__ = ["ATTENTIONS", "GroupedQueryAttention", "MultiHeadLatentAttention", "SinkAttention",
+           "attend", "position_mask"]
 
 
 class GroupedQueryAttention(nnx.Module):
@@ -84,6 +60,11 @@ class GroupedQueryAttention(nnx.Module):
             self.q_norm = RMSNorm(h * d, c.norm_eps, pdt)
             self.k_norm = RMSNorm(hkv * d, c.norm_eps, pdt)
 
+    @classmethod
+    def cache_width(cls, config: ModelConfig, *, expanded: bool = False) -> int:
+        """Numbers one token adds to a layer's cache: its key and value heads."""
+        return 2 * config.kv_heads * config.head_size
+
     def init_cache(self, batch: int, capacity: int, dtype) -> LayerKV:
         """An empty cache of ``capacity`` positions (only the window's on a sliding layer)."""
         c = self.config
@@ -117,22 +98,41 @@ class GroupedQueryAttention(nnx.Module):
         see what it holds (unless ``cache_empty``), and are written into it."""
         b, s, _ = x.shape
         q, k, v = self._qkv(x, positions)
-        scale = self.config.head_size**-0.5
         if cache is None or cache_empty:
-            y = attend(q, k, v, positions, positions, scale=scale, window=self.window)
+            y = self._attend(q, k, v, positions, positions)
             cache = None if cache is None else cache.write(k, v, positions)
         elif s == 1:  # a decode step: write first, then the ring holds all it may see
             cache = cache.write(k, v, positions)
-            y = attend(q, cache.k, cache.v, positions, cache.pos, scale=scale,
-                       window=self.window)
+            y = self._attend(q, cache.k, cache.v, positions, cache.pos)
         else:  # a chunk after others: it may need keys its own write pushes out of a ring
             keys, values, key_pos = cache.with_chunk(k, v, positions)
-            y = attend(q, keys, values, positions, key_pos, scale=scale, window=self.window)
+            y = self._attend(q, keys, values, positions, key_pos)
             cache = cache.write(k, v, positions)
         return self.out(y.reshape(b, s, -1)), cache
+
+    def _attend(self, q, k, v, q_pos, k_pos):
+        return attend(q, k, v, q_pos, k_pos, scale=self.config.head_size**-0.5,
+                      window=self.window)
+
+
+class SinkAttention(GroupedQueryAttention):
+    """Grouped-query attention with an attention sink per query head (gpt-oss): a
+    learned logit ``sinks [H]`` joins each row's softmax and is dropped after it, so
+    a head may give a token's keys less than all of its weight."""
+
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        super().__init__(config, layer, rngs=rngs)
+        self.sinks = nnx.Param(nnx.initializers.normal(1.0)(
+            rngs.params(), (config.num_heads,), config.moe.param_dtype))
+
+    def _attend(self, q, k, v, q_pos, k_pos):
+        return attend(q, k, v, q_pos, k_pos, scale=self.config.head_size**-0.5,
+                      window=self.window, sinks=self.sinks[...])
 
 
 # ModelConfig.attention -> the class that implements it.
 ATTENTIONS: dict[str, type[nnx.Module]] = {
     "gqa": GroupedQueryAttention,
+    "gqa_sinks": SinkAttention,
+    "mla": MultiHeadLatentAttention,
 }

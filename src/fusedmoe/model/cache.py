@@ -1,4 +1,4 @@
-"""The KV cache: per layer the keys, values and positions already seen.
+"""The KV cache: per layer what attention needs of the tokens already seen.
 
 Every layer's cache is a ring of ``capacity`` slots: position ``p`` lives in
 slot ``p % capacity``. A full-attention layer gets as many slots as the
@@ -7,10 +7,16 @@ its window, and the ring drops what the window no longer sees. Each slot
 records its position (``-1`` while empty), so attention masks by position and
 never needs to know where the ring starts.
 
+Two layer caches exist: :class:`LayerKV` holds keys and values (grouped-query
+attention, with or without sinks); :class:`LatentKV` holds multi-head latent
+attention's compressed latent and its rotated key part, from which keys and
+values are recomputed (``kv_lora_rank + qk_rope_head_dim`` numbers per token
+instead of ``num_heads * (qk_head_dim + v_head_dim)``).
+
 :class:`Cache` holds one cache per layer (of whatever type that layer's
-attention class keeps; :class:`LayerKV` for grouped-query attention), the
-number of tokens written so far (the next position), and whether nothing has
-been written yet (static: the prefill then attends within its own tokens only).
+attention class keeps), the number of tokens written so far (the next
+position), and whether nothing has been written yet (static: the prefill then
+attends within its own tokens only).
 """
 
 from __future__ import annotations
@@ -20,6 +26,36 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+
+def ring_write(buffers: tuple[jax.Array, ...], pos: jax.Array, new: tuple[jax.Array, ...],
+               positions: jax.Array) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """``buffers`` (each ``[B, C, ...]``) and their slot positions ``pos [C]`` with
+    ``new`` (each ``[B, S, ...]``) at ``positions [S]`` written into their slots (of a
+    chunk longer than the ring, only its last ``C`` tokens)."""
+    c, s = pos.shape[0], new[0].shape[1]
+    if s == 1:  # the decode step: one slot, written in place
+        slot = positions[0] % c
+        return (tuple(jax.lax.dynamic_update_slice_in_dim(b, x.astype(b.dtype), slot, 1)
+                      for b, x in zip(buffers, new, strict=True)),
+                jax.lax.dynamic_update_slice_in_dim(pos, positions.astype(jnp.int32), slot, 0))
+    n = min(s, c)
+    slots = positions[-n:] % c
+    return (tuple(b.at[:, slots].set(x[:, -n:].astype(b.dtype))
+                  for b, x in zip(buffers, new, strict=True)),
+            pos.at[slots].set(positions[-n:].astype(jnp.int32)))
+
+
+def ring_with_chunk(buffers: tuple[jax.Array, ...], pos: jax.Array, new: tuple[jax.Array, ...],
+                    positions: jax.Array) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """The cached entries followed by the chunk's: ``(buffers, positions)``."""
+    return (tuple(jnp.concatenate([b, x.astype(b.dtype)], axis=1)
+                  for b, x in zip(buffers, new, strict=True)),
+            jnp.concatenate([pos, positions.astype(jnp.int32)]))
+
+
+def _empty_pos(capacity: int) -> jax.Array:
+    return jnp.full((capacity,), -1, jnp.int32)
 
 
 @struct.dataclass
@@ -41,34 +77,50 @@ class LayerKV:
         return cls(
             k=jnp.zeros((batch, capacity, kv_heads, head_dim), dtype),
             v=jnp.zeros((batch, capacity, kv_heads, v_head_dim), dtype),
-            pos=jnp.full((capacity,), -1, jnp.int32),
+            pos=_empty_pos(capacity),
         )
 
     def write(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> LayerKV:
-        """The cache with ``k``, ``v [B, S, ...]`` at ``positions [S]`` written into
-        their slots (of a chunk longer than the ring, only its last ``C`` tokens)."""
-        c, s = self.capacity, k.shape[1]
-        if s == 1:  # the decode step: one slot, written in place
-            slot = positions[0] % c
-            return LayerKV(
-                k=jax.lax.dynamic_update_slice_in_dim(self.k, k.astype(self.k.dtype), slot, 1),
-                v=jax.lax.dynamic_update_slice_in_dim(self.v, v.astype(self.v.dtype), slot, 1),
-                pos=jax.lax.dynamic_update_slice_in_dim(self.pos, positions.astype(jnp.int32),
-                                                        slot, 0),
-            )
-        n = min(s, c)
-        slots = positions[-n:] % c
-        return LayerKV(
-            k=self.k.at[:, slots].set(k[:, -n:].astype(self.k.dtype)),
-            v=self.v.at[:, slots].set(v[:, -n:].astype(self.v.dtype)),
-            pos=self.pos.at[slots].set(positions[-n:].astype(jnp.int32)),
-        )
+        """The cache with ``k``, ``v [B, S, ...]`` at ``positions [S]`` written in."""
+        (k, v), pos = ring_write((self.k, self.v), self.pos, (k, v), positions)
+        return LayerKV(k=k, v=v, pos=pos)
 
     def with_chunk(self, k: jax.Array, v: jax.Array, positions: jax.Array):
         """``(keys, values, key positions)``: the cached ones followed by the chunk's."""
-        return (jnp.concatenate([self.k, k.astype(self.k.dtype)], axis=1),
-                jnp.concatenate([self.v, v.astype(self.v.dtype)], axis=1),
-                jnp.concatenate([self.pos, positions.astype(jnp.int32)]))
+        (k, v), pos = ring_with_chunk((self.k, self.v), self.pos, (k, v), positions)
+        return k, v, pos
+
+
+@struct.dataclass
+class LatentKV:
+    """One multi-head-latent-attention layer's cache: the normalized latent
+    ``latent [B, C, R]`` (``R = kv_lora_rank``), the rotated key part shared by
+    every head ``k_rope [B, C, Dr]``, and each slot's position ``pos [C]``."""
+
+    latent: jax.Array
+    k_rope: jax.Array
+    pos: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        return self.pos.shape[0]
+
+    @classmethod
+    def empty(cls, batch: int, capacity: int, rank: int, rope_dim: int, dtype) -> LatentKV:
+        return cls(latent=jnp.zeros((batch, capacity, rank), dtype),
+                   k_rope=jnp.zeros((batch, capacity, rope_dim), dtype),
+                   pos=_empty_pos(capacity))
+
+    def write(self, latent: jax.Array, k_rope: jax.Array, positions: jax.Array) -> LatentKV:
+        (latent, k_rope), pos = ring_write((self.latent, self.k_rope), self.pos,
+                                           (latent, k_rope), positions)
+        return LatentKV(latent=latent, k_rope=k_rope, pos=pos)
+
+    def with_chunk(self, latent: jax.Array, k_rope: jax.Array, positions: jax.Array):
+        """``(latents, rotated key parts, positions)``: the cached ones, then the chunk's."""
+        (latent, k_rope), pos = ring_with_chunk((self.latent, self.k_rope), self.pos,
+                                                (latent, k_rope), positions)
+        return latent, k_rope, pos
 
 
 @struct.dataclass

@@ -5,7 +5,10 @@ every Hugging Face family :mod:`fusedmoe.hf` loads: the defaults are the toy's
 (one fused ``qkv`` projection, tied logits scaled by ``1/sqrt(K)``), and the
 fields below them switch on what the real families need (grouped-query heads,
 biases, q/k norms, ``clip_qkv``, sliding windows per layer, RoPE scaling, dense
-layers among the MoE ones, plain tied embeddings).
+layers among the MoE ones, plain tied embeddings), and ``attention`` picks the
+attention kind: ``"gqa"``, ``"gqa_sinks"`` (gpt-oss: a learned logit per head
+joins the softmax) or ``"mla"`` (DeepSeek-V2/V3's multi-head latent attention,
+shaped by its own fields).
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class ModelConfig:
     num_kv_heads: int = 0  # 0 = num_heads; fewer: grouped-query attention
     head_dim: int = 0  # 0 = emb_dim // num_heads
     fused_qkv: bool = True  # one [K, (H + 2 Hkv) D] projection (the toy's); else q, k, v
+    #                         (the gqa kinds; attention="mla" has projections of its own)
     qkv_bias: bool = False
     out_bias: bool = False
     qk_norm: str = "none"  # "head": RMSNorm per head (Qwen3); "full": over the projection (OLMoE)
@@ -93,6 +97,14 @@ class ModelConfig:
     layer_types: tuple[str, ...] = ()  # per layer FULL or SLIDING; () = all SLIDING when
     #                                    sliding_window > 0, else all FULL
     rope_scaling: RopeScaling | None = None  # None: plain RoPE with rope_theta
+
+    # --- multi-head latent attention (attention="mla"; 0 elsewhere) ---
+    q_lora_rank: int = 0  # > 0: queries through a rank-q_lora_rank bottleneck; 0: one projection
+    kv_lora_rank: int = 0  # the latent keys and values are compressed to (what the cache holds)
+    qk_nope_head_dim: int = 0  # the part of a query/key head without positions
+    qk_rope_head_dim: int = 0  # the rotated part (one per token, shared by every head's key)
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # rotate pairs (x0, x1), (x2, x3), .. (DeepSeek's layout)
 
     # --- layers and output ---
     dense_layers: tuple[int, ...] = ()  # more dense blocks, anywhere (Qwen's mlp_only_layers)
@@ -125,6 +137,11 @@ class ModelConfig:
     def head_size(self) -> int:
         """The width of one attention head (``head_dim``, or ``emb_dim // num_heads``)."""
         return self.head_dim or self.moe.emb_dim // self.num_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Multi-head latent attention's query/key head width (nope + rope parts)."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
     def ffn_dim(self) -> int:
@@ -196,12 +213,21 @@ def _validate(c: ModelConfig) -> None:
            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < c.num_layers]
     if bad:
         raise ValueError(f"dense_layers: {bad} are not layers 0..{c.num_layers - 1}")
-    if not c.head_dim and c.moe.emb_dim % c.num_heads:
+    if c.attention not in ATTENTIONS:
+        raise ValueError(f"attention: got {c.attention!r}, expected one of {tuple(ATTENTIONS)}")
+    if c.attention == "mla":
+        _validate_mla(c)
+    else:
+        set_mla = [name for name in _MLA_FIELDS if getattr(c, name)]
+        if set_mla:
+            raise ValueError(f"{set_mla[0]}: applies to attention='mla' only (attention is "
+                             f"{c.attention!r})")
+    if not c.head_dim and c.moe.emb_dim % c.num_heads and c.attention != "mla":
         raise ValueError(
             f"num_heads: {c.num_heads} does not divide moe.emb_dim={c.moe.emb_dim} (or set "
             "head_dim)"
         )
-    if c.head_size % 2:
+    if c.head_size % 2 and c.attention != "mla":
         what = "head_dim" if c.head_dim else "num_heads: head_dim = moe.emb_dim / num_heads ="
         raise ValueError(f"{what} {c.head_size} must be even for rotary embeddings")
     if c.num_heads % c.kv_heads:
@@ -214,11 +240,10 @@ def _validate(c: ModelConfig) -> None:
             raise ValueError(f"{name}: expected a number > 0, got {value!r}")
     if not isinstance(c.clip_qkv, int | float) or isinstance(c.clip_qkv, bool) or c.clip_qkv < 0:
         raise ValueError(f"clip_qkv: expected a number >= 0 (0 = off), got {c.clip_qkv!r}")
-    for name in ("tie_embeddings", "fused_qkv", "qkv_bias", "out_bias", "scale_tied_logits"):
+    for name in ("tie_embeddings", "fused_qkv", "qkv_bias", "out_bias", "scale_tied_logits",
+                 "rope_interleave"):
         if not isinstance(getattr(c, name), bool):
             raise TypeError(f"{name}: expected bool, got {getattr(c, name)!r}")
-    if c.attention not in ATTENTIONS:
-        raise ValueError(f"attention: got {c.attention!r}, expected one of {tuple(ATTENTIONS)}")
     if c.qk_norm not in QK_NORMS:
         raise ValueError(f"qk_norm: got {c.qk_norm!r}, expected one of {QK_NORMS}")
     if c.fused_qkv and c.qk_norm != "none":
@@ -246,3 +271,28 @@ def _validate(c: ModelConfig) -> None:
             raise ValueError("hf_extra: expected a JSON object")
     if c.moe.dtype not in FLOAT_DTYPES:  # already checked by MoEConfig; kept for clarity
         raise ValueError(f"moe.dtype: got {c.moe.dtype!r}, expected one of {FLOAT_DTYPES}")
+
+
+_MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+               "v_head_dim", "rope_interleave")
+
+
+def _validate_mla(c: ModelConfig) -> None:
+    """Multi-head latent attention's fields; the grouped-query ones it has no use for
+    must keep their defaults (a value there would be silently ignored)."""
+    check_ints_at_least(c, ("q_lora_rank",), 0)
+    check_ints_at_least(c, ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                            "v_head_dim"), 1)
+    if c.qk_rope_head_dim % 2:
+        raise ValueError(
+            f"qk_rope_head_dim: {c.qk_rope_head_dim} must be even for rotary embeddings"
+        )
+    unused = {"head_dim": 0, "qk_norm": "none", "clip_qkv": 0.0}  # (fused_qkv: gqa kinds only)
+    for name, default in unused.items():
+        if getattr(c, name) != default:
+            raise ValueError(f"{name}: {getattr(c, name)!r} has no meaning for attention='mla' "
+                             f"(expected {default!r}; its head widths are qk_nope_head_dim, "
+                             "qk_rope_head_dim and v_head_dim)")
+    if c.num_kv_heads not in (0, c.num_heads):
+        raise ValueError(f"num_kv_heads: {c.num_kv_heads}; attention='mla' computes keys and "
+                         f"values for every head (0 or num_heads={c.num_heads})")

@@ -13,6 +13,7 @@ MoE blocks).
 Generation runs over a KV cache: ``cache = model.init_cache(batch, capacity)``,
 then ``logits, cache = model.decode(tokens, cache)`` once with the prompt (the
 prefill) and once per new token (see :mod:`fusedmoe.generate`).
+:func:`cache_bytes_per_token` says what each token costs that cache.
 
 The MoE layer's ``fused_moe_mlp`` flag is the only difference between a fused
 and an unfused model: built from the same seed both hold the same numbers, and
@@ -99,6 +100,10 @@ class Decoder(nnx.Module):
                 auxes.append(aux)
         return self._logits(x), self._stack_aux(auxes)
 
+    def cache_bytes_per_token(self, dtype=None, *, expanded: bool = False) -> int:
+        """See :func:`cache_bytes_per_token` (``dtype``: the model's compute dtype)."""
+        return cache_bytes_per_token(self.config, dtype, expanded=expanded)
+
     def init_cache(self, batch: int, capacity: int, dtype=None) -> Cache:
         """An empty KV cache for ``batch`` sequences of up to ``capacity`` tokens
         (sliding-window layers keep only their window). ``dtype`` defaults to the
@@ -166,6 +171,19 @@ class Decoder(nnx.Module):
 
 
 MoEModel = Decoder  # the name fusedmoe train and older code use
+
+
+def cache_bytes_per_token(config: ModelConfig, dtype=None, *, expanded: bool = False) -> int:
+    """Bytes one more token of one sequence adds to the KV cache of a model of
+    ``config`` (all layers; a sliding layer stops growing once its window is full),
+    with the cache in ``dtype`` (default: the compute dtype). ``expanded``: what
+    caching full keys and values would take instead (multi-head latent attention
+    caches its latent; for the other kinds it is the same number). Slot positions
+    (4 bytes per slot and layer, shared by the batch) are not counted.
+    Computed from the shapes alone: nothing is built."""
+    itemsize = jnp.dtype(dtype or config.moe.compute_dtype).itemsize
+    width = ATTENTIONS[config.attention].cache_width(config, expanded=expanded)
+    return config.num_layers * width * itemsize
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:

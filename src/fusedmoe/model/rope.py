@@ -6,7 +6,10 @@ formulas, float32 like torch) for the types the supported families use:
 plain RoPE (``rope_scaling=None``), ``linear``, ``dynamic`` (NTK, whose base
 grows with the sequence length), ``yarn`` and ``llama3``. Rotation is the
 GPT-NeoX "halves" form: ``x = [x1 | x2]`` becomes
-``[x1 cos - x2 sin | x2 cos + x1 sin]``.
+``[x1 cos - x2 sin | x2 cos + x1 sin]``; DeepSeek's ``rope_interleave`` pairs
+``(x0, x1), (x2, x3), ..`` instead, and, as transformers does, returns the
+rotated pairs as halves (queries and keys alike, so their products are those of
+the interleaved rotation).
 """
 
 from __future__ import annotations
@@ -121,13 +124,18 @@ def rotary_tables(positions: jax.Array, dim: int, theta: float,
     return jnp.cos(angles) * attention, jnp.sin(angles) * attention
 
 
-def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate ``x [B, S, H, D]`` by ``cos``, ``sin [S, D/2]`` (halves form); float32
-    inside, ``x``'s dtype out."""
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array, *,
+                 interleaved: bool = False) -> jax.Array:
+    """Rotate ``x [B, S, H, D]`` by ``cos``, ``sin [S, D/2]``: pairs ``(x[i], x[i + D/2])``,
+    or with ``interleaved`` ``(x[2i], x[2i + 1])``; float32 inside, ``x``'s dtype out."""
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    dtype, x = x.dtype, x.astype(jnp.float32)
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = jnp.split(x, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    return out.astype(dtype)
 
 
 def rotary(x: jax.Array, positions: jax.Array, theta: float,

@@ -4,9 +4,13 @@ The MoE layers place themselves (:mod:`fusedmoe.placement`: experts over
 ``expert``, their mlp dim over ``tensor``). Around them, attention heads and
 the dense FFN's width are split over ``tensor`` (query, key and value
 projections by output column, i.e. by head; the output projection by input
-row; ``w_in``/``w_out`` by the mlp dim); everything else (embedding, norms,
-the fused ``qkv`` of the toy model, the LM head) is replicated. XLA's
-partitioner then inserts the one all-reduce per attention and per dense FFN.
+row; attention sinks by head; ``w_in``/``w_out`` by the mlp dim); everything
+else (embedding, norms, the fused ``qkv`` of the toy model, the LM head) is
+replicated. Multi-head latent attention splits its per-head projections
+(``q`` or ``q_b``, ``kv_b``, ``out``) the same way; what every head shares
+(``q_a``, ``kv_a``, their norms: the latent the cache holds) is replicated.
+XLA's partitioner then inserts the one all-reduce per attention and per dense
+FFN.
 
 That split needs the mesh's tensor axis to be ``Auto`` (what ``Mesh(...)``
 makes): on an ``Explicit`` axis (``jax.make_mesh``'s default) jax asks every
@@ -42,11 +46,17 @@ def block_specs(config: ModelConfig, mesh: Mesh, is_moe: bool) -> dict[tuple[str
         return {}
     tp, c = mesh.shape[t], config
     specs: dict[tuple[str, ...], P] = {}
-    if not c.fused_qkv and c.num_heads % tp == 0 and c.kv_heads % tp == 0:
+    if c.attention == "mla":
+        if c.num_heads % tp == 0:
+            for name in ("q", "q_b", "kv_b"):  # columns by head; none has a bias
+                specs[("attn", name, "kernel")] = P(None, t)
+            specs[("attn", "out", "kernel")] = P(t, None)
+    elif not c.fused_qkv and c.num_heads % tp == 0 and c.kv_heads % tp == 0:
         for name in ("q", "k", "v"):
             specs[("attn", name, "kernel")] = P(None, t)
             specs[("attn", name, "bias")] = P(t)
         specs[("attn", "out", "kernel")] = P(t, None)
+        specs[("attn", "sinks")] = P(t)
     if not is_moe and c.ffn_dim % tp == 0:
         specs[("ffn", "w_in")] = P(None, None, t)
         specs[("ffn", "w_out")] = P(t, None)

@@ -398,7 +398,7 @@ def _listing(directory):
 
 def test_cli_hf_orbax_hf_round_trip(tmp_path, capsys):
     src, tensors = _write_hf(tmp_path, "deepseek_v3")
-    assert cli.main(["convert", str(src), str(tmp_path / "ck"), "--unfused"]) == 0
+    assert cli.main(["convert", str(src), str(tmp_path / "ck"), "--unfused", "--moe-layers"]) == 0
     tree, meta = load_module_checkpoint(tmp_path / "ck")
     assert meta["layout"] == "fusedmoe_unfused" and meta["metadata"]["layers"] == [1, 2]
     assert sorted(tree["layers"]) == ["1", "2"]
@@ -449,7 +449,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
 
     broken, _ = _write_hf(tmp_path, "qwen3_moe", "broken", mutate=drop)
     before = _listing(tmp_path)
-    assert cli.main(["convert", str(broken), str(tmp_path / "out")]) == 2
+    assert cli.main(["convert", str(broken), str(tmp_path / "out"), "--moe-layers"]) == 2
     err = capsys.readouterr().err
     assert "missing tensor 'model.layers.2.mlp.gate.weight'" in err
     assert _listing(tmp_path) == before  # layer 0 was fine, but nothing was written
@@ -465,8 +465,13 @@ def test_cli_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(ocp.StandardCheckpointer, "save", boom)
     with pytest.raises(OSError, match="disk full"):
-        cli.main(["convert", str(src), str(tmp_path / "out")])
+        cli.main(["convert", str(src), str(tmp_path / "out"), "--moe-layers"])
     assert _listing(tmp_path) == before
+    model = _write_hf_model(tmp_path / "models", "olmoe")
+    before = _listing(tmp_path / "models")
+    with pytest.raises(OSError, match="disk full"):
+        cli.main(["convert", str(model), str(tmp_path / "models" / "out")])  # whole model
+    assert _listing(tmp_path / "models") == before
     assert not any(name.startswith(".") for name in os.listdir(tmp_path))
 
 
@@ -494,6 +499,104 @@ def test_export_refuses_semantics_the_family_lacks(tmp_path, capsys):
     want = hf.export_moe_layer(plain, "olmoe")
     for name, a in hf.export_moe_layer(back, "olmoe").items():
         assert _bits_equal(a, want[name]), name
+
+
+# ----------------------------------------------------------------------------- whole models
+WHOLE_CONFIGS = {  # dense and MoE layers, shared experts and q/k/v biases; tied, clipped
+    "qwen2_moe": dict(num_experts=4, moe_intermediate_size=6, shared_expert_intermediate_size=5,
+                      intermediate_size=12, mlp_only_layers=[1], norm_topk_prob=False),
+    "olmoe": dict(num_experts=4, intermediate_size=6, tie_word_embeddings=True, clip_qkv=0.5),
+}
+
+
+def _write_hf_model(root, model_type, dtype="float32"):
+    """A whole random model of ``model_type`` in ``dtype``, saved as transformers would."""
+    from fusedmoe.model import Decoder
+
+    cfg = dict(model_type=model_type, vocab_size=16, hidden_size=8, num_hidden_layers=3,
+               num_attention_heads=2, num_key_value_heads=1, num_experts_per_tok=2,
+               max_position_embeddings=32, rms_norm_eps=1e-6, hidden_act="silu",
+               **WHOLE_CONFIGS[model_type])
+    model = _randomize(Decoder(hf.model_config(cfg, dtype=dtype), rngs=nnx.Rngs(0)))
+    return hf.save_model(model, root / f"{model_type}-{dtype}")
+
+
+@pytest.mark.parametrize(("model_type", "dtype"), [("qwen2_moe", "float32"),
+                                                   ("olmoe", "bfloat16")])
+def test_cli_whole_model_round_trips_bit_exact(model_type, dtype, tmp_path):
+    from fusedmoe.checkpoint.module_checkpoint import model_from_module_checkpoint
+
+    src = _write_hf_model(tmp_path, model_type, dtype)
+    source = hf.SafetensorsDir(src)
+    convert = lambda *argv: cli.main(["convert", *map(str, argv)])  # noqa: E731
+    assert convert(src, tmp_path / "ck") == 0  # the whole model, fused by default
+    tree, meta = load_module_checkpoint(tmp_path / "ck")
+    assert meta["layout"] == "fusedmoe_fused"
+    assert meta["metadata"]["model_config"]["model_type"] == model_type
+    assert sorted(meta["configs"]) == [f"blocks/{i}/ffn" for i in hf.moe_layer_indices(
+        meta["metadata"]["hf_config"])]
+    assert {"embed", "blocks", "final_norm"} <= set(tree)
+    assert convert(tmp_path / "ck", tmp_path / "ck_unfused", "--unfused") == 0
+    assert load_module_checkpoint(tmp_path / "ck_unfused")[1]["metadata"]["model_config"][
+        "moe"]["fused_moe_mlp"] is False
+    # HF -> orbax (fused) -> orbax (unfused) -> HF: every tensor bit for bit
+    assert convert(tmp_path / "ck_unfused", tmp_path / "back") == 0
+    back = hf.SafetensorsDir(tmp_path / "back")
+    assert back.names() == source.names()
+    for name in source.names():
+        assert _bits_equal(back.get(name), source.get(name)), name
+    # orbax -> HF -> orbax: the state bit for bit
+    assert convert(tmp_path / "back", tmp_path / "ck_again", "--unfused") == 0
+    _assert_equal_dicts(load_module_checkpoint(tmp_path / "ck_again")[0],
+                        load_module_checkpoint(tmp_path / "ck_unfused")[0])
+    # the checkpoint rebuilds the model, in either layout
+    model = model_from_module_checkpoint(tmp_path / "ck", fused_moe_mlp=False)
+    assert model.config == hf.load_model(src, fused_moe_mlp=False).config
+    _assert_equal_dicts(module_state(model), load_module_checkpoint(tmp_path / "ck_unfused")[0])
+
+
+def test_cli_whole_model_bad_input(tmp_path, capsys):
+    src = _write_hf_model(tmp_path, "qwen2_moe")
+    assert cli.main(["convert", str(src), str(tmp_path / "ck")]) == 0
+    layers, _ = _write_hf(tmp_path, "qwen3_moe", "layers_only")
+    from fusedmoe.checkpoint.module_checkpoint import save_model_checkpoint
+    from fusedmoe.model import Decoder, ModelConfig
+
+    toy = Decoder(ModelConfig(moe=fusedmoe.MoEConfig(num_experts=4, emb_dim=8, mlp_dim=4)),
+                  rngs=nnx.Rngs(0))
+    save_model_checkpoint(tmp_path / "toy", toy)
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(src / "model.safetensors"))
+    del tensors["model.layers.1.self_attn.q_proj.weight"]
+    (tmp_path / "holed").mkdir()
+    save_file(tensors, str(tmp_path / "holed" / "model.safetensors"))
+    (tmp_path / "holed" / "config.json").write_text((src / "config.json").read_text())
+    ck = str(tmp_path / "ck")
+    cases = [
+        ([str(tmp_path / "holed"), str(tmp_path / "x")],
+         "missing tensor 'model.layers.1.self_attn.q_proj.weight'"),
+        # a config of MoE layers only: a whole model needs more fields
+        ([str(layers), str(tmp_path / "x")], "missing field 'max_position_embeddings'"),
+        ([ck, str(tmp_path / "x"), "--packed"], "--packed: applies to checkpoints of MoE "
+                                                "layers"),
+        ([ck, str(tmp_path / "x"), "--layer", "0"], "--layer: applies to checkpoints of MoE"),
+        ([ck, str(tmp_path / "x"), "--model-type", "mixtral"],
+         "--model-type: got 'mixtral', but"),
+        ([ck, str(tmp_path / "x"), "--moe-layers"], "--moe-layers: applies to a Hugging Face"),
+        ([str(tmp_path / "toy"), str(tmp_path / "x")], "model_type is empty"),
+    ]
+    layer_only = [t for t in hf.SUPPORTED_MODEL_TYPES if t not in hf.WHOLE_MODEL_TYPES]
+    if layer_only:  # families whose whole models do not load (yet)
+        other, _ = _write_hf(tmp_path, layer_only[0], "other")
+        cases.append(([str(other), str(tmp_path / "x")],
+                      f"whole {layer_only[0]} models do not load yet"))
+    before = _listing(tmp_path)
+    for argv, message in cases:
+        assert cli.main(["convert", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, (argv, err)
+        assert _listing(tmp_path) == before, argv
 
 
 def test_hf_sharded_checkpoint(tmp_path):

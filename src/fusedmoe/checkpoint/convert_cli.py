@@ -1,15 +1,22 @@
-"""``fusedmoe convert``: Hugging Face <-> module checkpoints (orbax) of MoE layers.
+"""``fusedmoe convert``: Hugging Face <-> module checkpoints (orbax), of whole
+models or of their MoE layers.
 
-    fusedmoe convert HF_DIR OUT [--layer N ...] [--fused | --unfused]
+    fusedmoe convert HF_DIR OUT [--fused | --unfused]                  (whole model)
+    fusedmoe convert HF_DIR OUT --moe-layers | --layer N ... [--fused | --unfused]
     fusedmoe convert CKPT OUT_HF [--packed] [--model-type T]
     fusedmoe convert CKPT OUT --fused | --unfused      (orbax -> orbax re-layout)
 
 The direction follows the source: a directory with ``config.json`` is a Hugging
 Face model, one with ``fusedmoe.json`` a fusedmoe module checkpoint
-(:mod:`fusedmoe.checkpoint.module_checkpoint`); ``--to``
-overrides the target kind. Every input is checked before anything is written,
-and the output appears only when complete (a temporary directory next to it,
-renamed at the end); a failed conversion leaves nothing behind.
+(:mod:`fusedmoe.checkpoint.module_checkpoint`); ``--to`` overrides the target
+kind. From Hugging Face the whole decoder is converted (:func:`fusedmoe.hf.load_model`,
+then :func:`~fusedmoe.checkpoint.module_checkpoint.save_model_checkpoint`)
+unless ``--moe-layers`` or ``--layer`` asks for MoE layers only; back to
+Hugging Face, a whole-model checkpoint becomes a whole model
+(:func:`fusedmoe.hf.save_model`) and one of MoE layers their tensors. Every
+input is checked before anything is written, and the output appears only when
+complete (a temporary directory next to it, renamed at the end); a failed
+conversion leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -28,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="target kind (default: orbax from HF; from orbax, hf unless "
                              "--fused/--unfused asks for a re-layout)")
     parser.add_argument("--layer", type=int, action="append", default=None, metavar="N",
-                        help="decoder layer to convert (repeatable; default: every MoE layer)")
+                        help="convert only this decoder layer's MoE block (repeatable)")
+    parser.add_argument("--moe-layers", action="store_true",
+                        help="from HF: convert every MoE layer, not the whole model (the default "
+                             "is the whole model)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--fused", dest="fused", action="store_const", const=True, default=None,
                        help="store wi [G,K,2,N] (default from HF)")
@@ -75,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--to hf: the source is already a Hugging Face model")
     if to == "orbax" and (args.packed or args.model_type):
         raise UsageError("--packed/--model-type: apply to --to hf only")
+    if args.moe_layers and kind != "hf":
+        raise UsageError("--moe-layers: applies to a Hugging Face source (a checkpoint's "
+                         "kind, whole model or MoE layers, is kept)")
     if to == "hf" and args.fused is not None:
         raise UsageError("--fused/--unfused: apply to orbax output only (HF layouts are fixed)")
     if kind == "orbax" and to == "orbax" and args.fused is None:
@@ -83,8 +96,10 @@ def run(args: argparse.Namespace) -> int:
     from fusedmoe.errors import CheckpointError
 
     try:
-        if kind == "hf":
+        if kind == "hf" and (args.moe_layers or args.layer):
             written = _hf_to_orbax(src, dst, args)
+        elif kind == "hf":
+            written = _hf_model_to_orbax(src, dst, args)
         elif to == "orbax":
             from fusedmoe.checkpoint.module_checkpoint import convert_module_checkpoint
 
@@ -99,6 +114,22 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(msg) from None
     print(f"wrote {written}")
     return 0
+
+
+def _hf_model_to_orbax(src: Path, dst: Path, args) -> Path:
+    """The whole model of ``src`` as a module checkpoint, in the checkpoint's dtype."""
+    from fusedmoe import hf
+    from fusedmoe.checkpoint.module_checkpoint import save_model_checkpoint
+
+    hf_config = hf.read_hf_config(src)
+    model_type = hf.family_of(hf_config, str(src / "config.json")).model_type
+    if model_type not in hf.WHOLE_MODEL_TYPES:
+        raise UsageError(f"src: whole {model_type} models do not load yet (whole models: "
+                         f"{', '.join(hf.WHOLE_MODEL_TYPES)}); pass --moe-layers or --layer N "
+                         "to convert its MoE layers")
+    model = hf.load_model(src, fused_moe_mlp=True if args.fused is None else args.fused)
+    metadata = {"source": "huggingface", "model_type": model_type, "hf_config": hf_config}
+    return save_model_checkpoint(dst, model, metadata=metadata, overwrite=args.overwrite)
 
 
 def _hf_to_orbax(src: Path, dst: Path, args) -> Path:
@@ -127,11 +158,35 @@ def _layer_index(key: str, args) -> int:
     raise UsageError(f"--layer: cannot tell the decoder layer of {key!r}; pass one --layer")
 
 
+def _model_orbax_to_hf(src: Path, dst: Path, args, meta: dict) -> Path:
+    """A whole-model checkpoint as a Hugging Face model directory."""
+    from fusedmoe import hf
+    from fusedmoe.checkpoint.module_checkpoint import MODEL_CONFIG_KEY, model_from_module_checkpoint
+
+    model_type = meta["metadata"][MODEL_CONFIG_KEY].get("model_type") or ""
+    for flag, value in (("--packed", args.packed), ("--layer", args.layer)):
+        if value:
+            raise UsageError(f"{flag}: applies to checkpoints of MoE layers; {src} holds a whole "
+                             "model (written as save_pretrained writes it)")
+    if args.model_type is not None and args.model_type != model_type:
+        raise UsageError(f"--model-type: got {args.model_type!r}, but {src} holds a whole "
+                         f"{model_type or 'fusedmoe toy'} model")
+    # save_model refuses a model its family cannot express before writing anything.
+    return hf.save_model(model_from_module_checkpoint(src), dst, overwrite=args.overwrite)
+
+
 def _orbax_to_hf(src: Path, dst: Path, args) -> Path:
     from fusedmoe import hf
-    from fusedmoe.checkpoint.module_checkpoint import load_module_checkpoint
+    from fusedmoe.checkpoint.module_checkpoint import (
+        is_model_checkpoint,
+        load_module_checkpoint,
+        read_module_checkpoint_meta,
+    )
     from fusedmoe.config import MoEConfig
 
+    meta = read_module_checkpoint_meta(src)
+    if is_model_checkpoint(meta):
+        return _model_orbax_to_hf(src, dst, args, meta)
     tree, meta = load_module_checkpoint(src)
     saved = meta.get("metadata", {})
     model_type = args.model_type or saved.get("model_type")

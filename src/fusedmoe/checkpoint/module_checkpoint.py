@@ -1,5 +1,6 @@
 """Module checkpoints: one module's state with its MoE configs, saved with orbax;
-restored into a module, rebuilt as a :class:`fusedmoe.MoE`, converted fused <-> unfused.
+restored into a module, rebuilt as a :class:`fusedmoe.MoE` or a whole
+:class:`fusedmoe.model.Decoder`, converted fused <-> unfused.
 
 A module checkpoint is a directory::
 
@@ -11,7 +12,9 @@ A module checkpoint is a directory::
 ("" for a lone layer, ``"layers/3"`` inside a model) to its :class:`MoEConfig`
 as a dict, so :func:`moe_from_module_checkpoint` can rebuild a layer without being told its shape.
 ``layout`` is ``fusedmoe_fused`` or ``fusedmoe_unfused`` (or ``none`` for a tree
-without MoE weights).
+without MoE weights). A whole model (:func:`save_model_checkpoint`) also keeps
+its :class:`~fusedmoe.model.ModelConfig` as ``metadata["model_config"]``, so
+:func:`model_from_module_checkpoint` rebuilds it without being told its shape.
 
 Writes are atomic: everything goes into a temporary directory next to the
 target, which is renamed into place only when complete; a failure removes it
@@ -190,6 +193,56 @@ def moe_from_module_checkpoint(path: str | os.PathLike, key: str | None = None, 
     return MoE.from_state(config, _subtree(tree, key))
 
 
+# ----------------------------------------------------------------------------- whole models
+MODEL_CONFIG_KEY = "model_config"
+
+
+def save_model_checkpoint(path: str | os.PathLike, model, *,
+                          metadata: Mapping[str, Any] | None = None,
+                          overwrite: bool = False) -> Path:
+    """Save a whole :class:`fusedmoe.model.Decoder` (its state, the MoE configs of
+    its layers, and its :class:`ModelConfig` in ``metadata["model_config"]``),
+    atomically."""
+    from fusedmoe.model import Decoder
+
+    if not isinstance(model, Decoder):
+        raise TypeError(f"model: expected a fusedmoe.model.Decoder, got {type(model).__name__}")
+    metadata = {**(metadata or {}), MODEL_CONFIG_KEY: model.config.to_dict()}
+    return save_module_checkpoint(path, model, metadata=metadata, overwrite=overwrite)
+
+
+def is_model_checkpoint(meta: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint's ``fusedmoe.json`` (as read) holds a whole model."""
+    return MODEL_CONFIG_KEY in meta.get("metadata", {})
+
+
+def model_from_module_checkpoint(path: str | os.PathLike, *,
+                                 fused_moe_mlp: bool | None = None):
+    """The whole :class:`fusedmoe.model.Decoder` saved at ``path``, built abstractly
+    and filled with the saved state. ``fused_moe_mlp`` picks the layout of its MoE
+    layers (default: as saved); either layout of the state fits."""
+    from flax import nnx
+
+    from fusedmoe.checkpoint.state import module_from_state
+    from fusedmoe.model import Decoder, ModelConfig
+
+    tree, meta = load_module_checkpoint(path)
+    if not is_model_checkpoint(meta):
+        raise ValueError(f"{path}: holds no whole model (no metadata.{MODEL_CONFIG_KEY} in "
+                         f"{META_FILE}); it holds MoE layers {sorted(meta['configs'])}")
+    config = ModelConfig.from_dict(meta["metadata"][MODEL_CONFIG_KEY])
+    if fused_moe_mlp is not None:
+        config = config.with_moe(fused_moe_mlp=fused_moe_mlp)
+    return module_from_state(lambda: Decoder(config, rngs=nnx.Rngs(0)), _list_indices(tree))
+
+
+def _list_indices(tree: Mapping[str, Any]) -> dict:
+    """``tree`` with its digit keys as ints: orbax saves the blocks of a decoder
+    (an ``nnx.List``, indexed by int) under string keys."""
+    return {int(k) if isinstance(k, str) and k.isdigit() else k:
+            _list_indices(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+
+
 # ----------------------------------------------------------------------------- conversion
 def convert_module_checkpoint(
     src: str | os.PathLike, dst: str | os.PathLike, *, fused: bool, overwrite: bool = False
@@ -206,5 +259,10 @@ def convert_module_checkpoint(
     configs = {k: MoEConfig.from_dict(v).replace(fused_moe_mlp=fused)
                for k, v in meta["configs"].items()}
     tree = fuse_state(tree) if fused else unfuse_state(tree)
-    return save_module_checkpoint(dst, tree, configs=configs, metadata=meta["metadata"],
-                           overwrite=overwrite)
+    metadata = dict(meta["metadata"])
+    if is_model_checkpoint(meta):  # the whole model's config says the layout too
+        model = dict(metadata[MODEL_CONFIG_KEY])
+        model["moe"] = {**model["moe"], "fused_moe_mlp": fused}
+        metadata[MODEL_CONFIG_KEY] = model
+    return save_module_checkpoint(dst, tree, configs=configs, metadata=metadata,
+                                  overwrite=overwrite)

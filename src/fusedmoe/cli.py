@@ -20,6 +20,8 @@ from fusedmoe.errors import UsageError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("fusedmoe.bench.moe_bench", "time the MoE layer fused vs unfused on every backend"),
     "bench-gmm": ("fusedmoe.bench.gmm_bench", "time each grouped-matmul backend vs dense GEMM"),
+    "bench-generate": ("fusedmoe.bench.generate_bench",
+                       "time a whole model's prefill and decode vs transformers' generate"),
     "check": ("fusedmoe.check", "equivalence checks: fused vs unfused, each backend vs reference"),
     "convert": ("fusedmoe.checkpoint.convert_cli", "convert Hugging Face <-> orbax checkpoints"),
     "train": ("fusedmoe.train.command", "train the small MoE language model"),

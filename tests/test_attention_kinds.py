@@ -59,13 +59,19 @@ def test_interleaved_rotation():
 def test_absorbed_decode_equals_expanded_attention():
     """A one-token step reads the cached latents without expanding them: the same
     output as expanding them into keys and values."""
-    attn = MultiHeadLatentAttention(MLA, 1, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(0), (2, 7, 32))
-    positions = jnp.arange(7, dtype=jnp.int32)
-    cache = attn.init_cache(2, 8, jnp.float32)
-    _, cache = attn(x[:, :6], positions[:6], cache, cache_empty=True)
-    step, _ = attn(x[:, 6:], positions[6:], cache)
-    full, _ = attn(x, positions)  # no cache: the expanded form
+    graphdef, state = nnx.split(MultiHeadLatentAttention(MLA, 1, rngs=nnx.Rngs(0)))
+
+    @jax.jit
+    def run(x):
+        attn = nnx.merge(graphdef, state)
+        positions = jnp.arange(7, dtype=jnp.int32)
+        cache = attn.init_cache(2, 8, jnp.float32)
+        _, cache = attn(x[:, :6], positions[:6], cache, cache_empty=True)
+        step, _ = attn(x[:, 6:], positions[6:], cache)
+        full, _ = attn(x, positions)  # no cache: the expanded form
+        return step, full
+
+    step, full = run(jax.random.normal(jax.random.key(0), (2, 7, 32)))
     np.testing.assert_allclose(np.asarray(step), np.asarray(full[:, 6:]), rtol=1e-5, atol=1e-6)
 
 

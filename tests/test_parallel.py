@@ -190,8 +190,11 @@ def test_input_already_sharded_on_an_explicit_mesh(runs, spec):
 
 
 @pytest.mark.multidevice
-@pytest.mark.parametrize("name", ["odd_tokens_sparse_(2, 2, 2)", "odd_tokens_sparse_(1, 8, 1)",
-                                  "odd_tokens_dense_(2, 2, 2)"])
+@pytest.mark.parametrize("name", ["odd_tokens_sparse_auto_(2, 2, 2)",
+                                  "odd_tokens_sparse_auto_(1, 8, 1)",
+                                  "odd_tokens_dense_auto_(2, 2, 2)",
+                                  "odd_tokens_sparse_explicit_(2, 2, 2)",
+                                  "odd_tokens_sparse_mixed_(2, 2, 2)"])
 def test_token_counts_that_do_not_divide_over_the_mesh(runs, name):
     """3 tokens on 8 devices (a decode step): padded, and padding counts nowhere."""
     _assert_close(runs["check"]["cases"][name], name)

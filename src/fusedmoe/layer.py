@@ -29,6 +29,8 @@ Fused and unfused layers built from the same seed hold the same numbers:
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -177,6 +179,8 @@ def _to_tokens(x, mesh, batch_axes):
     if not _explicit_axes(jax.typeof(x).sharding.mesh):
         x = jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
     kept = tuple(a for a in batch_axes if a in explicit)
+    if (b * s) % math.prod(mesh.shape[a] for a in kept):  # padded later, in the pipeline
+        kept = ()
     tokens = NamedSharding(mesh, PartitionSpec(kept or None))
     return jax.lax.reshape(x, (b * s, k), out_sharding=tokens)
 

@@ -76,7 +76,9 @@ def moe(tokens: jax.Array, weights: MoEWeights, config: MoEConfig,
     t = tokens.shape[0]
     pad = -t % placement.axes.batch_devices
     valid = None
-    if pad:
+    if pad:  # on every device first: a sharded axis cannot be cut unevenly (in the
+        # backward pass, where the concatenation becomes a slice)
+        tokens = placement.replicated(tokens)
         tokens = jnp.concatenate([tokens, jnp.zeros((pad, tokens.shape[1]), tokens.dtype)])
         valid = jnp.arange(t + pad) < t
     body = partial(per_device, config=config, axes=placement.axes)
@@ -85,7 +87,9 @@ def moe(tokens: jax.Array, weights: MoEWeights, config: MoEConfig,
         body, (tokens, weights, valid),
         in_specs=(tok, weight_specs(weights, placement), None if valid is None else tok),
         out_specs=(tok, dict.fromkeys(AUX_KEYS, P())))
-    return (out[:t] if pad else out), aux
+    if pad:  # the real rows, gathered first: a sharded axis cannot be cut unevenly
+        out = placement.replicated(out)[:t]
+    return out, aux
 
 
 def weight_specs(weights: MoEWeights, placement: Placement) -> MoEWeights:

@@ -153,6 +153,10 @@ class Placement:
             "shared_wi_1": P(None, tp), "shared_wo": P(tp, None), "shared_gate.kernel": P(),
         }
 
+    def replicated(self, x: jax.Array) -> jax.Array:
+        """``x`` on every device of the mesh (as it is on one device)."""
+        return x if self.mesh is None else put(x, NamedSharding(self.mesh, P()))
+
     def run(self, body: Callable, args: tuple, in_specs: tuple, out_specs) -> Any:
         """``body(*args)`` on one device; on a mesh, ``body`` is each device's
         program under ``jax.shard_map`` and ``args`` are placed per ``in_specs``
@@ -175,24 +179,34 @@ class Placement:
 
 def put(value: jax.Array, sharding: NamedSharding) -> jax.Array:
     """``value`` (the same on every process) placed with ``sharding``, which may span
-    devices of other processes and have axes of any type. Inside ``jit`` it is
-    a sharding constraint: ``with_sharding_constraint`` on ``Auto`` axes (which
-    it alone constrains), ``jax.device_put`` where ``Explicit`` axes are named
-    (which ``with_sharding_constraint`` refuses)."""
+    devices of other processes and have axes of any type. Inside ``jit``:
+    ``with_sharding_constraint`` on a mesh of ``Auto`` axes (which it alone
+    constrains), ``jax.sharding.reshard`` to the ``Explicit`` axes of a mesh
+    that has some (types carry those; ``with_sharding_constraint`` refuses
+    them, and ``device_put``'s transpose mistypes mixed meshes)."""
     if value is None:
         return None
     if isinstance(value, jax.core.Tracer):
         mesh = sharding.mesh
         explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
-        named = {a for entry in sharding.spec if entry for a in
-                 (entry if isinstance(entry, tuple) else (entry,))}
-        if named & explicit:
-            return jax.device_put(value, sharding)
-        return jax.lax.with_sharding_constraint(value, sharding)
+        if not explicit:
+            return jax.lax.with_sharding_constraint(value, sharding)
+        # Types carry the Explicit axes' shardings: reshard to those (the Auto
+        # ones of a mixed mesh are the compiler's to place).
+        return jax.sharding.reshard(value, NamedSharding(mesh, _only(sharding.spec, explicit)))
     if sharding.is_fully_addressable:
         return jax.device_put(value, sharding)
     host = np.asarray(value)
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def _only(spec: P, axes: set[str]) -> P:
+    """``spec`` naming only ``axes`` (the others dropped)."""
+    def keep(entry):
+        names = entry if isinstance(entry, tuple) else (entry,)
+        kept = tuple(a for a in names if a in axes)
+        return kept if len(kept) > 1 else (kept[0] if kept else None)
+    return P(*(keep(e) if e is not None else None for e in spec))
 
 
 def shard_module(module, placement: Placement) -> None:

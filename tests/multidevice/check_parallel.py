@@ -137,13 +137,19 @@ def layer_collectives():
 def odd_token_counts(cases):
     """Token counts that do not divide over the data x expert devices (a decode
     step's few tokens): padded inside the layer, the same result as one device."""
-    for sparse, shape in ((True, (2, 2, 2)), (True, (1, 8, 1)), (False, (2, 2, 2))):
+    from jax.sharding import AxisType
+
+    kinds = {"auto": None, "explicit": (AxisType.Explicit,) * 3,
+             "mixed": (AxisType.Explicit, AxisType.Auto, AxisType.Explicit)}
+    plan = [(True, (2, 2, 2), "auto"), (True, (1, 8, 1), "auto"), (False, (2, 2, 2), "auto"),
+            (True, (2, 2, 2), "explicit"), (True, (2, 2, 2), "mixed")]
+    for sparse, shape, kind in plan:
         cfg = common.config(fused_moe_mlp=sparse, sparse_matmul=sparse, gmm_backend="ragged_dot")
         x, r = (a[:1, :3] for a in common.inputs())  # 3 tokens on 8 devices
         ref = common.step(common.layer(cfg), x, r)
-        mesh = common.make_mesh(shape)
+        mesh = common.make_mesh(shape, axis_types=kinds[kind])
         got = common.step(common.layer(cfg, mesh), x, r, mesh=mesh)
-        name = f"odd_tokens_{'sparse' if sparse else 'dense'}_{shape}"
+        name = f"odd_tokens_{'sparse' if sparse else 'dense'}_{kind}_{shape}"
         cases[name] = {"errors": common.max_errors(ref, got)}
 
 

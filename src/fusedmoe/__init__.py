@@ -8,10 +8,10 @@ It sets one thing in the process: malloc keeps freed host memory for reuse
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fusedmoe import allocator as _allocator
+from fusedmoe._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -42,13 +42,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time see __getattr__
     from fusedmoe.layer import MoE, RoutingBias
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'fusedmoe' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

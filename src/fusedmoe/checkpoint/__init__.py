@@ -18,8 +18,9 @@ line's ``--help`` (which imports ``convert_cli``) does not wait for jax.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fusedmoe._lazy import lazy_exports
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -69,13 +70,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time see __getattr__
     from fusedmoe.checkpoint.state import module_from_state, update_module
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'fusedmoe.checkpoint' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -55,8 +55,9 @@ The names below are imported the first time they are used, so that importing
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fusedmoe._lazy import lazy_exports
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -104,13 +105,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time see __getattr__
     )
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'fusedmoe.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -27,8 +27,9 @@ $(TEST_STAMP): $(VENV)/bin/python pyproject.toml
 
 venv: $(TEST_STAMP)
 
+# BENCH_ARGS: extra options, e.g. make bench BENCH_ARGS="--json rows.json --plot rows.png"
 bench: $(BENCH_STAMP)
-	$(VENV)/bin/fusedmoe bench
+	$(VENV)/bin/fusedmoe bench $(BENCH_ARGS)
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest -n 2 -q

@@ -33,12 +33,21 @@ layout                 tensors                                         gate/up o
 
 Every layout converts to and from ``fusedmoe_unfused`` (:func:`to_unfused`,
 :func:`from_unfused`); :func:`convert` chains the two.
+
+The layouts a loader reads (``hf_per_expert``, ``hf_packed``, ``gpt_oss``) are
+also described piece by piece (:class:`Piece`: which source tensor lands where
+in which unfused array, through which transpose or slice). The converters to
+``fusedmoe_unfused`` assemble their output from those pieces
+(:func:`assemble`), and a loader can write the same pieces straight into a
+model's final arrays, fused or not (:mod:`fusedmoe.hf.fill`): one description
+of each layout for both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -120,6 +129,118 @@ def _unfused(wi_0, wi_1, wo, biases=None) -> Arrays:
     return out
 
 
+# ----------------------------------------------------------------------------- pieces
+def same(a: np.ndarray) -> np.ndarray:
+    """A source tensor already in its target's layout."""
+    return a
+
+
+def transposed(a: np.ndarray) -> np.ndarray:
+    """torch's Linear ``weight [out, in]`` -> our kernel ``[in, out]`` (a view)."""
+    return a.T
+
+
+def _experts_transposed(a: np.ndarray) -> np.ndarray:
+    """``[G, out, in]`` -> ``[G, in, out]`` (a view)."""
+    return a.transpose(0, 2, 1)
+
+
+def _first_half(axis: int) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda a: a[(slice(None),) * axis + (slice(None, a.shape[axis] // 2),)]
+
+
+def _second_half(axis: int) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda a: a[(slice(None),) * axis + (slice(a.shape[axis] // 2, None),)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One source tensor's share of a target array:
+    ``target_array[index] = view(source_tensor)``.
+
+    ``view`` only transposes and slices (no copy, no arithmetic), so writing a
+    piece is bit-exact, casting aside; ``index`` is ``()`` for the whole target,
+    ``(e,)`` for expert ``e``'s slot. Names are relative to whatever holds the
+    tensors (the experts module here; :mod:`fusedmoe.hf.layers` adds the prefix).
+    """
+
+    source: str
+    target: str
+    index: tuple = ()
+    view: Callable[[np.ndarray], np.ndarray] = same
+
+    def renamed(self, source_prefix: str = "", target_prefix: str = "") -> Piece:
+        return dataclasses.replace(self, source=source_prefix + self.source,
+                                   target=target_prefix + self.target)
+
+
+def hf_per_expert_pieces(
+    num_experts: int, names: tuple[str, str, str] = HF_PROJ_NAMES, *, bias: bool = False
+) -> list[Piece]:
+    """``hf_per_expert`` -> ``fusedmoe_unfused``: expert ``e``'s gate ``[N,K]`` is
+    ``wi_0[e]`` transposed, its up ``wi_1[e]``, its down ``[K,N]`` ``wo[e]``. In the
+    order the tensors are stored: expert by expert."""
+    out = []
+    for e in range(num_experts):
+        for name, target in zip(names, ("wi_0", "wi_1", "wo"), strict=True):
+            out.append(Piece(f"{e}.{name}.weight", target, (e,), transposed))
+        if bias:
+            out += [Piece(f"{e}.{name}.bias", f"{target}_bias", (e,))
+                    for name, target in zip(names, ("wi_0", "wi_1", "wo"), strict=True)]
+    return out
+
+
+def hf_packed_pieces(*, bias: bool = False) -> list[Piece]:
+    """``hf_packed`` -> ``fusedmoe_unfused``: ``gate_up_proj [G,2N,K]``'s first half
+    (transposed) is ``wi_0``, its second ``wi_1``; ``down_proj [G,K,N]`` transposed is
+    ``wo``."""
+    out = [Piece("gate_up_proj", "wi_0", view=lambda a: _experts_transposed(_first_half(1)(a))),
+           Piece("gate_up_proj", "wi_1", view=lambda a: _experts_transposed(_second_half(1)(a))),
+           Piece("down_proj", "wo", view=_experts_transposed)]
+    if bias:
+        out += [Piece("gate_up_proj_bias", "wi_0_bias", view=_first_half(1)),
+                Piece("gate_up_proj_bias", "wi_1_bias", view=_second_half(1)),
+                Piece("down_proj_bias", "wo_bias")]
+    return out
+
+
+def gpt_oss_pieces(*, bias: bool = False) -> list[Piece]:
+    """``gpt_oss`` -> ``fusedmoe_unfused``: ``gate_up_proj [G,K,2N]`` interleaved,
+    ``[..., ::2]`` is ``wi_0`` and ``[..., 1::2]`` ``wi_1``; ``down_proj [G,N,K]`` is
+    ``wo`` as it is."""
+    out = [Piece("gate_up_proj", "wi_0", view=lambda a: a[..., ::2]),
+           Piece("gate_up_proj", "wi_1", view=lambda a: a[..., 1::2]),
+           Piece("down_proj", "wo")]
+    if bias:
+        out += [Piece("gate_up_proj_bias", "wi_0_bias", view=lambda a: a[..., ::2]),
+                Piece("gate_up_proj_bias", "wi_1_bias", view=lambda a: a[..., 1::2]),
+                Piece("down_proj_bias", "wo_bias")]
+    return out
+
+
+def assemble(pieces: Iterable[Piece], tensors: Mapping[str, np.ndarray]) -> Arrays:
+    """The targets of ``pieces`` as fresh contiguous arrays, each allocated once in its
+    sources' dtype and written piece by piece from ``tensors`` (by source name).
+    Target shapes follow from the pieces: a piece at ``(e,)`` needs ``e + 1`` slots."""
+    parts = [(p, p.view(np.asarray(tensors[p.source]))) for p in pieces]
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, np.dtype] = {}
+    for p, part in parts:
+        if not all(isinstance(i, int) for i in p.index):
+            raise ValueError(f"assemble: piece {p.source!r} -> {p.target!r} has index "
+                             f"{p.index}; expected leading slots (ints)")
+        shape = tuple(i + 1 for i in p.index) + part.shape
+        old = shapes.get(p.target, shape)
+        if len(old) != len(shape) or old[len(p.index):] != shape[len(p.index):]:
+            raise ValueError(f"assemble: pieces of {p.target!r} disagree: {old} and {shape}")
+        shapes[p.target] = tuple(max(a, b) for a, b in zip(old, shape, strict=True))
+        dtypes[p.target] = np.result_type(dtypes.get(p.target, part.dtype), part.dtype)
+    out = {t: np.empty(shape, dtypes[t]) for t, shape in shapes.items()}
+    for p, part in parts:
+        out[p.target][p.index] = part
+    return out
+
+
 # ----------------------------------------------------------------------------- fusedmoe
 def fused_to_unfused(t: Mapping[str, np.ndarray]) -> Arrays:
     """Reads ``fusedmoe_fused``, writes ``fusedmoe_unfused``."""
@@ -177,25 +298,19 @@ def hf_per_expert_to_unfused(
         raise ValueError(f"{layout.value}: num_experts must be >= 1, got {num_experts}")
     gate_n, up_n, down_n = names
     n, k = _get(t, f"0.{gate_n}.weight", layout, 2).shape
-    gates, ups, downs = [], [], []
     for e in range(num_experts):
-        gate = _get(t, f"{e}.{gate_n}.weight", layout, 2)
-        up = _get(t, f"{e}.{up_n}.weight", layout, 2)
-        dn = _get(t, f"{e}.{down_n}.weight", layout, 2)
-        _expect(layout, f"{e}.{gate_n}.weight", gate.shape, (n, k))
-        _expect(layout, f"{e}.{up_n}.weight", up.shape, (n, k))
-        _expect(layout, f"{e}.{down_n}.weight", dn.shape, (k, n))
-        gates.append(gate.T)
-        ups.append(up.T)
-        downs.append(dn.T)
-    bias_names = [f"0.{p}.bias" for p in names]
-    biases = None
-    if _optional_biases(t, layout, bias_names):
-        get_b = lambda p, size: np.stack(
-            [_checked_bias(t, f"{e}.{p}.bias", layout, size) for e in range(num_experts)]
-        )
-        biases = (get_b(gate_n, n), get_b(up_n, n), get_b(down_n, k))
-    return _unfused(np.stack(gates), np.stack(ups), np.stack(downs), biases)
+        _expect(layout, f"{e}.{gate_n}.weight", _get(t, f"{e}.{gate_n}.weight", layout, 2).shape,
+                (n, k))
+        _expect(layout, f"{e}.{up_n}.weight", _get(t, f"{e}.{up_n}.weight", layout, 2).shape,
+                (n, k))
+        _expect(layout, f"{e}.{down_n}.weight", _get(t, f"{e}.{down_n}.weight", layout, 2).shape,
+                (k, n))
+    bias = _optional_biases(t, layout, [f"0.{p}.bias" for p in names])
+    if bias:
+        for e in range(num_experts):
+            for name, size in zip(names, (n, n, k), strict=True):
+                _checked_bias(t, f"{e}.{name}.bias", layout, size)
+    return assemble(hf_per_expert_pieces(num_experts, names, bias=bias), t)
 
 
 def _checked_bias(t, name, layout, size):
@@ -224,14 +339,14 @@ def unfused_to_hf_per_expert(
 
 
 # ----------------------------------------------------------------------------- HF packed (v5)
-def _packed_biases(t, layout, g, n, k, split):
+def _check_packed_biases(t, layout, g, n, k) -> bool:
+    """Whether the packed layout has biases (both, of the right shapes)."""
     if not _optional_biases(t, layout, ("gate_up_proj_bias", "down_proj_bias")):
-        return None
-    gub = _get(t, "gate_up_proj_bias", layout, 2)
-    _expect(layout, "gate_up_proj_bias", gub.shape, (g, 2 * n))
-    db = _get(t, "down_proj_bias", layout, 2)
-    _expect(layout, "down_proj_bias", db.shape, (g, k))
-    return (*split(gub), db)
+        return False
+    _expect(layout, "gate_up_proj_bias", _get(t, "gate_up_proj_bias", layout, 2).shape,
+            (g, 2 * n))
+    _expect(layout, "down_proj_bias", _get(t, "down_proj_bias", layout, 2).shape, (g, k))
+    return True
 
 
 def _get_gate_up(t, layout: Layout, name: str, axis: int, dims: str) -> tuple[np.ndarray, int]:
@@ -251,10 +366,8 @@ def hf_packed_to_unfused(t: Mapping[str, np.ndarray]) -> Arrays:
     g, _, k = gu.shape
     dn = _get(t, "down_proj", layout, 3)
     _expect(layout, "down_proj", dn.shape, (g, k, n))
-    biases = _packed_biases(t, layout, g, n, k, lambda b: (b[:, :n], b[:, n:]))
-    return _unfused(
-        gu[:, :n].transpose(0, 2, 1), gu[:, n:].transpose(0, 2, 1), dn.transpose(0, 2, 1), biases
-    )
+    bias = _check_packed_biases(t, layout, g, n, k)
+    return assemble(hf_packed_pieces(bias=bias), t)
 
 
 def unfused_to_hf_packed(t: Mapping[str, np.ndarray]) -> Arrays:
@@ -285,8 +398,8 @@ def gpt_oss_to_unfused(t: Mapping[str, np.ndarray]) -> Arrays:
     g, k, _ = gu.shape
     dn = _get(t, "down_proj", layout, 3)
     _expect(layout, "down_proj", dn.shape, (g, n, k))
-    biases = _packed_biases(t, layout, g, n, k, lambda b: (b[:, ::2], b[:, 1::2]))
-    return _unfused(gu[..., ::2], gu[..., 1::2], dn, biases)
+    bias = _check_packed_biases(t, layout, g, n, k)
+    return assemble(gpt_oss_pieces(bias=bias), t)
 
 
 def unfused_to_gpt_oss(t: Mapping[str, np.ndarray]) -> Arrays:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from fusedmoe.checkpoint import layouts
-from fusedmoe.checkpoint.layouts import Layout
+from fusedmoe.checkpoint.layouts import Layout, Piece
 from fusedmoe.config import MoEConfig
 from fusedmoe.errors import CheckpointError
 from fusedmoe.hf.config import (
@@ -44,6 +44,7 @@ from fusedmoe.hf.config import (
 )
 from fusedmoe.hf.families import Family, family_of
 from fusedmoe.hf.families import layer_prefix as _prefix
+from fusedmoe.hf.fill import fill_tree, tree_set
 from fusedmoe.hf.safetensors_io import SafetensorsDir
 
 
@@ -169,36 +170,67 @@ def read_layer_tensors(
 
 
 # ----------------------------------------------------------------------------- HF <-> state
+def layer_pieces(
+    family: Family, cfg: MoEConfig, layer: int, *, block: str | None = None, packed: bool = False,
+) -> list[Piece]:
+    """Where each HF tensor of one MoE block (those :func:`expected_tensors` names)
+    lands in the unfused state of :class:`fusedmoe.MoE` (``gate/kernel``, ``wi_0``,
+    ``shared_wo``, ...): the experts as :mod:`fusedmoe.checkpoint.layouts` says, the
+    router and shared experts transposed (torch's ``[out, in]``)."""
+    p = _prefix(layer, block or family.blocks[0])
+    r = f"{p}{family.router}."
+    out = [Piece(r + "weight", "gate/kernel", view=layouts.transposed)]
+    if cfg.router_bias:
+        out.append(Piece(r + "bias", "gate/bias"))
+    if cfg.routing_selection_bias:
+        out.append(Piece(r + "e_score_correction_bias", "selection_bias"))
+    if family.packed is Layout.GPT_OSS:
+        experts = layouts.gpt_oss_pieces(bias=True)  # gpt-oss always has expert biases
+    elif packed:
+        experts = layouts.hf_packed_pieces()
+    else:
+        experts = layouts.hf_per_expert_pieces(cfg.num_experts, family.expert_names)
+    out += [piece.renamed(source_prefix=p + "experts.") for piece in experts]
+    if family.shared and cfg.shared_mlp_dim:
+        s = f"{p}{family.shared}."
+        out += [Piece(s + "gate_proj.weight", "shared_wi_0", view=layouts.transposed),
+                Piece(s + "up_proj.weight", "shared_wi_1", view=layouts.transposed),
+                Piece(s + "down_proj.weight", "shared_wo", view=layouts.transposed)]
+    if family.shared_gate and cfg.shared_expert_gate:
+        out.append(Piece(f"{p}{family.shared_gate}.weight", "shared_gate/kernel",
+                         view=layouts.transposed))
+    return out
+
+
 def hf_to_state(
     tensors: Mapping[str, np.ndarray], family: Family, cfg: MoEConfig, layer: int, *,
     block: str | None = None, packed: bool = False,
 ) -> dict[str, Any]:
-    """A layer's HF tensors -> the unfused nested state dict of :class:`fusedmoe.MoE`."""
-    p = _prefix(layer, block or family.blocks[0])
-    r = f"{p}{family.router}."
-    state: dict[str, Any] = {"gate": {"kernel": np.ascontiguousarray(tensors[r + "weight"].T)}}
-    if cfg.router_bias:
-        state["gate"]["bias"] = tensors[r + "bias"]
-    if cfg.routing_selection_bias:
-        state["selection_bias"] = tensors[r + "e_score_correction_bias"]
-    ex = {name[len(p) + len("experts."):]: a for name, a in tensors.items()
-          if name.startswith(p + "experts.")}
-    if family.packed is Layout.GPT_OSS:
-        state.update(layouts.gpt_oss_to_unfused(ex))
-    elif packed:
-        state.update(layouts.hf_packed_to_unfused(ex))
-    else:
-        state.update(layouts.hf_per_expert_to_unfused(ex, cfg.num_experts, family.expert_names))
-    if family.shared and cfg.shared_mlp_dim:
-        s = f"{p}{family.shared}."
-        state["shared_wi_0"] = np.ascontiguousarray(tensors[s + "gate_proj.weight"].T)
-        state["shared_wi_1"] = np.ascontiguousarray(tensors[s + "up_proj.weight"].T)
-        state["shared_wo"] = np.ascontiguousarray(tensors[s + "down_proj.weight"].T)
-    if family.shared_gate and cfg.shared_expert_gate:
-        state["shared_gate"] = {
-            "kernel": np.ascontiguousarray(tensors[f"{p}{family.shared_gate}.weight"].T)
-        }
+    """A layer's HF tensors -> the unfused nested state dict of :class:`fusedmoe.MoE`
+    (fresh arrays in the tensors' dtype; see :func:`layer_pieces`)."""
+    pieces = layer_pieces(family, cfg, layer, block=block, packed=packed)
+    missing = sorted({piece.source for piece in pieces} - set(tensors))
+    if missing:
+        raise KeyError(f"hf_to_state: layer {layer} ({family.model_type}) is missing tensor(s) "
+                       f"{missing[:3]}" + (" ..." if len(missing) > 3 else ""))
+    state: dict[str, Any] = {}
+    for path, array in layouts.assemble(pieces, tensors).items():
+        tree_set(state, tuple(path.split("/")), array)
     return state
+
+
+def _load_layer(st: SafetensorsDir, cfg: MoEConfig, family: Family, layer: int, block: str,
+                packed: bool):
+    """One MoE block of ``st`` as a :class:`fusedmoe.MoE`, each parameter filled in
+    place and handed to the device before the next (:mod:`fusedmoe.hf.fill`)."""
+    from flax import nnx
+
+    from fusedmoe.layer import MoE
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: MoE(cfg, rngs=nnx.Rngs(0))))
+    pieces = layer_pieces(family, cfg, layer, block=block, packed=packed)
+    nnx.replace_by_pure_dict(state, fill_tree(pieces, state.to_pure_dict(), st.get))
+    return nnx.merge(graphdef, state)
 
 
 def state_to_hf(
@@ -261,7 +293,6 @@ def load_moe_layer(
     ``overrides`` set :class:`MoEConfig` fields (e.g. ``gmm_backend``, ``dtype``,
     ``weight_dtype``, which default to the checkpoint's dtype).
     """
-    from fusedmoe.layer import MoE
 
     hf_config = read_hf_config(path)
     where = f"{path}/config.json"
@@ -269,9 +300,9 @@ def load_moe_layer(
     refuse_quantized(hf_config, where)
     check_layer(hf_config, layer, where)
     cfg = moe_config(hf_config, fused_moe_mlp=fused_moe_mlp, **overrides)
-    tensors, family, block, packed = read_layer_tensors(path, layer, cfg, hf_config=hf_config)
-    state = hf_to_state(tensors, family, cfg, layer, block=block, packed=packed)
-    return MoE.from_state(cfg, state)
+    st = SafetensorsDir(path)
+    _, family, block, packed = check_layer_tensors(path, layer, cfg, st=st, hf_config=hf_config)
+    return _load_layer(st, cfg, family, layer, block, packed)
 
 
 _COMMON_FIXED = dict(router_bias=False, mlp_bias=False, routing_selection_bias=False,
@@ -347,7 +378,6 @@ def load_moe_layers(
 ) -> dict[int, Any]:
     """Every MoE layer (or ``layers``) of the model at ``path``: ``{index: MoE}``. All
     layers are checked before any is built."""
-    from fusedmoe.layer import MoE
 
     hf_config = read_hf_config(path)
     where = f"{path}/config.json"
@@ -362,6 +392,6 @@ def load_moe_layers(
         check_layer_tensors(path, i, cfg, st=st, hf_config=hf_config)
     out = {}
     for i in layers:
-        t, fam, block, packed = read_layer_tensors(path, i, cfg, st=st, hf_config=hf_config)
-        out[i] = MoE.from_state(cfg, hf_to_state(t, fam, cfg, i, block=block, packed=packed))
+        _, family, block, packed = check_layer_tensors(path, i, cfg, st=st, hf_config=hf_config)
+        out[i] = _load_layer(st, cfg, family, i, block, packed)
     return out

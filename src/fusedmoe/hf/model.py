@@ -4,10 +4,12 @@ Loading reads ``config.json`` (:func:`fusedmoe.hf.config.model_config`), then
 every shard's header, and checks that each tensor the model needs is there
 with the shape the config implies, a float dtype and no quantization, before
 any data is read or any module built. The model is then built abstractly and
-filled one tensor group at a time (the decoder's own tensors, then each
-layer): each tensor is read, converted (transposed, experts stacked, gate and
-up fused) and placed on its device before the next is read, so host memory
-stays near the model's size.
+filled one parameter at a time (:mod:`fusedmoe.hf.fill`): each parameter's
+final array (fused or not, in the model's dtype) is allocated once, every
+tensor that feeds it is read and written straight into its slot (an expert's
+gate transposed into ``wi[e, :, 0, :]``, say), and the array goes to the device
+before the next is started. So host memory stays near the model's size: the
+parameters, plus the one being filled and one tensor.
 
 Saving writes what ``save_pretrained`` writes (per-expert names, no lm_head
 when tied, shards with an index above ``max_shard_size``) into a temporary
@@ -24,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from fusedmoe.checkpoint import layouts
+from fusedmoe.checkpoint.layouts import Piece
 from fusedmoe.errors import CheckpointError
 from fusedmoe.hf.config import _DTYPES, model_config, model_hf_config, mtp_layers, read_hf_config
 from fusedmoe.hf.families import (
@@ -36,12 +40,15 @@ from fusedmoe.hf.families import (
     layer_prefix,
     layer_tensors,
 )
+from fusedmoe.hf.fill import fill_tree
+from fusedmoe.hf.fill import tree_leaves as _leaves
+from fusedmoe.hf.fill import tree_path as _path
 from fusedmoe.hf.layers import (
     _QUANT_SUFFIXES,
     _find_block,
     check_exportable,
     expected_tensors,
-    hf_to_state,
+    layer_pieces,
     state_to_hf,
 )
 from fusedmoe.hf.safetensors_io import SafetensorsDir, write_shards
@@ -49,29 +56,14 @@ from fusedmoe.hf.safetensors_io import SafetensorsDir, write_shards
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes per shard, as transformers' save_pretrained did
 
 
-# ----------------------------------------------------------------------------- tree helpers
-def _leaves(tree: Mapping, keys: tuple = ()) -> Iterator[tuple[tuple, Any]]:
-    """``(keys, leaf)`` of a nested dict, depth first, in insertion order."""
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _leaves(value, (*keys, key))
-        else:
-            yield (*keys, key), value
-
-
-def _path(keys: tuple) -> str:
-    return "/".join(str(k) for k in keys)
-
-
-def _set(tree: dict, keys: tuple, value: Any) -> None:
-    for key in keys[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[keys[-1]] = value
-
-
+# ----------------------------------------------------------------------------- layouts
 def _torch_layout(keys: tuple, array: np.ndarray) -> np.ndarray:
     """An nnx ``kernel`` is torch's ``weight`` transposed; the rest is the same."""
-    return np.ascontiguousarray(array.T) if keys[-1] == "kernel" else array
+    return np.ascontiguousarray(_torch_view(keys)(array))
+
+
+def _torch_view(keys: tuple):
+    return layouts.transposed if keys[-1] == "kernel" else layouts.same
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -164,37 +156,26 @@ def check_model_tensors(st: SafetensorsDir, cfg, family: Family, like: Mapping):
 
 
 # ----------------------------------------------------------------------------- loading
-def _read_block(st: SafetensorsDir, cfg, family: Family, layer: int, block_like: Mapping,
-                moe_block: tuple[str, bool] | None) -> dict:
-    """Layer ``layer``'s state (a nested dict of device arrays), read tensor by tensor."""
-    import jax.numpy as jnp
-
-    from fusedmoe.checkpoint.fusion import fuse_state
-
-    p, names = layer_prefix(layer), layer_tensors(cfg.attention)
-    out: dict = {}
-    for keys, leaf in _leaves(block_like):
-        if keys[0] != "ffn":
-            array = _torch_layout(keys, st.get(p + names[_path(keys)]))
-            _set(out, keys, jnp.asarray(array, leaf.dtype))
-    ffn_like = block_like["ffn"]
-    if moe_block is None:
-        gate, up, down = (st.get(p + name) for name in DENSE_MLP_TENSORS)
-        ffn = {"w_in": np.stack([gate.T, up.T], axis=1), "w_out": down.T}
-    else:
-        block, packed = moe_block
-        names = expected_tensors(family, cfg.moe, layer, packed=packed, block=block)
-        tensors = {name: st.get(name) for name in names}
-        ffn = hf_to_state(tensors, family, cfg.moe, layer, block=block, packed=packed)
-        del tensors
-        if cfg.moe.fused_moe_mlp:
-            ffn = fuse_state(ffn)
-    for keys, leaf in _leaves(ffn_like):
-        value = ffn
-        for key in keys:
-            value = value[key]
-        _set(out, ("ffn", *keys), jnp.asarray(value, leaf.dtype))
-    return out
+def _model_pieces(cfg, family: Family, like: Mapping,
+                  moe_blocks: Mapping[int, tuple[str, bool]]) -> list[Piece]:
+    """Where every tensor of the checkpoint lands in the decoder's state (paths as
+    ``blocks/0/attn/q/kernel``; MoE layers' as unfused names, see :func:`layer_pieces`)."""
+    pieces = [Piece(MODEL_TENSORS[_path(keys)], _path(keys), view=_torch_view(keys))
+              for keys, _ in _leaves({k: v for k, v in like.items() if k != "blocks"})]
+    for i in range(cfg.num_layers):
+        p, names, at = layer_prefix(i), layer_tensors(cfg.attention), f"blocks/{i}/"
+        pieces += [Piece(p + names[_path(keys)], at + _path(keys), view=_torch_view(keys))
+                   for keys, _ in _leaves(like["blocks"][i]) if keys[0] != "ffn"]
+        if i in moe_blocks:
+            block, packed = moe_blocks[i]
+            pieces += [piece.renamed(target_prefix=at + "ffn/")
+                       for piece in layer_pieces(family, cfg.moe, i, block=block, packed=packed)]
+        else:  # DenseFFN: w_in [K, 2, N] is (gate, up) stacked, w_out [N, K]
+            gate, up, down = (p + name for name in DENSE_MLP_TENSORS)
+            pieces += [Piece(gate, at + "ffn/w_in", (slice(None), 0), layouts.transposed),
+                       Piece(up, at + "ffn/w_in", (slice(None), 1), layouts.transposed),
+                       Piece(down, at + "ffn/w_out", view=layouts.transposed)]
+    return pieces
 
 
 def _checkpoint_dtype(st: SafetensorsDir) -> str:
@@ -236,13 +217,8 @@ def load_model(path: str | os.PathLike, *, fused_moe_mlp: bool = True, dtype=Non
         cfg = cfg.with_moe(dtype=dtype, weight_dtype=overrides.get("weight_dtype", dtype))
     graphdef, state = _abstract(cfg, mesh)
     like = state.to_pure_dict()
-    tree = {name: _read_top(st, name, sub_like)
-            for name, sub_like in like.items() if name != "blocks"}
-    tree["blocks"] = {
-        i: _read_block(st, cfg, family, i, like["blocks"][i], moe_blocks.get(i))
-        for i in range(cfg.num_layers)
-    }
-    nnx.replace_by_pure_dict(state, tree)
+    nnx.replace_by_pure_dict(state, fill_tree(_model_pieces(cfg, family, like, moe_blocks),
+                                              like, st.get))
     model = nnx.merge(graphdef, state)
     if mesh is not None:
         from fusedmoe.model.sharding import place
@@ -250,17 +226,6 @@ def load_model(path: str | os.PathLike, *, fused_moe_mlp: bool = True, dtype=Non
         place(model, mesh)
     jax.block_until_ready(nnx.state(model))
     return model
-
-
-def _read_top(st: SafetensorsDir, name: str, sub_like: Mapping) -> dict:
-    """The state of the embedding, the final norm or the LM head."""
-    import jax.numpy as jnp
-
-    out: dict = {}
-    for keys, leaf in _leaves(sub_like):
-        array = st.get(MODEL_TENSORS[_path((name, *keys))])
-        _set(out, keys, jnp.asarray(_torch_layout(keys, array), leaf.dtype))
-    return out
 
 
 def _dtype_name(dtype) -> str | None:

@@ -1,10 +1,15 @@
 """Attention classes: grouped-query attention (the four GQA families and the toy
 model), the same with attention sinks (gpt-oss), and the table that names them.
 
-An attention class is built as ``cls(config, layer, rngs=...)``, keeps its own
-cache type (``init_cache(batch, capacity, dtype)``), says how many cached numbers
-one token costs a layer (``cache_width(config)``), and is called as
+An attention class is built as ``cls(config, layer, rngs=..., mesh=None)``, keeps
+its own cache type (``init_cache(batch, capacity, dtype)``), says how many cached
+numbers one token costs a layer (``cache_width(config)``), and is called as
 ``attn(x [B, S, K], positions [S], cache, cache_empty=...) -> (y [B, S, K], cache)``.
+On a mesh it splits its heads over the tensor axis: ``param_specs()`` and
+``cache_specs()`` say how, and each call runs one program per device (its own
+heads; the output projection's partial sums added up) through
+:func:`fusedmoe.model.sharding.run_attention`. So the code below the call sees
+this device's heads: head counts come from the arrays, not from the config.
 :data:`ATTENTIONS` maps ``ModelConfig.attention`` to the class: ``"gqa"``,
 ``"gqa_sinks"`` and ``"mla"`` (multi-head latent attention,
 :mod:`fusedmoe.model.latent_attention`). The masked softmax they share is in
@@ -16,12 +21,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from fusedmoe.model.cache import LayerKV
 from fusedmoe.model.config import ModelConfig
 from fusedmoe.model.latent_attention import MultiHeadLatentAttention
-from fusedmoe.model.layers import RMSNorm, normal_init
+from fusedmoe.model.layers import RMSNorm, linear, normal_init, row_split_linear
 from fusedmoe.model.rope import apply_rotary, rotary_tables
+from fusedmoe.model.sharding import run_attention, tensor_split
 from fusedmoe.model.softmax_attention import attend, position_mask
 
 __all__ = ["ATTENTIONS", "GroupedQueryAttention", "MultiHeadLatentAttention", "SinkAttention",
@@ -36,13 +44,21 @@ class GroupedQueryAttention(nnx.Module):
     ``q``, ``k``, ``v``; biases on q/k/v and on the output; q/k RMSNorm per head
     (Qwen3) or over the whole projection (OLMoE); ``clip_qkv`` (OLMoE); a sliding
     window on this layer; RoPE with any supported scaling.
+
+    On a mesh, query and key/value heads are split over the tensor axis (when it
+    divides both counts): q/k/v by output column, ``out`` by input row, a full-width
+    q/k norm's scale with its heads. The toy model's fused ``qkv`` stays replicated:
+    its columns are ``[q heads | k heads | v heads]``, so one device's heads are
+    three column ranges, which each device takes from the whole kernel.
     """
 
-    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs,
+                 mesh: Mesh | None = None):
         c = self.config = config
         k, h, hkv, d = c.emb_dim, c.num_heads, c.kv_heads, c.head_size
         pdt, dt = c.moe.param_dtype, c.moe.compute_dtype
         self.window = c.window(layer)
+        self.heads = tensor_split(c, mesh, h, hkv)
         lin = dict(dtype=dt, param_dtype=pdt, rngs=rngs)
         if c.fused_qkv:
             self.qkv = nnx.Linear(k, (h + 2 * hkv) * d, use_bias=c.qkv_bias,
@@ -60,6 +76,21 @@ class GroupedQueryAttention(nnx.Module):
             self.q_norm = RMSNorm(h * d, c.norm_eps, pdt)
             self.k_norm = RMSNorm(hkv * d, c.norm_eps, pdt)
 
+    def param_specs(self) -> dict[tuple[str, ...], P]:
+        """PartitionSpec by parameter path, for those split over the tensor axis."""
+        t = self.heads.axis
+        specs = {("out", "kernel"): P(t, None), ("sinks",): P(t)}
+        for name in ("q", "k", "v"):
+            specs[(name, "kernel")], specs[(name, "bias")] = P(None, t), P(t)
+        if self.config.qk_norm == "full":
+            specs[("q_norm", "scale")] = specs[("k_norm", "scale")] = P(t)
+        return specs
+
+    def cache_specs(self) -> LayerKV:
+        """The cache's PartitionSpecs: keys and values split by head like the projections."""
+        t = self.heads.axis
+        return LayerKV(k=P(None, None, t, None), v=P(None, None, t, None), pos=P())
+
     @classmethod
     def cache_width(cls, config: ModelConfig, *, expanded: bool = False) -> int:
         """Numbers one token adds to a layer's cache: its key and value heads."""
@@ -72,23 +103,42 @@ class GroupedQueryAttention(nnx.Module):
         return LayerKV.empty(batch, slots, c.kv_heads, c.head_size, c.head_size, dtype)
 
     def _qkv(self, x: jax.Array, positions: jax.Array):
-        """Queries ``[B, S, H, D]`` and keys, values ``[B, S, Hkv, D]``, rotated."""
+        """This device's queries ``[B, S, H/tp, D]`` and keys, values
+        ``[B, S, Hkv/tp, D]``, rotated (``tp = 1`` on one device)."""
         c = self.config
         b, s, _ = x.shape
-        h, hkv, d = c.num_heads, c.kv_heads, c.head_size
+        d = c.head_size
         if c.fused_qkv:
-            q, k, v = jnp.split(self.qkv(x), [h * d, (h + hkv) * d], axis=-1)
+            q, k, v = self._fused_qkv(x)
         else:
             q, k, v = self.q(x), self.k(x), self.v(x)
         if c.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q, self.heads), self.k_norm(k, self.heads)
         if c.clip_qkv:
             q, k, v = (jnp.clip(t, -c.clip_qkv, c.clip_qkv) for t in (q, k, v))
-        q, k, v = q.reshape(b, s, h, d), k.reshape(b, s, hkv, d), v.reshape(b, s, hkv, d)
+        q, k, v = (t.reshape(b, s, -1, d) for t in (q, k, v))
         if c.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rotary_tables(positions, d, c.rope_theta, c.rope_scaling)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def _fused_qkv(self, x: jax.Array):
+        """The fused projection's q, k and v for this device's heads only."""
+        c = self.config
+        h, hkv, d, n = c.num_heads, c.kv_heads, c.head_size, self.heads.size
+        bias = self.qkv.bias[...] if c.qkv_bias else None
+        if n > 1:  # this device's columns of each of the three parts
+            def own(w):  # [..., (h + 2 hkv) d] -> [..., (h + 2 hkv) d / n]
+                parts = jnp.split(w, [h * d, (h + hkv) * d], axis=-1)
+                return jnp.concatenate(
+                    [jax.lax.dynamic_slice_in_dim(p, self.heads.index() * (p.shape[-1] // n),
+                                                  p.shape[-1] // n, axis=-1) for p in parts],
+                    axis=-1)
+            kernel, bias = own(self.qkv.kernel[...]), None if bias is None else own(bias)
+        else:
+            kernel = self.qkv.kernel[...]
+        qkv = linear(x, kernel, bias, self.qkv.dtype)
+        return jnp.split(qkv, [h * d // n, (h + hkv) * d // n], axis=-1)
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerKV | None = None, *,
                  cache_empty: bool = False) -> tuple[jax.Array, LayerKV | None]:
@@ -96,6 +146,10 @@ class GroupedQueryAttention(nnx.Module):
 
         Without a cache the tokens attend among themselves. With one, they also
         see what it holds (unless ``cache_empty``), and are written into it."""
+        return run_attention(self, x, positions, cache, cache_empty)
+
+    def per_device(self, x, positions, cache=None, *, cache_empty: bool = False):
+        """:meth:`__call__` for this device's heads (all of them on one device)."""
         b, s, _ = x.shape
         q, k, v = self._qkv(x, positions)
         if cache is None or cache_empty:
@@ -108,7 +162,7 @@ class GroupedQueryAttention(nnx.Module):
             keys, values, key_pos = cache.with_chunk(k, v, positions)
             y = self._attend(q, keys, values, positions, key_pos)
             cache = cache.write(k, v, positions)
-        return self.out(y.reshape(b, s, -1)), cache
+        return row_split_linear(self.out, y.reshape(b, s, -1), self.heads), cache
 
     def _attend(self, q, k, v, q_pos, k_pos):
         return attend(q, k, v, q_pos, k_pos, scale=self.config.head_size**-0.5,
@@ -120,8 +174,9 @@ class SinkAttention(GroupedQueryAttention):
     learned logit ``sinks [H]`` joins each row's softmax and is dropped after it, so
     a head may give a token's keys less than all of its weight."""
 
-    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
-        super().__init__(config, layer, rngs=rngs)
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs,
+                 mesh: Mesh | None = None):
+        super().__init__(config, layer, rngs=rngs, mesh=mesh)
         self.sinks = nnx.Param(nnx.initializers.normal(1.0)(
             rngs.params(), (config.num_heads,), config.moe.param_dtype))
 

@@ -31,6 +31,7 @@ from fusedmoe.model.attention import ATTENTIONS
 from fusedmoe.model.cache import Cache
 from fusedmoe.model.config import ModelConfig
 from fusedmoe.model.layers import DenseFFN, RMSNorm, normal_init
+from fusedmoe.model.sharding import place_cache
 
 
 class Block(nnx.Module):
@@ -43,9 +44,12 @@ class Block(nnx.Module):
         pdt = c.moe.param_dtype
         self.is_moe = c.is_moe_layer(layer)
         self.attn_norm = RMSNorm(c.emb_dim, c.norm_eps, pdt)
-        self.attn = ATTENTIONS[c.attention](c, layer, rngs=rngs)
+        self.attn = ATTENTIONS[c.attention](c, layer, rngs=rngs, mesh=mesh)
         self.ffn_norm = RMSNorm(c.emb_dim, c.norm_eps, pdt)
-        self.ffn = MoE(c.moe, rngs=rngs, mesh=mesh) if self.is_moe else DenseFFN(c, rngs=rngs)
+        if self.is_moe:
+            self.ffn = MoE(c.moe, rngs=rngs, mesh=mesh)
+        else:
+            self.ffn = DenseFFN(c, rngs=rngs, mesh=mesh)
 
     def __call__(self, x, positions, cache=None, *, cache_empty: bool = False):
         """``x [B, S, K]`` -> ``(x, aux or None, cache)``."""
@@ -107,12 +111,15 @@ class Decoder(nnx.Module):
     def init_cache(self, batch: int, capacity: int, dtype=None) -> Cache:
         """An empty KV cache for ``batch`` sequences of up to ``capacity`` tokens
         (sliding-window layers keep only their window). ``dtype`` defaults to the
-        model's compute dtype."""
+        model's compute dtype. On a mesh the cache is placed there, its heads split
+        as the attention's are."""
         for name, value in (("batch", batch), ("capacity", capacity)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         dtype = dtype or self.config.moe.compute_dtype
-        layers = tuple(block.attn.init_cache(batch, capacity, dtype) for block in self.blocks)
+        layers = tuple(place_cache(block.attn.init_cache(batch, capacity, dtype),
+                                   block.attn.cache_specs(), self.mesh)
+                       for block in self.blocks)
         return Cache(layers=layers, length=jnp.zeros((), jnp.int32), empty=True)
 
     def decode(self, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:

@@ -22,6 +22,12 @@ transformers does; a one-token decode step never does: it folds ``kv_b``'s key
 half into the query and its value half into the output ("absorption"), so it
 reads only the cached latents, and the result is the same numbers up to
 rounding.
+
+On a mesh the per-head projections (``q`` or ``q_b``, ``kv_b``, ``out``) are
+split over the tensor axis by head, and what every head shares (``q_a``,
+``kv_a``, their norms, hence the latent cache) is replicated: each device
+computes the latent itself and its own heads from it (see
+:mod:`fusedmoe.model.sharding`).
 """
 
 from __future__ import annotations
@@ -29,11 +35,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from fusedmoe.model.cache import LatentKV
 from fusedmoe.model.config import ModelConfig, RopeScaling
-from fusedmoe.model.layers import RMSNorm, normal_init
+from fusedmoe.model.layers import RMSNorm, normal_init, row_split_linear
 from fusedmoe.model.rope import apply_rotary, rotary_tables, yarn_mscale
+from fusedmoe.model.sharding import run_attention, tensor_split
 from fusedmoe.model.softmax_attention import attend, masked_softmax, position_mask
 
 # transformers builds q_a_layernorm and kv_a_layernorm with RMSNorm's default eps,
@@ -76,12 +85,14 @@ class MultiHeadLatentAttention(nnx.Module):
     ``kv_b``; ``out``. ``qkv_bias`` puts biases on ``q_a`` and ``kv_a``, ``out_bias``
     on ``out`` (transformers' ``attention_bias`` sets both)."""
 
-    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs,
+                 mesh: Mesh | None = None):
         c = self.config = config
         k, h, r = c.emb_dim, c.num_heads, c.kv_lora_rank
         dq, dr, dn, dv = c.qk_head_dim, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim
         pdt, dt = c.moe.param_dtype, c.moe.compute_dtype
         self.window = c.window(layer)
+        self.heads = tensor_split(c, mesh, h)
         self.scale = softmax_scale(c)
         lin = dict(dtype=dt, param_dtype=pdt, rngs=rngs)
         if c.q_lora_rank:
@@ -97,6 +108,17 @@ class MultiHeadLatentAttention(nnx.Module):
                                **lin)
         self.out = nnx.Linear(h * dv, k, use_bias=c.out_bias,
                               kernel_init=normal_init(h * dv * 2 * c.num_layers), **lin)
+
+    def param_specs(self) -> dict[tuple[str, ...], P]:
+        """PartitionSpec by parameter path, for the per-head projections (none has a
+        bias but ``out``, whose bias is added once)."""
+        t = self.heads.axis
+        return {("q", "kernel"): P(None, t), ("q_b", "kernel"): P(None, t),
+                ("kv_b", "kernel"): P(None, t), ("out", "kernel"): P(t, None)}
+
+    def cache_specs(self) -> LatentKV:
+        """The latent cache is every head's: replicated."""
+        return LatentKV(latent=P(), k_rope=P(), pos=P())
 
     @classmethod
     def cache_width(cls, config: ModelConfig, *, expanded: bool = False) -> int:
@@ -114,11 +136,12 @@ class MultiHeadLatentAttention(nnx.Module):
         return LatentKV.empty(batch, slots, c.kv_lora_rank, c.qk_rope_head_dim, dtype)
 
     def _queries(self, x: jax.Array, cos, sin):
-        """``(q_nope [B, S, H, Dn], q_rope [B, S, H, Dr])``, the rope part rotated."""
+        """``(q_nope [B, S, H, Dn], q_rope [B, S, H, Dr])``, the rope part rotated
+        (``H``: this device's heads, here and below)."""
         c = self.config
         b, s, _ = x.shape
         q = self.q_b(self.q_a_norm(self.q_a(x))) if c.q_lora_rank else self.q(x)
-        q = q.reshape(b, s, c.num_heads, c.qk_head_dim)
+        q = q.reshape(b, s, -1, c.qk_head_dim)
         q_nope, q_rope = jnp.split(q, [c.qk_nope_head_dim], axis=-1)
         return q_nope, apply_rotary(q_rope, cos, sin, interleaved=c.rope_interleave)
 
@@ -134,10 +157,10 @@ class MultiHeadLatentAttention(nnx.Module):
         ``[B, S, H, Dv]``."""
         c = self.config
         b, t, _ = latent.shape
-        kv = self.kv_b(latent).reshape(b, t, c.num_heads, c.qk_nope_head_dim + c.v_head_dim)
+        kv = self.kv_b(latent).reshape(b, t, -1, c.qk_nope_head_dim + c.v_head_dim)
         k_nope, v = jnp.split(kv, [c.qk_nope_head_dim], axis=-1)
         k_rope = jnp.broadcast_to(k_rope[:, :, None, :].astype(k_nope.dtype),
-                                  (b, t, c.num_heads, c.qk_rope_head_dim))
+                                  (*k_nope.shape[:3], c.qk_rope_head_dim))
         q = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], axis=-1)
         k = jnp.concatenate([k_nope, k_rope], axis=-1)
         return attend(q, k, v, q_pos, k_pos, scale=self.scale, window=self.window)
@@ -147,7 +170,7 @@ class MultiHeadLatentAttention(nnx.Module):
         c = self.config
         dt = c.moe.compute_dtype
         w = self.kv_b.kernel[...].astype(dt).reshape(
-            c.kv_lora_rank, c.num_heads, c.qk_nope_head_dim + c.v_head_dim)
+            c.kv_lora_rank, -1, c.qk_nope_head_dim + c.v_head_dim)
         w_k, w_v = jnp.split(w, [c.qk_nope_head_dim], axis=-1)  # [R, H, Dn], [R, H, Dv]
         q_latent = jnp.einsum("bshd,rhd->bshr", q_nope, w_k)
         o = attend_latent(q_latent, q_rope.astype(dt), cache.latent, cache.k_rope, q_pos,
@@ -158,6 +181,10 @@ class MultiHeadLatentAttention(nnx.Module):
                  cache_empty: bool = False) -> tuple[jax.Array, LatentKV | None]:
         """``x [B, S, K]`` at ``positions [S]`` -> ``(y [B, S, K], cache)``; the cache as
         for grouped-query attention, holding latents instead of keys and values."""
+        return run_attention(self, x, positions, cache, cache_empty)
+
+    def per_device(self, x, positions, cache=None, *, cache_empty: bool = False):
+        """:meth:`__call__` for this device's heads (all of them on one device)."""
         c = self.config
         b, s, _ = x.shape
         cos, sin = rotary_tables(positions, c.qk_rope_head_dim, c.rope_theta, c.rope_scaling)
@@ -173,4 +200,4 @@ class MultiHeadLatentAttention(nnx.Module):
             latents, k_ropes, key_pos = cache.with_chunk(latent, k_rope, positions)
             y = self._expanded(q_nope, q_rope, latents, k_ropes, positions, key_pos)
             cache = cache.write(latent, k_rope, positions)
-        return self.out(y.reshape(b, s, -1)), cache
+        return row_split_linear(self.out, y.reshape(b, s, -1), self.heads), cache

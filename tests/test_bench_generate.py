@@ -1,5 +1,6 @@
 """``fusedmoe bench-generate --quick``: a tiny model end to end (the record's
-fields, the engines' tokens agree, the table), and its bad options."""
+fields, the engines' tokens agree, the table), its DeepSeek-V3 row (the latent
+cache's bytes per token against full keys and values), and its bad options."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def test_quick_run_records_every_engine(tmp_path, capsys):
         assert r["load_rss_peak_mib"] >= r["load_rss_before_mib"] > 0
         assert 0 < r["decode_weight_bytes"] < r["model_bytes"]  # 2 of 8 experts per layer
         assert len(r["tokens"][0]) == 8
+        # grouped-query attention caches keys and values of 2 heads of 16, 2 layers, f32
+        assert r["cache_bytes_per_token"] == r["cache_bytes_per_token_full_kv"] == 2 * 2 * 16 * 8
+        assert r["model"] == "qwen3_moe"
     for name in ("fused", "unfused"):
         # float32 greedy: the very tokens transformers' generate gives
         assert rows[name]["same_tokens"] is True and rows[name]["first_difference"] is None
@@ -49,9 +53,33 @@ def test_quick_run_records_every_engine(tmp_path, capsys):
     assert "building the model" not in capsys.readouterr().out
 
 
+def test_deepseek_v3_row_caches_the_latent(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert main(["bench-generate", "--quick", "--model", "deepseek_v3", "--json", str(out),
+                 "--new-tokens", "4", "--depths", "4", "--depth-steps", "1"]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["complete"] is True
+    assert (payload["options"]["model"], payload["options"]["family"]) == ("deepseek_v3",) * 2
+    assert payload["options"]["fields"]["n_routed_experts"] == 16  # --quick: 16, else 256
+    rows = {r["engine"]: r for r in payload["rows"]}
+    assert list(rows) == ["fused", "unfused", "transformers"]
+    # 3 layers, f32: the latent (32) and the rotated key part (8), against 4 heads'
+    # keys (16 + 8) and values (16): what transformers' cache holds
+    full_kv = 3 * 4 * (16 + 8 + 16) * 4
+    for name in ("fused", "unfused"):
+        assert rows[name]["cache_bytes_per_token"] == 3 * (32 + 8) * 4
+        assert rows[name]["same_tokens"] is True  # f32 greedy: transformers' tokens
+    assert rows["transformers"]["cache_bytes_per_token"] == full_kv
+    assert {r["cache_bytes_per_token_full_kv"] for r in rows.values()} == {full_kv}
+    printed = capsys.readouterr().out
+    assert "bench-generate: deepseek_v3 float32" in printed
+    assert "multi-head latent attention" in printed and "1 shared" in printed
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
+        (["--model", "mixtral"], "--model: got 'mixtral', expected one of qwen3_moe, deepseek_v3"),
         (["--dtype", "f16"], "--dtype: got 'f16', expected float32/f32 or bfloat16/bf16"),
         (["--backend", "cuda"], "--backend: got 'cuda', expected one of"),
         (["--new-tokens", "1"], "--new-tokens: got '1', expected an integer >= 2"),

@@ -1,11 +1,20 @@
 """``fusedmoe bench-generate``: a whole model generating text, fused and unfused,
 side by side with transformers' ``generate`` on the same weights and prompt.
 
-The model is a random Qwen3-MoE at the real layer width (Qwen3-30B-A3B's:
-hidden 2048, 32 query and 4 key/value heads of 128, 128 experts of mlp width
-768, top-8) with two layers and a vocabulary of 4096: about 1.25 billion
-parameters, 4.7 GiB in float32. transformers builds it from a fixed seed and
-saves it (``save_pretrained``) to a temporary directory; :func:`fusedmoe.hf.load_model`
+The model (``--model``, :data:`MODELS`) is random, at a real layer width:
+
+- ``qwen3_moe`` (the default): Qwen3-30B-A3B's layer (hidden 2048, 32 query and
+  4 key/value heads of 128, 128 experts of mlp width 768, top-8), two layers, a
+  vocabulary of 4096: about 1.25 billion parameters, 4.7 GiB in float32;
+- ``deepseek_v3``: DeepSeek-V3's shape at a reduced width: multi-head latent
+  attention with its own ranks and head dims (q rank 1536, latent 512, per head
+  128 + 64 query/key and 128 value dims) on 16 heads of hidden 2048, yarn RoPE
+  as the release sets it, a dense first layer then two MoE layers of 256
+  experts (mlp width 256) in 8 groups (4 chosen), top-8, sigmoid routing with
+  its correction bias, a shared expert; a vocabulary of 4096: 3.4 GiB in float32.
+
+transformers builds it from its config class and a fixed seed and saves it
+(``save_pretrained``) to a temporary directory; :func:`fusedmoe.hf.load_model`
 loads it fused and unfused, transformers' ``from_pretrained`` once more (its
 grouped-GEMM experts and SDPA attention, the fastest it has on CPU). All three
 copies stay loaded, so the run needs about three times the model's size (it
@@ -29,7 +38,11 @@ Measured, every engine greedy, in this one process:
   another token at a near tie, and from there the texts part);
 - the bytes of weights one decode step reads at most (all but the experts, plus
   the ``top_k`` experts of each token) over the step's time: the read bandwidth
-  the step achieves, to hold against the machine's.
+  the step achieves, to hold against the machine's;
+- the KV cache's bytes per token (of one sequence, every layer): ours
+  (:meth:`fusedmoe.model.Decoder.cache_bytes_per_token`: DeepSeek-V3's latent)
+  and full keys and values (``expanded=True``), which is what transformers' cache
+  holds.
 
 ``--quick`` runs a tiny model in seconds (the tests'). The JSON record
 (``--json``) and the environment line are those of the other bench commands
@@ -51,17 +64,53 @@ from typing import Any
 from fusedmoe.bench import options
 from fusedmoe.errors import UsageError
 
-FAMILY = "qwen3_moe"
+
+@dataclasses.dataclass(frozen=True)
+class BenchModel:
+    """One model ``--model`` can choose: a transformers family and its config fields."""
+
+    family: str  # model_type, as transformers' AutoConfig knows it
+    full: dict[str, Any]  # the measured model's config fields
+    quick: dict[str, Any]  # a tiny one of the same kind (--quick)
+
+
 _COMMON = dict(norm_topk_prob=True, rms_norm_eps=1e-6, tie_word_embeddings=False,
                max_position_embeddings=4096, bos_token_id=None, eos_token_id=None,
                pad_token_id=None)
-# Qwen3-30B-A3B's layer, two layers of it, a small vocabulary.
-FULL = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-            moe_intermediate_size=768, intermediate_size=6144, num_experts=128,
-            num_experts_per_tok=8, num_hidden_layers=2, vocab_size=4096, **_COMMON)
-QUICK = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-             moe_intermediate_size=32, intermediate_size=96, num_experts=8,
-             num_experts_per_tok=2, num_hidden_layers=2, vocab_size=256, **_COMMON)
+# DeepSeek-V3's RoPE as its release sets it (yarn, 40 x 4096 positions).
+_DEEPSEEK_YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=40.0,
+                      original_max_position_embeddings=4096, beta_fast=32.0, beta_slow=1.0,
+                      mscale=1.0, mscale_all_dim=1.0)
+# DeepSeek-V3's routing and the rest it fixes; no multi-token prediction layers.
+_DEEPSEEK = dict(_COMMON, max_position_embeddings=163840, rope_parameters=_DEEPSEEK_YARN,
+                 routed_scaling_factor=2.5, n_shared_experts=1, first_k_dense_replace=1,
+                 num_hidden_layers=3, num_nextn_predict_layers=0)
+MODELS = {
+    # Qwen3-30B-A3B's layer, two layers of it, a small vocabulary.
+    "qwen3_moe": BenchModel(
+        "qwen3_moe",
+        full=dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                  moe_intermediate_size=768, intermediate_size=6144, num_experts=128,
+                  num_experts_per_tok=8, num_hidden_layers=2, vocab_size=4096, **_COMMON),
+        quick=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   moe_intermediate_size=32, intermediate_size=96, num_experts=8,
+                   num_experts_per_tok=2, num_hidden_layers=2, vocab_size=256, **_COMMON)),
+    # DeepSeek-V3 narrowed to hidden 2048 (its 7168 with 256 experts of 2048 would
+    # not fit): its attention ranks and head dims on 16 heads, 256 experts of mlp 256
+    # in 8 groups, top-8; a dense layer, then two MoE layers.
+    "deepseek_v3": BenchModel(
+        "deepseek_v3",
+        full=dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=16,
+                  q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                  v_head_dim=128, n_routed_experts=256, n_group=8, topk_group=4,
+                  num_experts_per_tok=8, moe_intermediate_size=256, intermediate_size=6144,
+                  vocab_size=4096, **_DEEPSEEK),
+        quick=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48,
+                   kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                   n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4,
+                   moe_intermediate_size=16, intermediate_size=96, vocab_size=256, **_DEEPSEEK)),
+}
+DEFAULT_MODEL = "qwen3_moe"
 DEFAULTS = dict(prompt_len=64, new_tokens=64, depths=(64, 512), depth_steps=8, repeats=3)
 QUICK_DEFAULTS = dict(prompt_len=16, new_tokens=8, depths=(16, 64), depth_steps=4, repeats=1)
 ENGINES = ("fused", "unfused", "transformers")
@@ -71,8 +120,10 @@ MEMORY_MARGIN = 1.5 * 2**30  # compiled programs, activations, the interpreter
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d, q = DEFAULTS, QUICK_DEFAULTS
+    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
+                        help=f"the model: {' or '.join(MODELS)} (default {DEFAULT_MODEL})")
     parser.add_argument("--quick", action="store_true",
-                        help="a tiny model (hidden 64, 8 experts): a smoke run in seconds")
+                        help="a tiny model of the same kind (hidden 64): a smoke run in seconds")
     parser.add_argument("--dtype", default="float32", metavar="DTYPE",
                         help="float32/f32 or bfloat16/bf16 (default float32)")
     parser.add_argument("--backend", default="auto", metavar="NAME",
@@ -107,6 +158,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class GeneratePlan:
     """Every setting of a run, checked (:func:`plan_from_args`)."""
 
+    model: str  # a key of MODELS
     fields: dict[str, Any]  # the transformers config fields of the model
     quick: bool
     dtype: str
@@ -121,8 +173,12 @@ class GeneratePlan:
     model_dir: str | None
     json_path: str | None
 
+    @property
+    def family(self) -> str:
+        return MODELS[self.model].family
+
     def as_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "family": FAMILY}
+        return {**dataclasses.asdict(self), "family": self.family}
 
     @property
     def capacity(self) -> int:
@@ -135,6 +191,8 @@ def plan_from_args(args) -> GeneratePlan:
     from fusedmoe.grouped_matmul.registry import backend_names
 
     defaults = QUICK_DEFAULTS if args.quick else DEFAULTS
+    if args.model not in MODELS:
+        raise UsageError(f"--model: got {args.model!r}, expected one of {', '.join(MODELS)}")
     dtype = options.DTYPE_NAMES.get(args.dtype)
     if dtype not in DTYPES:
         raise UsageError(f"--dtype: got {args.dtype!r}, expected float32/f32 or bfloat16/bf16")
@@ -143,9 +201,9 @@ def plan_from_args(args) -> GeneratePlan:
                          f"{', '.join(backend_names())}")
     pick = lambda opt, text, key, minimum=1: (  # noqa: E731
         defaults[key] if text is None else options.positive_int(opt, text, minimum))
-    fields = QUICK if args.quick else FULL
+    fields = MODELS[args.model].quick if args.quick else MODELS[args.model].full
     plan = GeneratePlan(
-        fields=fields, quick=args.quick, dtype=dtype, backend=args.backend,
+        model=args.model, fields=fields, quick=args.quick, dtype=dtype, backend=args.backend,
         batch=options.positive_int("--batch", args.batch),
         prompt_len=pick("--prompt-len", args.prompt_len, "prompt_len"),
         new_tokens=pick("--new-tokens", args.new_tokens, "new_tokens", 2),
@@ -180,25 +238,36 @@ def _model_dir(text: str | None) -> str | None:
 
 
 def _check_peer() -> None:
-    from fusedmoe.bench.peer import unavailable_reason
+    try:  # transformers builds the model, so it is needed either way
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except Exception as exc:
+        raise UsageError(f"bench-generate needs torch and transformers ({exc.__class__.__name__}:"
+                         f" {exc}); pip install '.[hf]'") from None
 
-    reason = unavailable_reason(FAMILY)
-    if reason is not None:  # transformers builds the model, so it is needed either way
-        raise UsageError(f"bench-generate needs torch and transformers: {reason}")
+
+def hf_config(plan: GeneratePlan) -> dict[str, Any]:
+    """The plan's model's ``config.json`` as transformers writes it (its config class
+    fills in every field the plan leaves out)."""
+    import transformers
+
+    return transformers.AutoConfig.for_model(plan.family, **plan.fields).to_dict()
 
 
 def model_config(plan: GeneratePlan, fused: bool = True):
     """Our :class:`~fusedmoe.model.ModelConfig` of the plan's model."""
     from fusedmoe import hf
 
-    return hf.model_config({"model_type": FAMILY, **plan.fields}, fused_moe_mlp=fused,
-                           dtype=plan.dtype, gmm_backend=plan.backend)
+    return hf.model_config(hf_config(plan), fused_moe_mlp=fused, dtype=plan.dtype,
+                           gmm_backend=plan.backend)
 
 
 def _check_room(plan: GeneratePlan) -> None:
-    """Refuse a run that would not fit: three copies in memory and a loader's
-    temporaries (two layers' worth, measured: our loader holds about that much of
-    a layer at once), one copy on disk."""
+    """Refuse a run that would not fit: three copies in memory and loading's
+    temporaries, one copy on disk. Our loader holds one tensor beyond the model;
+    transformers' peaks at about 2.4 times the model (Qwen3, float32), much of it
+    the safetensors pages it maps, which the kernel can drop: two layers' worth
+    is allowed."""
     from fusedmoe.bench.generate_engines import model_bytes
 
     config = model_config(plan)
@@ -249,7 +318,7 @@ SAVED_AS = "fusedmoe_bench_model.json"
 
 
 def _identity(plan: GeneratePlan) -> dict[str, Any]:
-    return {"family": FAMILY, "fields": plan.fields, "dtype": plan.dtype, "seed": plan.seed}
+    return {"family": plan.family, "fields": plan.fields, "dtype": plan.dtype, "seed": plan.seed}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -275,14 +344,21 @@ def run(args) -> int:
 def describe(plan: GeneratePlan) -> str:
     from fusedmoe.bench.generate_engines import model_bytes
 
-    f, config = plan.fields, model_config(plan)
-    size = model_bytes(config)
-    return (f"{FAMILY}: {f['num_hidden_layers']} layers, hidden {f['hidden_size']}, "
-            f"{f['num_experts']} experts top-{f['num_experts_per_tok']} of mlp "
-            f"{f['moe_intermediate_size']}, vocabulary {f['vocab_size']}; "
-            f"{size / 2**30:.2f} GiB in {plan.dtype}; batch {plan.batch}, prompt "
-            f"{plan.prompt_len}, {plan.new_tokens} new tokens, decode steps timed at "
-            f"{', '.join(map(str, plan.depths))} cached tokens; {plan.repeats} round(s)")
+    c = model_config(plan)
+    m = c.moe
+    if c.attention == "mla":
+        attention = (f"multi-head latent attention, {c.num_heads} heads (q rank {c.q_lora_rank}, "
+                     f"latent {c.kv_lora_rank}, q/k {c.qk_nope_head_dim}+{c.qk_rope_head_dim}, "
+                     f"v {c.v_head_dim})")
+    else:
+        attention = f"{c.num_heads} query and {c.kv_heads} key/value heads of {c.head_size}"
+    shared = f" and {m.shared_mlp_dim // m.mlp_dim} shared" if m.shared_mlp_dim else ""
+    return (f"{plan.model}: {c.num_layers} layers ({c.num_moe_layers} MoE), hidden {c.emb_dim}, "
+            f"{attention}, {m.num_experts} experts top-{m.num_experts_per_tok}{shared} of mlp "
+            f"{m.mlp_dim}, vocabulary {c.vocab_size}; {model_bytes(c) / 2**30:.2f} GiB in "
+            f"{plan.dtype}; batch {plan.batch}, prompt {plan.prompt_len}, {plan.new_tokens} new "
+            f"tokens, decode steps timed at {', '.join(map(str, plan.depths))} cached tokens; "
+            f"{plan.repeats} round(s)")
 
 
 def run_plan(plan: GeneratePlan, save=lambda rows, complete: None) -> list[dict[str, Any]]:
@@ -314,7 +390,7 @@ def _load_engines(plan: GeneratePlan, directory: Path):
     if not _holds_model(plan):
         print(f"building the model with transformers (seed {plan.seed}) in {directory}",
               flush=True)
-        ge.build_hf_model(directory, FAMILY, plan.fields, plan.dtype, plan.seed)
+        ge.build_hf_model(directory, plan.family, plan.fields, plan.dtype, plan.seed)
         (directory / SAVED_AS).write_text(json.dumps(_identity(plan)))
     engines, loads = {}, {}
     for name in ENGINES:
@@ -399,8 +475,10 @@ def _base_row(plan: GeneratePlan, name: str, load) -> dict[str, Any]:
         model_bytes,
     )
     from fusedmoe.grouped_matmul.registry import auto_backend
+    from fusedmoe.model import cache_bytes_per_token
 
     config = model_config(plan, fused=name == "fused")
+    full_kv = cache_bytes_per_token(config, expanded=True)
     if name == "transformers":
         how = f"experts {EXPERTS_IMPLEMENTATION}, attention {ATTENTION_IMPLEMENTATION}"
     else:
@@ -411,10 +489,14 @@ def _base_row(plan: GeneratePlan, name: str, load) -> dict[str, Any]:
             used = auto_backend(jax.default_backend(), plan.dtype)
         how = f"backend {used}"
     return {
-        "engine": name, "implementation": how, "family": FAMILY, "dtype": plan.dtype,
-        "batch": plan.batch, "prompt_len": plan.prompt_len, "new_tokens": plan.new_tokens,
-        "model_bytes": model_bytes(config),
+        "engine": name, "implementation": how, "model": plan.model, "family": plan.family,
+        "dtype": plan.dtype, "batch": plan.batch, "prompt_len": plan.prompt_len,
+        "new_tokens": plan.new_tokens, "model_bytes": model_bytes(config),
         "decode_weight_bytes": decode_weight_bytes(config, plan.batch),
+        # transformers caches every head's keys and values, whatever the attention
+        "cache_bytes_per_token": full_kv if name == "transformers"
+        else cache_bytes_per_token(config),
+        "cache_bytes_per_token_full_kv": full_kv,
         **load.fields(),
     }
 
@@ -454,7 +536,7 @@ def _cells(row: dict[str, Any], plan: GeneratePlan) -> list[str]:
         f"{row['prefill_tokens_per_s']:,.0f}", speedup("prefill"),
         f"{row['decode_tokens_per_s']:,.1f}", speedup("decode"),
         *depth, f"{row['decode_depth_growth']:.2f}",
-        f"{row['weight_gb_per_s']:.1f}",
+        f"{row['weight_gb_per_s']:.1f}", f"{row['cache_bytes_per_token']:,}",
         f"+{row['load_peak_over_before_mib']:,.0f} ({row['model_bytes'] / 2**20:,.0f})",
         same,
     ]
@@ -468,8 +550,9 @@ def print_table(rows: list[dict[str, Any]], plan: GeneratePlan) -> None:
     columns = ["engine", "implementation", "prefill tok/s", "x transformers (paired)",
                "decode tok/s", "x transformers (paired)",
                *[f"ms/step @{d} cached" for d in plan.depths], f"@{high} / @{low}",
-               "weights read GB/s", "load: peak +MiB (model MiB)", "same tokens"]
-    table = Table(title=f"fusedmoe bench-generate: {FAMILY} {plan.dtype}, batch {plan.batch}, "
+               "weights read GB/s", "KV cache B/token", "load: peak +MiB (model MiB)",
+               "same tokens"]
+    table = Table(title=f"fusedmoe bench-generate: {plan.model} {plan.dtype}, batch {plan.batch}, "
                         f"prompt {plan.prompt_len}, {plan.new_tokens} new tokens (greedy); "
                         "medians of the rounds, paired = median of per-round ratios")
     for col in columns:

@@ -123,22 +123,19 @@ class GroupedQueryAttention(nnx.Module):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def _fused_qkv(self, x: jax.Array):
-        """The fused projection's q, k and v for this device's heads only."""
+        """q, k and v of this device's heads from the fused projection, whose columns are
+        ``[q heads | k heads | v heads]``: a device's heads are a slice of each part."""
         c = self.config
-        h, hkv, d, n = c.num_heads, c.kv_heads, c.head_size, self.heads.size
-        bias = self.qkv.bias[...] if c.qkv_bias else None
-        if n > 1:  # this device's columns of each of the three parts
-            def own(w):  # [..., (h + 2 hkv) d] -> [..., (h + 2 hkv) d / n]
-                parts = jnp.split(w, [h * d, (h + hkv) * d], axis=-1)
-                return jnp.concatenate(
-                    [jax.lax.dynamic_slice_in_dim(p, self.heads.index() * (p.shape[-1] // n),
-                                                  p.shape[-1] // n, axis=-1) for p in parts],
-                    axis=-1)
-            kernel, bias = own(self.qkv.kernel[...]), None if bias is None else own(bias)
-        else:
-            kernel = self.qkv.kernel[...]
-        qkv = linear(x, kernel, bias, self.qkv.dtype)
-        return jnp.split(qkv, [h * d // n, (h + hkv) * d // n], axis=-1)
+        h, hkv, d = c.num_heads, c.kv_heads, c.head_size
+        bounds = [h * d, (h + hkv) * d]
+
+        def own(w):  # [..., (h + 2 hkv) d] -> [..., (h + 2 hkv) d / tp], the same layout
+            return jnp.concatenate([self.heads.own_slice(part)
+                                    for part in jnp.split(w, bounds, axis=-1)], axis=-1)
+
+        bias = own(self.qkv.bias[...]) if c.qkv_bias else None
+        qkv = linear(x, own(self.qkv.kernel[...]), bias, self.qkv.dtype)
+        return jnp.split(qkv, [b // self.heads.size for b in bounds], axis=-1)
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerKV | None = None, *,
                  cache_empty: bool = False) -> tuple[jax.Array, LayerKV | None]:

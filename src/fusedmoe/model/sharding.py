@@ -55,9 +55,13 @@ class TensorSplit:
         """How many devices share the split (1 when nothing is split)."""
         return int(self.mesh.shape[self.axis]) if self.axis else 1
 
-    def index(self) -> jax.Array | int:
-        """Which slice this device holds (inside :meth:`run`)."""
-        return jax.lax.axis_index(self.axis) if self.axis else 0
+    def own_slice(self, x: jax.Array, axis: int = -1) -> jax.Array:
+        """This device's equal slice of ``x`` along ``axis`` (inside :meth:`run`;
+        ``x`` itself when nothing is split)."""
+        if not self.axis:
+            return x
+        size = x.shape[axis] // self.size
+        return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(self.axis) * size, size, axis)
 
     def sum(self, x: jax.Array) -> jax.Array:
         """``x`` summed over the tensor axis (partial sums of a contraction over the split)."""
@@ -129,7 +133,7 @@ def place(model, mesh: Mesh) -> None:
 
     from fusedmoe.placement import Placement, put, shard_module
 
-    if model.mesh is not mesh:
+    if model.mesh != mesh:
         raise ValueError("mesh: the model was built for another mesh (or none); build it "
                          "with Decoder(config, mesh=mesh) to place it on this one")
     specs: dict[tuple[str, ...], P] = {}

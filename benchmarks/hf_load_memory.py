@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 CHILD = r"""
-import ctypes, gc, json, resource, sys
+import ctypes, gc, json, resource, sys, time
 import jax, jax.numpy as jnp
 from flax import nnx
 from fusedmoe import hf
@@ -41,14 +41,16 @@ def rss():
             return int(line.split()[1]) / 1024
 
 before = rss()
+start = time.perf_counter()
 model = hf.load_model(sys.argv[1], fused_moe_mlp=sys.argv[2] == "fused")
+seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 after = rss()
 gc.collect()
 ctypes.CDLL("libc.so.6").malloc_trim(0)
 size = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model))) / 2**20
 print(json.dumps(dict(model_mib=size, before_mib=before, peak_mib=peak, after_mib=after,
-                      trimmed_mib=rss())))
+                      trimmed_mib=rss(), seconds=seconds)))
 """
 
 _COMMON = dict(num_attention_heads=8, num_key_value_heads=4, head_dim=64, num_experts_per_tok=4,
@@ -110,7 +112,7 @@ def main() -> None:
           f"{r['model_mib']:.0f} MiB; resident memory over the process before loading: peak "
           f"+{peak:.0f} MiB ({peak / r['model_mib']:.2f}x the model), after "
           f"+{r['after_mib'] - r['before_mib']:.0f} MiB, after malloc_trim "
-          f"+{r['trimmed_mib'] - r['before_mib']:.0f} MiB")
+          f"+{r['trimmed_mib'] - r['before_mib']:.0f} MiB; {r['seconds']:.1f} s")
 
 
 if __name__ == "__main__":

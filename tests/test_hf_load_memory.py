@@ -79,7 +79,8 @@ def test_load_never_holds_a_layers_experts_twice(saved, fused, kind):
     gate_and_up = 2 * G * K * N * 4
     biggest_tensor = gate_and_up if kind == "packed" else N * K * 4
     model, transient = _host_bytes_of_load(path, fused_moe_mlp=fused)
-    # Stacking a layer's tensors, then fusing them, held 2.7 layers' experts here.
+    # The loader that stacked a layer's tensors, then fused them, held 1.7 to 2
+    # layers' experts here beyond the model (measured): this fails it.
     assert transient <= gate_and_up + biggest_tensor + SLACK < 2 * layer_experts, transient
     assert model.config.moe.fused_moe_mlp is fused
 

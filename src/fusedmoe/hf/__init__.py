@@ -6,6 +6,7 @@ module                 what it holds
 ``families``           each model type as data: tensor names, decoder options
 ``config``             ``config.json`` <-> :class:`ModelConfig` / :class:`MoEConfig`
 ``safetensors_io``     shard headers checked, tensors read one by one, shards written
+``fill``               each parameter's final array filled in place, tensor by tensor
 ``layers``             one MoE layer in and out (``load_moe_layer``, ``export_moe_layer``)
 ``model``              whole models: :func:`load_model`, :func:`save_model`
 =====================  ======================================================

@@ -31,8 +31,10 @@ venv: $(TEST_STAMP)
 bench: $(BENCH_STAMP)
 	$(VENV)/bin/fusedmoe bench $(BENCH_ARGS)
 
+# --dist loadgroup: the tests that share one multi-device process (xdist_group)
+# run on one worker, so that process runs once, not once per worker.
 test: $(TEST_STAMP)
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 --dist loadgroup -q
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .

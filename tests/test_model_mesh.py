@@ -29,11 +29,19 @@ AUTO = ["8x1x1", "2x4x1", "1x4x2"]  # Mesh(devices, names)
 MADE = ["explicit_2x2x2", "explicit_1x4x2", "mixed_2x2x2"]  # jax.make_mesh
 FULL_CASES = ([f"fused_{m}" for m in AUTO + MADE] + [f"fused_{m}+set_mesh" for m in MADE]
               + ["unfused_1x4x2", "unfused_explicit_2x2x2+set_mesh"])
-CASES = {
+FULL = {  # the slow run: every mesh, in and out of set_mesh
     "qwen3_moe": FULL_CASES, "deepseek_v3": FULL_CASES, "gpt_oss": FULL_CASES,
     "olmoe": ["fused_explicit_1x4x2", "fused_mixed_2x2x2+set_mesh"],
     "toy": ["fused_explicit_2x2x2", "fused_explicit_2x2x2+set_mesh", "fused_mixed_2x2x2",
             "fused_explicit_1x2x4"],
+}
+CASES = {  # the default run: three meshes of three axis kinds per attention kind
+    "qwen3_moe": ["fused_1x4x2", "fused_explicit_2x2x2+set_mesh", "fused_mixed_2x2x2",
+                  "unfused_explicit_2x2x2+set_mesh"],
+    "deepseek_v3": ["fused_1x4x2", "fused_explicit_2x2x2+set_mesh", "fused_mixed_2x2x2"],
+    "gpt_oss": ["fused_2x4x1", "fused_explicit_1x4x2+set_mesh", "fused_mixed_2x2x2"],
+    "olmoe": ["fused_mixed_2x2x2+set_mesh"],
+    "toy": ["fused_explicit_2x2x2+set_mesh", "fused_explicit_1x2x4"],
 }
 # With a tensor axis of 2: the PartitionSpecs of the parameters check_models.SPEC_PATHS
 # names (per-head projections split by column, the output by row, sinks and a
@@ -49,21 +57,46 @@ SPLIT = {
     "toy": ["P()", "P('tensor',)", "P(None, None, 'tensor')"],
 }
 KV_SPLIT = ["P(None, None, 'tensor')", "P(None, None, 'tensor')", "P()"]  # k, v, slot positions
-GENERATE = ["qwen3_moe/fused_1x4x2", "qwen3_moe/fused_explicit_2x2x2",
-            "deepseek_v3/fused_1x4x2", "deepseek_v3/fused_explicit_2x2x2",
-            "gpt_oss/fused_1x4x2", "gpt_oss/fused_explicit_2x2x2", "toy/fused_mixed_2x2x2"]
+FULL_GENERATE = ["qwen3_moe/fused_1x4x2", "qwen3_moe/fused_explicit_2x2x2",
+                 "deepseek_v3/fused_1x4x2", "deepseek_v3/fused_explicit_2x2x2",
+                 "gpt_oss/fused_1x4x2", "gpt_oss/fused_explicit_2x2x2", "toy/fused_mixed_2x2x2"]
+GENERATE = ["qwen3_moe/fused_1x4x2", "deepseek_v3/fused_explicit_2x2x2",
+            "gpt_oss/fused_explicit_2x2x2"]
+# Every test here waits on one process; on one test worker it runs once.
+pytestmark = pytest.mark.xdist_group("model_mesh")
 
 
-@pytest.fixture(scope="module")
-def result():
+def _run(*args: str) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # the script sets its own device count
     src = str(Path(__file__).parents[1] / "src")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True,
                           text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def result():
+    return _run()
+
+
+@pytest.fixture(scope="module")
+def full_result():
+    return _run("--full")
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_every_mesh_in_and_out_of_set_mesh(full_result):
+    """The whole matrix: every mesh of every axis kind, in and out of jax.set_mesh,
+    fused and unfused, for the three attention kinds; and generation on more meshes."""
+    want = {f"{f}/{c}" for f, cases in FULL.items() for c in cases}
+    assert set(full_result["logits"]) == want
+    bad = {k: v for k, v in full_result["logits"].items() if not v <= TOL}
+    assert not bad, bad
+    assert full_result["generate"] == dict.fromkeys(FULL_GENERATE, True)
 
 
 @pytest.mark.multidevice

@@ -28,6 +28,8 @@ HERE = Path(__file__).parent / "multidevice"
 TIMEOUT_S = 400  # per process; a hang fails the test instead of blocking CI
 TOL = 1e-5
 MESHES = [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
+# Every multidevice test here waits on the same processes; on one test worker they run once.
+pytestmark = pytest.mark.xdist_group("parallel")
 
 
 def _env():
@@ -161,16 +163,20 @@ def test_sharded_initialisation_under_jit(runs):
     assert got["max_diff"] < 1e-6
 
 
+# On the five meshes: Explicit axes (jax.make_mesh's) without a mesh context,
+# mixed ones inside jax.set_mesh (Auto ones are the tests above); on (2, 2, 2)
+# both contexts, and unfused.
 AXIS_TYPE_CASES = (
-    [("explicit", "fused", shape) for shape in MESHES]
-    + [("auto", "fused", (2, 2, 2)), ("mixed", "fused", (2, 4, 1)),
-       ("mixed", "fused", (1, 4, 2)), ("explicit", "unfused", (2, 2, 2))]
+    [("explicit", "fused", shape, "no_context") for shape in MESHES]
+    + [("mixed", "fused", shape, "set_mesh") for shape in MESHES]
+    + [("explicit", "fused", (2, 2, 2), "set_mesh"), ("auto", "fused", (2, 2, 2), "set_mesh"),
+       ("explicit", "unfused", (2, 2, 2), "no_context"),
+       ("explicit", "unfused", (2, 2, 2), "set_mesh")]
 )
 
 
 @pytest.mark.multidevice
-@pytest.mark.parametrize("context", ["no_context", "set_mesh"])
-@pytest.mark.parametrize(("kind", "layout", "shape"), AXIS_TYPE_CASES,
+@pytest.mark.parametrize(("kind", "layout", "shape", "context"), AXIS_TYPE_CASES,
                          ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
 def test_meshes_of_every_axis_type(runs, kind, layout, shape, context):
     """``jax.make_mesh`` meshes (Explicit axes by default), Auto and mixed axis

@@ -31,10 +31,13 @@ venv: $(TEST_STAMP)
 bench: $(BENCH_STAMP)
 	$(VENV)/bin/fusedmoe bench $(BENCH_ARGS)
 
-# --dist loadgroup: the tests that share one multi-device process (xdist_group)
-# run on one worker, so that process runs once, not once per worker.
+# --dist loadfile: a file's tests run on one worker, so the multi-device
+# processes that all tests of a file wait on (test_parallel, test_model_mesh)
+# run once, not once per worker. (--dist loadgroup would group them by mark,
+# but pytest-xdist 3.8 cannot with pytest 9.2: it renames node ids pytest no
+# longer reads.)
 test: $(TEST_STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup -q
+	$(PY) -m pytest -n 2 --dist loadfile -q
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .

@@ -16,8 +16,8 @@ numbers (checked first).
 A source may carry extra compiler flags after a colon, for variants of one
 file: ``"src/fusedmoe/grouped_matmul/cpu_kernel.cc:-DSOME_MACRO=1"``. Sources are
 compiled with the flags of the build this CPU gets (``fusedmoe.grouped_matmul.cpu_kernel``).
-Like the ``fusedmoe`` command, the script restarts itself once with malloc
-keeping freed memory, unless ``FUSEDMOE_MALLOC=0``.
+As in any process that imports ``fusedmoe``, malloc keeps freed memory
+unless ``FUSEDMOE_MALLOC=0``.
 """
 
 from __future__ import annotations
@@ -183,7 +183,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from fusedmoe.allocator import reexec_with_tunables
-
-    reexec_with_tunables()
     sys.exit(main())

@@ -12,10 +12,10 @@ imported on jax 0.11.2 (CPU and an H200, 2026-11-27; docs/notebook.md).
 
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import os
-import sys
 import zipfile
 
 NAME, VERSION = "xprof", "0.0.0"
@@ -65,4 +65,7 @@ def build(out_dir: str) -> str:
 
 
 if __name__ == "__main__":
-    print(build(sys.argv[1] if len(sys.argv) > 1 else ".whl"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", nargs="?", default=".whl",
+                        help="where the wheel goes (default .whl)")
+    print(build(parser.parse_args().out_dir))

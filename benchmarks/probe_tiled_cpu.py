@@ -17,9 +17,9 @@ the fastest runs.
 
 ``--xla-flags`` sets ``XLA_FLAGS`` for this process (before jax is imported),
 to compare XLA:CPU's dot libraries: the dense reference runs under the same
-flags. Like the ``fusedmoe`` command, the script restarts itself once with
-malloc keeping freed memory (``fusedmoe.allocator``; docs/backends.md, "Host
-memory on CPU"), unless ``FUSEDMOE_MALLOC=0``.
+flags. As in any process that imports ``fusedmoe``, malloc keeps freed memory
+(``fusedmoe.allocator``; docs/backends.md, "Host memory on CPU") unless
+``FUSEDMOE_MALLOC=0``.
 """
 
 from __future__ import annotations
@@ -305,7 +305,4 @@ def _reference_of(name: str, timings: dict) -> str:
 
 if __name__ == "__main__":
     set_xla_flags()
-    from fusedmoe.allocator import reexec_with_tunables
-
-    reexec_with_tunables()
     sys.exit(main())

@@ -22,10 +22,10 @@ Caveats, read before quoting a number: the times are of each operation on the
 thread that ran it, so work that runs concurrently (a fill on one thread while
 a dot runs on the other) adds up to more than the wall time; and XLA's own
 dots may finish on the thread pool after their event ends, so the ``dots``
-rows of the dense reference can fall short of its wall time. Like the
-``fusedmoe`` command, the script restarts itself once with malloc keeping
-freed memory (``fusedmoe.allocator``; docs/backends.md, "Host memory on
-CPU"), unless ``FUSEDMOE_MALLOC=0``.
+rows of the dense reference can fall short of its wall time. As in any
+process that imports ``fusedmoe``, malloc keeps freed memory
+(``fusedmoe.allocator``; docs/backends.md, "Host memory on CPU") unless
+``FUSEDMOE_MALLOC=0``.
 """
 
 from __future__ import annotations
@@ -176,7 +176,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from fusedmoe.allocator import reexec_with_tunables
-
-    reexec_with_tunables()
     sys.exit(main())

@@ -42,8 +42,8 @@ def test_cpu_kernel_every_block_path(dtype):
     # part panel, which like the groups of a few rows gets a one-vector
     # tile (half a vector for the groups of at most 8 rows); the forward and
     # dW (K=520, groups <= 1024 rows) fit one contraction block and are
-    # streamed; the f32 forward of the groups of at most 144 rows packs the
-    # weight a panel at a time, each next panel copied by the tiles
+    # streamed; the forward of the groups of at most 144 rows (f32, and bf16
+    # pairs) packs the weight a panel at a time, each next panel copied by the tiles
     # of the one before (by a part tile too, in groups under 8 rows), the
     # part panel at a thread's end packed on its own; empty groups give zero
     # slabs; 3 rows past the groups give zeros.
@@ -68,6 +68,12 @@ def test_cpu_kernel_every_block_path(dtype):
     x, w, c, gs = make_inputs(sum(sizes), 4100, 40, sizes, dtype, seed=17)
     check_all("cpu_kernel", x, w, c, gs, dtype)
     x, w, c, gs = make_inputs(sum(sizes), 40, 4100, sizes, dtype, seed=19)
+    check_all("cpu_kernel", x, w, c, gs, dtype)
+    # An odd contraction (bf16 pairs: the last pair's second half is zero,
+    # in the panel packed up front and in those the tiles copy) and columns
+    # that end in a part panel.
+    sizes = [9, 70, 1]
+    x, w, c, gs = make_inputs(sum(sizes), 77, 100, sizes, dtype, seed=23)
     check_all("cpu_kernel", x, w, c, gs, dtype)
 
 

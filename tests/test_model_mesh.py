@@ -62,8 +62,7 @@ FULL_GENERATE = ["qwen3_moe/fused_1x4x2", "qwen3_moe/fused_explicit_2x2x2",
                  "gpt_oss/fused_1x4x2", "gpt_oss/fused_explicit_2x2x2", "toy/fused_mixed_2x2x2"]
 GENERATE = ["qwen3_moe/fused_1x4x2", "deepseek_v3/fused_explicit_2x2x2",
             "gpt_oss/fused_explicit_2x2x2"]
-# Every test here waits on one process; on one test worker it runs once.
-pytestmark = pytest.mark.xdist_group("model_mesh")
+# Every multidevice test here waits on the same processes (make test runs a file on one worker).
 
 
 def _run(*args: str) -> dict:

@@ -28,8 +28,7 @@ HERE = Path(__file__).parent / "multidevice"
 TIMEOUT_S = 400  # per process; a hang fails the test instead of blocking CI
 TOL = 1e-5
 MESHES = [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
-# Every multidevice test here waits on the same processes; on one test worker they run once.
-pytestmark = pytest.mark.xdist_group("parallel")
+# Every multidevice test here waits on the same processes (make test runs a file on one worker).
 
 
 def _env():

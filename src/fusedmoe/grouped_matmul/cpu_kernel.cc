@@ -18,15 +18,17 @@
 //
 // Loops, outside in: column block (NC) -> contraction block (KC, pack B into a
 // KC x NC buffer) -> row block (MC, pack A) -> NR-column panel -> MR-row
-// sliver -> the MR x NR register tile over KC. (An f32 product of few output
-// rows with B's rows contiguous, above all the forward of a small group,
-// takes another order, gemm_few_rows: B is packed one panel at a time by the
-// tiles of the panel before. An f32 dX, B read transposed, is computed as its
-// transpose, gemm_weight_rows: the tile reads the weight's rows in place.)
-// Packing copies the operands
+// sliver -> the MR x NR register tile over KC. (A product of few output rows
+// with B's rows contiguous, above all the forward of a small group, takes
+// another order, gemm_few_rows: B is packed one panel at a time by the tiles
+// of the panel before. A dX, B read transposed, is computed as its
+// transpose, gemm_weight_rows: the tile reads the weight's rows in place.
+// Both have a bf16-pairs twin.) Packing copies the operands
 // into the order the register tile reads them (and converts bf16 to f32, or
 // keeps it as bf16 pairs where the CPU multiplies those: kBf16Pairs), so the
-// tile's loads are sequential whatever the strides. Accumulation is f32.
+// tile's loads are sequential whatever the strides. Accumulation is f32; a
+// bf16 output is rounded as the tile stores it, unless contraction blocks
+// add up (then in an f32 scratch, rounded once).
 //
 // Threads split each product's output COLUMNS: the work is cut into one
 // item per group and column range (one range per thread), which the threads
@@ -107,6 +109,15 @@ inline void from_f32(float x, uint16_t* out) {  // round to nearest even; NaN st
   bits += 0x7fffu + ((bits >> 16) & 1u);
   *out = static_cast<uint16_t>(bits >> 16);
 }
+// A vector of f32 as bf16, rounded as from_f32 rounds.
+typedef uint32_t bits_vec __attribute__((vector_size(kVec * 4)));
+typedef uint16_t bf16_vec __attribute__((vector_size(kVec * 2)));
+inline bf16_vec to_bf16(vec v) {
+  const bits_vec u = (bits_vec)v;
+  const bits_vec rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const bits_vec out = (u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded;
+  return __builtin_convertvector(out, bf16_vec);
+}
 
 // A strided matrix view: element (i, j) is data[i * rs + j * cs].
 template <typename T>
@@ -114,6 +125,7 @@ struct View {
   const T* data;
   int64_t rs, cs;
   T at(int64_t i, int64_t j) const { return data[i * rs + j * cs]; }
+  const T* ptr(int64_t i, int64_t j) const { return data + i * rs + j * cs; }
 };
 
 // Pack rows [0, mc) x contraction [0, kc) of A into MR-row slivers:
@@ -241,6 +253,7 @@ inline void tile_steps(int64_t p0, int64_t p1, const float* a, const float* b, v
 }
 
 // Store the accumulators of a tile's R rows to c; only the top-left rows x cols.
+// (A bf16 c is stored rounded, below.)
 template <int R>
 inline void store_tile(const vec (&acc)[R][2], float* c, int64_t ldc, Store store, int64_t rows,
                        int64_t cols) {
@@ -275,6 +288,25 @@ inline void store_tile(const vec (&acc)[R][2], float* c, int64_t ldc, Store stor
       c[i * ldc + j] = store == Store::kAccumulate ? c[i * ldc + j] + out[i][j] : out[i][j];
 }
 
+// The same into a bf16 c: rounded once, so never added to (Store::kAccumulate
+// does not reach here; see gemm_into).
+template <int R>
+inline void store_tile(const vec (&acc)[R][2], uint16_t* c, int64_t ldc, Store, int64_t rows,
+                       int64_t cols) {
+  if (rows == R && cols == NR) {
+    for (int64_t i = 0; i < R; ++i)
+      for (int64_t h = 0; h < 2; ++h) {
+        const bf16_vec v = to_bf16(acc[i][h]);
+        std::memcpy(c + i * ldc + kVec * h, &v, sizeof(v));
+      }
+    return;
+  }
+  float out[R][NR];
+  std::memcpy(out, acc, sizeof(out));
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) from_f32(out[i][j], c + i * ldc + j);
+}
+
 // bf16 inputs on a CPU with AVX-512 BF16 (compiled with -mavx512bf16 where
 // /proc/cpuinfo lists avx512_bf16): the register tile multiplies bf16 pairs
 // with vdpbf16ps, c[j] += a[2p]*b[2p][j] + a[2p+1]*b[2p+1][j] in f32, twice
@@ -294,14 +326,33 @@ inline uint32_t pair(uint16_t lo, uint16_t hi) { return lo | static_cast<uint32_
 
 // packed[s][q][i] = (A(s*MR + i, 2q), A(s*MR + i, 2q + 1)), rows past mc and
 // steps past kc zero.
+// Whole slivers take vector paths: rows contiguous (a group's rows in the
+// forward), a pair is a 32-bit word of a row, so 8 x 8 blocks of words are
+// transposed; columns contiguous (the transposed rows of dW), two rows of 8
+// bf16 are interleaved into 8 words. The rest, element by element.
 template <typename T>
 void pack_a_pairs(View<T> a, int64_t mc, int64_t kc, uint32_t* packed) {
   const int64_t kp = (kc + 1) / 2;
+  const bool whole = MR == 8;  // the vector paths pack 8-row slivers (MR is 8 where pairs are)
+  const bool words = a.cs == 1 && a.rs % 2 == 0 && reinterpret_cast<uintptr_t>(a.data) % 4 == 0;
   for (int64_t s = 0; s < mc; s += MR) {
     const int64_t rows = std::min(MR, mc - s);
     uint32_t* dst = packed + s * kp;
+    int64_t q0 = 0;  // pairs [0, q0) are packed
+    if (whole && rows == MR && words) {
+      for (; 2 * (q0 + 8) <= kc; q0 += 8)
+        transpose8(reinterpret_cast<const float*>(a.ptr(s, 2 * q0)), a.rs / 2,
+                   reinterpret_cast<float*>(dst + q0 * MR), MR);
+    } else if (whole && rows == MR && a.rs == 1) {
+      for (; 2 * q0 + 1 < kc; ++q0) {
+        const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.ptr(s, 2 * q0)));
+        const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.ptr(s, 2 * q0 + 1)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + q0 * MR), _mm_unpacklo_epi16(lo, hi));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + q0 * MR + 4), _mm_unpackhi_epi16(lo, hi));
+      }
+    }
     for (int64_t i = 0; i < MR; ++i)
-      for (int64_t q = 0; q < kp; ++q) {
+      for (int64_t q = q0; q < kp; ++q) {
         const bool row = i < rows, second = 2 * q + 1 < kc;
         dst[q * MR + i] = row ? pair(a.at(s + i, 2 * q), second ? a.at(s + i, 2 * q + 1) : 0) : 0;
       }
@@ -450,8 +501,8 @@ inline void steps_with_side(int64_t steps, Side& side, const Run& run) {
 // rows (row_tile below): groups are cut at arbitrary rows, and with ~64 rows
 // per group a full MR-row tile over the remainder computed ~5% of the
 // product's rows for nothing.
-template <typename Packed, int R, typename Side>
-void tile(int64_t steps, const Packed* a, const Packed* b, float* c, int64_t ldc, Store store,
+template <typename Packed, int R, typename Side, typename TC>
+void tile(int64_t steps, const Packed* a, const Packed* b, TC* c, int64_t ldc, Store store,
           int64_t rows, int64_t cols, Side& side) {
   vec acc[R][2] = {};
   steps_with_side(steps, side, [&](int64_t p0, int64_t p1) {
@@ -462,12 +513,12 @@ void tile(int64_t steps, const Packed* a, const Packed* b, float* c, int64_t ldc
 }
 
 // tile<Packed, R> with R = rows (1 <= rows <= MR), chosen at run time.
-template <typename Packed, typename Side, int R = MR>
-void row_tile(int64_t steps, const Packed* a, const Packed* b, float* c, int64_t ldc, Store store,
+template <typename Packed, typename Side, typename TC, int R = MR>
+void row_tile(int64_t steps, const Packed* a, const Packed* b, TC* c, int64_t ldc, Store store,
               int64_t rows, int64_t cols, Side& side) {
   if constexpr (R > 1) {
     if (rows < R) {
-      row_tile<Packed, Side, R - 1>(steps, a, b, c, ldc, store, rows, cols, side);
+      row_tile<Packed, Side, TC, R - 1>(steps, a, b, c, ldc, store, rows, cols, side);
       return;
     }
   }
@@ -540,8 +591,9 @@ constexpr int64_t kFewRowsMaxSteps = 4096;
 // (G=128, 64 rows, K=2048) 0.90x, its FFN2 (K=768) 0.90x, DeepSeek's fused
 // FFN1 (G=256, 32 rows, K=1792) 0.79x. At 64 skewed groups, many of a few
 // rows (too little arithmetic to hide their weight's reads), no clear gain.
-inline void gemm_few_rows(int64_t m, int64_t n, int64_t k, View<float> a, View<float> b, float* c,
-                          int64_t ldc, Buffers& bufs) {
+template <typename TC>
+void gemm_few_rows(int64_t m, int64_t n, int64_t k, View<float> a, View<float> b, TC* c,
+                   int64_t ldc, Buffers& bufs) {
   const int64_t tiles = (m + MR - 1) / MR;
   bufs.a.resize(std::max(bufs.a.size(), static_cast<size_t>(MC * k)));
   bufs.b.resize(std::max(bufs.b.size(), static_cast<size_t>(2 * k * NR)));
@@ -567,6 +619,75 @@ inline void gemm_few_rows(int64_t m, int64_t n, int64_t k, View<float> a, View<f
       pack_b(View<float>{b.data + (q + 1) * NR, b.rs, 1}, k, next_cols, next_panel);
   }
 }
+
+#if defined(__AVX512BF16__)
+// CopyPanelRows for bf16 pairs: `pairs` pair rows of a B panel, each two
+// source rows (row stride `rs`) of NR bf16 interleaved into NR 32-bit words
+// (the second row in the high half; a row past the contraction, zero), as
+// two 16-word halves per pair row, spread evenly over the turns.
+struct CopyPanelPairs {
+  const uint16_t* src;  // source row 2 * (first pair row)
+  int64_t rs;
+  uint32_t* dst;
+  int64_t pairs;
+  int64_t rows_in_source;  // source rows readable from src (the last may be unpaired)
+  int64_t per_turn = 0;    // halves per turn
+  int64_t done = 0;        // halves copied
+
+  void plan(int64_t steps) { per_turn = share_per_turn(2 * pairs, steps); }
+  void copy(int64_t v) {
+    const int64_t r = v / 2, h = v % 2;
+    const uint16_t* lo = src + 2 * r * rs + h * kVec;
+    if (h == 0 && 2 * (r + kPanelPrefetchRows) + 1 < rows_in_source) {
+      _mm_prefetch(reinterpret_cast<const char*>(lo + 2 * kPanelPrefetchRows * rs), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(lo + (2 * kPanelPrefetchRows + 1) * rs), _MM_HINT_T1);
+    }
+    const __m512i l = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo)));
+    const __m512i hi = 2 * r + 1 < rows_in_source
+        ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + rs)))
+        : _mm512_setzero_si512();
+    _mm512_storeu_si512(dst + r * NR + h * kVec, _mm512_or_si512(l, _mm512_slli_epi32(hi, 16)));
+  }
+  bool busy(int64_t) const { return done < 2 * pairs; }
+  void turn(int64_t) {
+    for (const int64_t end = std::min(2 * pairs, done + per_turn); done < end; ++done) copy(done);
+  }
+  void finish() {
+    for (; done < 2 * pairs; ++done) copy(done);
+  }
+};
+
+// gemm_few_rows for bf16 inputs multiplied as pairs: the same panel-by-panel
+// packing of B behind the tiles, each panel kp = ceil(k / 2) pair rows.
+template <typename TC>
+void gemm_few_rows_pairs(int64_t m, int64_t n, int64_t k, View<uint16_t> a, View<uint16_t> b,
+                         TC* c, int64_t ldc, Buffers& bufs) {
+  const int64_t tiles = (m + MR - 1) / MR, kp = (k + 1) / 2;
+  bufs.a2.resize(std::max(bufs.a2.size(), static_cast<size_t>(MC * kp)));
+  bufs.b2.resize(std::max(bufs.b2.size(), static_cast<size_t>(2 * kp * NR)));
+  pack_a_pairs(a, m, k, bufs.a2.data());
+  uint32_t* panels[2] = {bufs.b2.data(), bufs.b2.data() + kp * NR};
+  pack_b_pairs(b, k, std::min(NR, n), panels[0]);
+  for (int64_t q = 0; q * NR < n; ++q) {
+    const uint32_t* panel = panels[q % 2];
+    uint32_t* next_panel = panels[(q + 1) % 2];
+    const int64_t cols = std::min(NR, n - q * NR);
+    const int64_t next_cols = std::min(NR, n - (q + 1) * NR);  // <= 0: this is the last
+    const bool copy_next = next_cols == NR;  // a narrower last panel is packed below, padded
+    for (int64_t t = 0; t < tiles; ++t) {
+      // This tile's share of the next panel's pair rows: [r0, r1).
+      const int64_t r0 = copy_next ? kp * t / tiles : 0, r1 = copy_next ? kp * (t + 1) / tiles : 0;
+      CopyPanelPairs side{b.data + 2 * r0 * b.rs + (q + 1) * NR, b.rs, next_panel + r0 * NR,
+                          r1 - r0, k - 2 * r0};
+      side.plan(kp);
+      row_tile(kp, bufs.a2.data() + t * MR * kp, panel, c + t * MR * ldc + q * NR, ldc,
+               Store::kStream, std::min(MR, m - t * MR), cols, side);
+    }
+    if (next_cols > 0 && !copy_next)
+      pack_b_pairs(View<uint16_t>{b.data + (q + 1) * NR, b.rs, 1}, k, next_cols, next_panel);
+  }
+}
+#endif
 
 // How many NR-column panels of A^T gemm_weight_rows takes at once: up to 4
 // (128 rows with AVX-512; 32 to 128 measured alike at G=8 and G=64), fewer
@@ -602,8 +723,8 @@ struct PrefetchRows {
 // balanced and G=8 unchanged); and a half vector where at most kVec / 2 are
 // (AMD's Zen 4 runs a 512-bit FMA as two 256-bit halves: against the full
 // vector, DeepSeek's shape skewed 0.981x-0.983x, G=64 skewed 0.990x).
-template <typename Vec, int V, typename Side>
-void tile_weight_rows(int64_t steps, const float* const* w, const float* b, float* c, int64_t ldc,
+template <typename Vec, int V, typename Side, typename TC>
+void tile_weight_rows(int64_t steps, const float* const* w, const float* b, TC* c, int64_t ldc,
                       int64_t rows, int64_t cols, Side& side) {
   constexpr int64_t lanes = sizeof(Vec) / sizeof(float);
   Vec acc[MR][V] = {};
@@ -621,7 +742,7 @@ void tile_weight_rows(int64_t steps, const float* const* w, const float* b, floa
   float out[MR][V * lanes];
   std::memcpy(out, acc, sizeof(out));
   for (int64_t j = 0; j < cols; ++j)
-    for (int64_t i = 0; i < rows; ++i) c[j * ldc + i] = out[i][j];
+    for (int64_t i = 0; i < rows; ++i) from_f32(out[i][j], c + j * ldc + i);
 }
 
 // c[0:m, 0:n] = A[0:m, 0:k] @ B[0:k, 0:n] for f32 operands with B read
@@ -640,8 +761,9 @@ void tile_weight_rows(int64_t steps, const float* const* w, const float* b, floa
 // rows, contraction 1024) 0.58x balanced, 0.89x skewed: many of its groups
 // have a few rows, and each still reads its whole weight (a narrower tile
 // for those took skewed to 0.83x-0.85x of that, see tile_weight_rows).
-inline void gemm_weight_rows(int64_t m, int64_t n, int64_t k, View<float> a, View<float> b,
-                             float* c, int64_t ldc, Buffers& bufs) {
+template <typename TC>
+void gemm_weight_rows(int64_t m, int64_t n, int64_t k, View<float> a, View<float> b, TC* c,
+                      int64_t ldc, Buffers& bufs) {
   const int64_t panels = (m + NR - 1) / NR;
   bufs.b.resize(std::max(bufs.b.size(), static_cast<size_t>(panels * k * NR)));
   pack_b(View<float>{a.data, a.cs, a.rs}, k, m, bufs.b.data());
@@ -657,7 +779,7 @@ inline void gemm_weight_rows(int64_t m, int64_t n, int64_t k, View<float> a, Vie
     if (next_rows > 0) sliver(s + MR, w_next);
     PrefetchRows side{w_next, next_rows, lines, share_per_turn(next_rows * lines, k)};
     for (int64_t q = 0; q < panels; ++q) {
-      float* out = c + q * NR * ldc + s;
+      TC* out = c + q * NR * ldc + s;
       const int64_t rows = std::min(MR, n - s), cols = std::min(NR, m - q * NR);
       const float* panel = bufs.b.data() + q * k * NR;
       auto run_tile = [&](auto& tile_side) {
@@ -675,9 +797,81 @@ inline void gemm_weight_rows(int64_t m, int64_t n, int64_t k, View<float> a, Vie
   }
 }
 
-// c[0:m, 0:n] = A[0:m, 0:k] @ B[0:k, 0:n], c of row stride ldc. `next` is
-// the B of the product that follows on this thread (data null if none), of
-// the same k and n.
+#if defined(__AVX512BF16__)
+// tile_weight_rows for bf16 pairs: w[i] is a weight row read in place as
+// 32-bit words, each a pair of consecutive contraction steps (its columns
+// are the contraction here); b a panel packed as pairs. V vectors of 16
+// columns: 1 where at most 16 columns are used.
+template <int V, typename Side, typename TC>
+void tile_weight_rows_pairs(int64_t steps, const uint32_t* const* w, const uint32_t* b, TC* c,
+                            int64_t ldc, int64_t rows, int64_t cols, Side& side) {
+  __m512 acc[MR][V];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm512_setzero_ps();
+  steps_with_side(steps, side, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      __m512bh bv[V];
+      for (int64_t h = 0; h < V; ++h) bv[h] = (__m512bh)_mm512_loadu_si512(b + q * NR + h * kVec);
+#pragma GCC unroll 8
+      for (int64_t i = 0; i < MR; ++i) {
+        const __m512bh wi = (__m512bh)_mm512_set1_epi32(static_cast<int>(w[i][q]));
+        for (int64_t h = 0; h < V; ++h) acc[i][h] = _mm512_dpbf16_ps(acc[i][h], wi, bv[h]);
+      }
+    }
+  });
+  float out[MR][V * kVec];
+  std::memcpy(out, acc, sizeof(out));
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t i = 0; i < rows; ++i) from_f32(out[i][j], c + j * ldc + i);
+}
+
+// Whether gemm_weight_rows_pairs can read B's rows in place as pairs: an even
+// contraction (no pair runs past a row) and rows that start on 32-bit words.
+inline bool weight_rows_are_pairs(int64_t k, View<uint16_t> b) {
+  return k % 2 == 0 && b.cs % 2 == 0 && reinterpret_cast<uintptr_t>(b.data) % 4 == 0;
+}
+
+// gemm_weight_rows for bf16 pairs (weight_rows_are_pairs(k, b)): A^T packed
+// as pair panels, the weight's rows read in place, two steps per word.
+template <typename TC>
+void gemm_weight_rows_pairs(int64_t m, int64_t n, int64_t k, View<uint16_t> a, View<uint16_t> b,
+                            TC* c, int64_t ldc, Buffers& bufs) {
+  const int64_t panels = (m + NR - 1) / NR, kp = k / 2;
+  bufs.b2.resize(std::max(bufs.b2.size(), static_cast<size_t>(panels * kp * NR)));
+  pack_b_pairs(View<uint16_t>{a.data, a.cs, a.rs}, k, m, bufs.b2.data());
+  auto sliver = [&](int64_t s, const uint32_t* (&w)[MR]) {
+    for (int64_t i = 0; i < MR; ++i)
+      w[i] = reinterpret_cast<const uint32_t*>(b.data + std::min(s + i, n - 1) * b.cs);
+  };
+  const int64_t lines = (k * 2 + 63) / 64 + 1;  // + 1: a row need not start a line
+  for (int64_t s = 0; s < n; s += MR) {
+    const uint32_t* w[MR];
+    const uint32_t* w_next[MR];
+    sliver(s, w);
+    const int64_t next_rows = std::max<int64_t>(0, std::min(MR, n - s - MR));
+    if (next_rows > 0) sliver(s + MR, w_next);
+    const float* prefetch_rows[MR];
+    for (int64_t i = 0; i < next_rows; ++i) prefetch_rows[i] = reinterpret_cast<const float*>(w_next[i]);
+    PrefetchRows side{prefetch_rows, next_rows, lines, share_per_turn(next_rows * lines, kp)};
+    for (int64_t q = 0; q < panels; ++q) {
+      TC* out = c + q * NR * ldc + s;
+      const int64_t rows = std::min(MR, n - s), cols = std::min(NR, m - q * NR);
+      const uint32_t* panel = bufs.b2.data() + q * kp * NR;
+      auto run_tile = [&](auto& tile_side) {
+        if (cols > kVec) tile_weight_rows_pairs<2>(kp, w, panel, out, ldc, rows, cols, tile_side);
+        else tile_weight_rows_pairs<1>(kp, w, panel, out, ldc, rows, cols, tile_side);
+      };
+      PrefetchLines none{nullptr, 0};  // the first panel's tile prefetches
+      if (q == 0) run_tile(side);
+      else run_tile(none);
+    }
+  }
+}
+#endif
+
+// c[0:m, 0:n] = A[0:m, 0:k] @ B[0:k, 0:n], c (f32 or bf16) of row stride
+// ldc. `next` is the B of the product that follows on this thread (data null
+// if none), of the same k and n.
 //
 // Where B is read transposed (the weight in dX), its packing walks NR columns
 // of memory at once, more streams than the hardware prefetcher follows, so
@@ -688,9 +882,9 @@ inline void gemm_weight_rows(int64_t m, int64_t n, int64_t k, View<float> a, Vie
 // hardware prefetcher keeps up, and neither this nor packing the next block
 // between the tiles helped (docs/notebook.md, "`cpu_kernel`"); what did help,
 // for groups of few rows, is packing one panel at a time (gemm_few_rows).
-template <typename TIn>
-void gemm_f32(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, float* c, int64_t ldc,
-              Buffers& bufs, View<TIn> next = {}) {
+template <typename TIn, typename TC>
+void gemm_into(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, TC* c, int64_t ldc,
+               Buffers& bufs, View<TIn> next = {}) {
   if (k == 0) {  // an empty sum: no contraction block would write c
     zero_columns(c, m, ldc, 0, n);
     return;
@@ -710,7 +904,34 @@ void gemm_f32(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, float* 
     }
   }
   constexpr bool pairs = kBf16Pairs && std::is_same_v<TIn, uint16_t>;
+#if defined(__AVX512BF16__)
+  if constexpr (pairs) {
+    if (b.cs == 1 && k <= kFewRowsMaxSteps && m <= MC) {
+      gemm_few_rows_pairs(m, n, k, a, b, c, ldc, bufs);
+      return;
+    }
+    if (b.rs == 1 && b.cs != 1 && k <= kFewRowsMaxSteps && weight_rows_are_pairs(k, b)) {
+      const int64_t chunk = weight_rows_panels(k) * NR;
+      for (int64_t i = 0; i < m; i += chunk)
+        gemm_weight_rows_pairs(std::min(chunk, m - i), n, k,
+                               View<uint16_t>{a.data + i * a.rs, a.rs, a.cs}, b, c + i * ldc, ldc,
+                               bufs);
+      return;
+    }
+  }
+#endif
   const int64_t KC = b.cs == 1 ? KC_ROWS : KC_COLS;  // contraction block (see KC_ROWS)
+  if constexpr (!std::is_same_v<TC, float>) {
+    if (k > KC) {
+      // Contraction blocks add up: summed in an f32 scratch, rounded once
+      // (rounding after every block would lose precision).
+      bufs.c.resize(std::max(bufs.c.size(), static_cast<size_t>(m * n)));
+      gemm_into(m, n, k, a, b, bufs.c.data(), n, bufs, next);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) from_f32(bufs.c[i * n + j], c + i * ldc + j);
+      return;
+    }
+  }
   if constexpr (pairs) {
     bufs.a2.resize(MC * KC / 2);
     bufs.b2.resize(KC * NC / 2);
@@ -751,7 +972,7 @@ void gemm_f32(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, float* 
         for (int64_t jr = 0; jr < nc; jr += NR) {
           for (int64_t ir = 0; ir < mc; ir += MR) {
             PrefetchLines side{addresses, prefetch.next(per_tile, addresses)};
-            float* out = c + (ic + ir) * ldc + jc + jr;
+            TC* out = c + (ic + ir) * ldc + jc + jr;
             const int64_t tile_rows = std::min(MR, mc - ir), tile_cols = std::min(NR, nc - jr);
             if constexpr (pairs)
               row_tile(steps, bufs.a2.data() + ir * steps, bufs.b2.data() + jr * steps, out, ldc, store,
@@ -763,22 +984,6 @@ void gemm_f32(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, float* 
         }
       }
     }
-  }
-}
-
-// The same product into c of element type TOut. A 16-bit output is summed in
-// an f32 scratch and rounded once: rounding after every contraction block
-// would lose precision.
-template <typename TIn, typename TOut>
-void gemm_into(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, TOut* c, int64_t ldc,
-               Buffers& bufs, View<TIn> next = {}) {
-  if constexpr (std::is_same_v<TOut, float>) {
-    gemm_f32(m, n, k, a, b, c, ldc, bufs, next);
-  } else {
-    bufs.c.resize(m * n);
-    gemm_f32(m, n, k, a, b, bufs.c.data(), n, bufs, next);
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < n; ++j) from_f32(bufs.c[i * n + j], c + i * ldc + j);
   }
 }
 

@@ -61,20 +61,28 @@ def test_cpu_kernel_every_block_path(dtype):
     sizes = [1030, 0, 9]
     x, w, c, gs = make_inputs(sum(sizes) + 2, 1030, 48, sizes, dtype, seed=13)
     check_all("cpu_kernel", x, w, c, gs, dtype)
-    # Past those 4096 steps, a few rows go through the blocked loops again:
-    # the forward at K=4100, f32 dX (the weight packed transposed, its next
-    # blocks prefetched, the output accumulated) at N=4100.
+    # Past 4096 steps, the f32 forward of a few rows goes through the blocked
+    # loops again (bf16 pairs past 8192, below); past 8192, dX (the weight
+    # packed transposed, its next blocks prefetched, the output accumulated).
     sizes = [5, 3]
     x, w, c, gs = make_inputs(sum(sizes), 4100, 40, sizes, dtype, seed=17)
     check_all("cpu_kernel", x, w, c, gs, dtype)
-    x, w, c, gs = make_inputs(sum(sizes), 40, 4100, sizes, dtype, seed=19)
+    x, w, c, gs = make_inputs(sum(sizes), 40, 8200, sizes, dtype, seed=19)
     check_all("cpu_kernel", x, w, c, gs, dtype)
-    # An odd contraction (bf16 pairs: the last pair's second half is zero,
-    # in the panel packed up front and in those the tiles copy) and columns
+    # Odd contractions (bf16 pairs: the last pair's second half is zero, in
+    # the panel packed up front and in those the tiles copy; dX's N=99 cannot
+    # be read as pairs in place, so it takes the blocked loops) and columns
     # that end in a part panel.
     sizes = [9, 70, 1]
-    x, w, c, gs = make_inputs(sum(sizes), 77, 100, sizes, dtype, seed=23)
+    x, w, c, gs = make_inputs(sum(sizes), 77, 99, sizes, dtype, seed=23)
     check_all("cpu_kernel", x, w, c, gs, dtype)
+    if dtype == jnp.bfloat16:
+        # Pairs hold twice the steps in the same panels: the forward past
+        # 8192, the blocked loops again, the bf16 output summed in f32 and
+        # rounded once.
+        sizes = [5, 3]
+        x, w, c, gs = make_inputs(sum(sizes), 8200, 40, sizes, dtype, seed=29)
+        check_all("cpu_kernel", x, w, c, gs, dtype)
 
 
 def test_cpu_kernel_build_failure_is_clear_and_leaves_nothing(tmp_path, monkeypatch):

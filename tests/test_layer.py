@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fusedmoe import MoE, MoEConfig
+from fusedmoe import MoE, MoEConfig, experts
 from fusedmoe.grouped_matmul import available_backends, backend_names
 from fusedmoe.grouped_matmul.api import count_grouped_matmuls
 from fusedmoe.reference import activation, moe_forward, route_token
@@ -200,6 +200,34 @@ def test_fused_gradients_equal_unfused(backend):
     # The gradients are not trivially zero.
     assert float(jnp.abs(grad_f["wi"][...]).max()) > 1e-3
     assert float(jnp.abs(grad_f["gate"]["kernel"][...]).max()) > 1e-4
+
+
+@pytest.mark.parametrize("backend", ["tiled", "cpu_kernel"])
+def test_fused_gradients_equal_unfused_bf16(backend):
+    # bf16 takes another split of [gate | up] (its cotangent one concatenation).
+    config = MoEConfig(**SMALL, gmm_backend=_backend_or_skip(backend), dtype="bfloat16",
+                       weight_dtype="bfloat16")
+    unfused, fused = _pair(config)
+    x = _x(dtype=jnp.bfloat16)
+    grad_u, dx_u = nnx.grad(_loss, argnums=(0, 1))(unfused, x)
+    grad_f, dx_f = nnx.grad(_loss, argnums=(0, 1))(fused, x)
+    as32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    tol = dict(rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(as32(dx_f), as32(dx_u), **tol)
+    np.testing.assert_allclose(as32(grad_f["wi"][...][:, :, 0]), as32(grad_u["wi_0"][...]), **tol)
+    np.testing.assert_allclose(as32(grad_f["wi"][...][:, :, 1]), as32(grad_u["wi_1"][...]), **tol)
+    np.testing.assert_allclose(as32(grad_f["wo"][...]), as32(grad_u["wo"][...]), **tol)
+    assert float(jnp.abs(as32(grad_f["wi"][...][:, :, 1])).max()) > 1e-3
+
+
+def test_split_gate_up_cotangent_is_the_slices_cotangent():
+    h = jax.random.normal(jax.random.key(5), (6, 8), jnp.bfloat16)
+    cts = tuple(jax.random.normal(jax.random.key(i), (6, 4), jnp.bfloat16) for i in (6, 7))
+    out, vjp = jax.vjp(experts.split_gate_up, h)
+    ref_out, ref_vjp = jax.vjp(lambda h: (h[:, :4], h[:, 4:]), h)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref_out, np.float32))
+    np.testing.assert_array_equal(np.asarray(vjp(cts)[0], np.float32),
+                                  np.asarray(ref_vjp(cts)[0], np.float32))
 
 
 def test_gradients_match_dense_path_and_finite_differences():

@@ -574,6 +574,11 @@ struct BlockPrefetch {
 // 4096 x NR floats each, 1 MiB together, the size of L2. Measured up to there
 // (64 and 136 rows per group at K=4096: 0.94x and 0.91x the blocked loops).
 constexpr int64_t kFewRowsMaxSteps = 4096;
+// bf16 pairs pack two steps in the bytes of one f32 step: the same panels
+// hold twice the contraction (a fused FFN1's dX contracts 2 x mlp_dim).
+constexpr int64_t kFewRowsMaxPairSteps = 2 * kFewRowsMaxSteps;
+// gemm_weight_rows keeps one A^T panel of k x NR floats: 1 MiB at 8192 steps.
+constexpr int64_t kWeightRowsMaxSteps = 2 * kFewRowsMaxSteps;
 
 // c[0:m, 0:n] = A[0:m, 0:k] @ B[0:k, 0:n] for f32 operands with B's rows
 // contiguous, k <= kFewRowsMaxSteps and m <= MC: a group of an expert's weight
@@ -894,7 +899,7 @@ void gemm_into(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, TC* c,
       gemm_few_rows(m, n, k, a, b, c, ldc, bufs);
       return;
     }
-    if (b.rs == 1 && b.cs != 1 && k <= kFewRowsMaxSteps) {
+    if (b.rs == 1 && b.cs != 1 && k <= kWeightRowsMaxSteps) {
       // More rows than a few panels: in chunks, each reading the weight again.
       const int64_t chunk = weight_rows_panels(k) * NR;
       for (int64_t i = 0; i < m; i += chunk)
@@ -906,12 +911,12 @@ void gemm_into(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, TC* c,
   constexpr bool pairs = kBf16Pairs && std::is_same_v<TIn, uint16_t>;
 #if defined(__AVX512BF16__)
   if constexpr (pairs) {
-    if (b.cs == 1 && k <= kFewRowsMaxSteps && m <= MC) {
+    if (b.cs == 1 && k <= kFewRowsMaxPairSteps && m <= MC) {
       gemm_few_rows_pairs(m, n, k, a, b, c, ldc, bufs);
       return;
     }
-    if (b.rs == 1 && b.cs != 1 && k <= kFewRowsMaxSteps && weight_rows_are_pairs(k, b)) {
-      const int64_t chunk = weight_rows_panels(k) * NR;
+    if (b.rs == 1 && b.cs != 1 && k <= kFewRowsMaxPairSteps && weight_rows_are_pairs(k, b)) {
+      const int64_t chunk = weight_rows_panels((k + 1) / 2) * NR;  // a pair panel: k / 2 words a column
       for (int64_t i = 0; i < m; i += chunk)
         gemm_weight_rows_pairs(std::min(chunk, m - i), n, k,
                                View<uint16_t>{a.data + i * a.rs, a.rs, a.cs}, b, c + i * ldc, ldc,

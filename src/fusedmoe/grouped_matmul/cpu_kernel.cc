@@ -479,6 +479,44 @@ struct CopyPanelRows {
   }
 };
 
+// CopyPanelRows for bf16 pairs: `pairs` pair rows of a B panel, each two
+// source rows (row stride `rs`) of NR bf16 interleaved into NR 32-bit words
+// (the second row in the high half; a row past the contraction, zero), as
+// two 16-word halves per pair row, spread evenly over the turns.
+// (A template, so that a build without AVX-512 never instantiates it.)
+template <typename T>
+struct CopyPanelPairs {
+  const T* src;  // source row 2 * (first pair row)
+  int64_t rs;
+  uint32_t* dst;
+  int64_t pairs;
+  int64_t rows_in_source;  // source rows readable from src (the last may be unpaired)
+  int64_t per_turn = 0;    // halves per turn
+  int64_t done = 0;        // halves copied
+
+  void plan(int64_t steps) { per_turn = share_per_turn(2 * pairs, steps); }
+  void copy(int64_t v) {
+    const int64_t r = v / 2, h = v % 2;
+    const T* lo = src + 2 * r * rs + h * kVec;
+    if (h == 0 && 2 * (r + kPanelPrefetchRows) + 1 < rows_in_source) {
+      _mm_prefetch(reinterpret_cast<const char*>(lo + 2 * kPanelPrefetchRows * rs), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(lo + (2 * kPanelPrefetchRows + 1) * rs), _MM_HINT_T1);
+    }
+    const __m512i l = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo)));
+    const __m512i hi = 2 * r + 1 < rows_in_source
+        ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + rs)))
+        : _mm512_setzero_si512();
+    _mm512_storeu_si512(dst + r * NR + h * kVec, _mm512_or_si512(l, _mm512_slli_epi32(hi, 16)));
+  }
+  bool busy(int64_t) const { return done < 2 * pairs; }
+  void turn(int64_t) {
+    for (const int64_t end = std::min(2 * pairs, done + per_turn); done < end; ++done) copy(done);
+  }
+  void finish() {
+    for (; done < 2 * pairs; ++done) copy(done);
+  }
+};
+
 // A tile's contraction steps [0, steps), run(p0, p1) at a time, with the
 // side work's turns between groups of kStepsBetween steps.
 template <typename Side, typename Run>
@@ -580,15 +618,17 @@ constexpr int64_t kFewRowsMaxPairSteps = 2 * kFewRowsMaxSteps;
 // gemm_weight_rows keeps one A^T panel of k x NR floats: 1 MiB at 8192 steps.
 constexpr int64_t kWeightRowsMaxSteps = 2 * kFewRowsMaxSteps;
 
-// c[0:m, 0:n] = A[0:m, 0:k] @ B[0:k, 0:n] for f32 operands with B's rows
-// contiguous, k <= kFewRowsMaxSteps and m <= MC: a group of an expert's weight
+// c[0:m, 0:n] = A[0:m, 0:k] @ B[0:k, 0:n] for f32 operands (or bf16 pairs)
+// with B's rows contiguous, k <= kFewRowsMaxSteps (kFewRowsMaxPairSteps)
+// and m <= MC: a group of an expert's weight
 // with few rows (64 at G=64 in the benchmark), where reading the weight costs
 // about a fifth of the arithmetic. Instead of packing a whole KC x NC block
 // of B first (memory-bound, the FMAs idle) and then computing on it (the
 // memory idles), B is packed one NR-column panel at a time into two
 // alternating buffers: the first panel up front, each next one by the tiles
 // of the current panel, a few rows per tile, between their steps
-// (CopyPanelRows). A is packed once; every output tile is written once.
+// (CopyPanelRows, CopyPanelPairs). A is packed once; every output tile is
+// written once.
 // Measured at M=4096, K=1024, N=2048 f32, G=64 balanced, builds side by side
 // (benchmarks/ab_cpu_kernel.py, 11 rounds, three runs): the forward 0.91x-0.97x
 // the time of packing whole blocks first, 1.04x-1.09x the dense GEMM against
@@ -596,103 +636,57 @@ constexpr int64_t kWeightRowsMaxSteps = 2 * kFewRowsMaxSteps;
 // (G=128, 64 rows, K=2048) 0.90x, its FFN2 (K=768) 0.90x, DeepSeek's fused
 // FFN1 (G=256, 32 rows, K=1792) 0.79x. At 64 skewed groups, many of a few
 // rows (too little arithmetic to hide their weight's reads), no clear gain.
-template <typename TC>
-void gemm_few_rows(int64_t m, int64_t n, int64_t k, View<float> a, View<float> b, TC* c,
+template <typename TIn, typename TC>
+void gemm_few_rows(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, TC* c,
                    int64_t ldc, Buffers& bufs) {
-  const int64_t tiles = (m + MR - 1) / MR;
-  bufs.a.resize(std::max(bufs.a.size(), static_cast<size_t>(MC * k)));
-  bufs.b.resize(std::max(bufs.b.size(), static_cast<size_t>(2 * k * NR)));
-  pack_a(a, m, k, bufs.a.data());
-  float* panels[2] = {bufs.b.data(), bufs.b.data() + k * NR};
-  pack_b(b, k, std::min(NR, n), panels[0]);
+  // f32 values, or bf16 pairs (gemm_into sends bf16 here only where the CPU
+  // multiplies pairs): a packed step is one contraction step, or two.
+  constexpr bool pairs = std::is_same_v<TIn, uint16_t>;
+  using Packed = std::conditional_t<pairs, uint32_t, float>;
+  const int64_t tiles = (m + MR - 1) / MR, steps = pairs ? (k + 1) / 2 : k;
+  std::vector<Packed>& packed_a = [&]() -> std::vector<Packed>& {
+    if constexpr (pairs) return bufs.a2; else return bufs.a;
+  }();
+  std::vector<Packed>& packed_b = [&]() -> std::vector<Packed>& {
+    if constexpr (pairs) return bufs.b2; else return bufs.b;
+  }();
+  auto pack_panel = [&](View<TIn> panel_b, int64_t cols, Packed* out) {
+    if constexpr (pairs) pack_b_pairs(panel_b, k, cols, out);
+    else pack_b(panel_b, k, cols, out);
+  };
+  packed_a.resize(std::max(packed_a.size(), static_cast<size_t>(MC * steps)));
+  packed_b.resize(std::max(packed_b.size(), static_cast<size_t>(2 * steps * NR)));
+  if constexpr (pairs) pack_a_pairs(a, m, k, packed_a.data());
+  else pack_a(a, m, k, packed_a.data());
+  Packed* panels[2] = {packed_b.data(), packed_b.data() + steps * NR};
+  pack_panel(b, std::min(NR, n), panels[0]);
   for (int64_t q = 0; q * NR < n; ++q) {
-    const float* panel = panels[q % 2];
-    float* next_panel = panels[(q + 1) % 2];
+    const Packed* panel = panels[q % 2];
+    Packed* next_panel = panels[(q + 1) % 2];
     const int64_t cols = std::min(NR, n - q * NR);
     const int64_t next_cols = std::min(NR, n - (q + 1) * NR);  // <= 0: this is the last
     const bool copy_next = next_cols == NR;  // a narrower last panel is packed below, padded
     for (int64_t t = 0; t < tiles; ++t) {
-      // This tile's share of the next panel's rows: [r0, r1).
-      const int64_t r0 = copy_next ? k * t / tiles : 0, r1 = copy_next ? k * (t + 1) / tiles : 0;
-      CopyPanelRows side{b.data + r0 * b.rs + (q + 1) * NR, b.rs, next_panel + r0 * NR, r1 - r0,
-                         k - r0};
-      side.plan(k);
-      row_tile(k, bufs.a.data() + t * MR * k, panel, c + t * MR * ldc + q * NR, ldc, Store::kStream,
-               std::min(MR, m - t * MR), cols, side);
-    }
-    if (next_cols > 0 && !copy_next)
-      pack_b(View<float>{b.data + (q + 1) * NR, b.rs, 1}, k, next_cols, next_panel);
-  }
-}
-
-#if defined(__AVX512BF16__)
-// CopyPanelRows for bf16 pairs: `pairs` pair rows of a B panel, each two
-// source rows (row stride `rs`) of NR bf16 interleaved into NR 32-bit words
-// (the second row in the high half; a row past the contraction, zero), as
-// two 16-word halves per pair row, spread evenly over the turns.
-struct CopyPanelPairs {
-  const uint16_t* src;  // source row 2 * (first pair row)
-  int64_t rs;
-  uint32_t* dst;
-  int64_t pairs;
-  int64_t rows_in_source;  // source rows readable from src (the last may be unpaired)
-  int64_t per_turn = 0;    // halves per turn
-  int64_t done = 0;        // halves copied
-
-  void plan(int64_t steps) { per_turn = share_per_turn(2 * pairs, steps); }
-  void copy(int64_t v) {
-    const int64_t r = v / 2, h = v % 2;
-    const uint16_t* lo = src + 2 * r * rs + h * kVec;
-    if (h == 0 && 2 * (r + kPanelPrefetchRows) + 1 < rows_in_source) {
-      _mm_prefetch(reinterpret_cast<const char*>(lo + 2 * kPanelPrefetchRows * rs), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(lo + (2 * kPanelPrefetchRows + 1) * rs), _MM_HINT_T1);
-    }
-    const __m512i l = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo)));
-    const __m512i hi = 2 * r + 1 < rows_in_source
-        ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + rs)))
-        : _mm512_setzero_si512();
-    _mm512_storeu_si512(dst + r * NR + h * kVec, _mm512_or_si512(l, _mm512_slli_epi32(hi, 16)));
-  }
-  bool busy(int64_t) const { return done < 2 * pairs; }
-  void turn(int64_t) {
-    for (const int64_t end = std::min(2 * pairs, done + per_turn); done < end; ++done) copy(done);
-  }
-  void finish() {
-    for (; done < 2 * pairs; ++done) copy(done);
-  }
-};
-
-// gemm_few_rows for bf16 inputs multiplied as pairs: the same panel-by-panel
-// packing of B behind the tiles, each panel kp = ceil(k / 2) pair rows.
-template <typename TC>
-void gemm_few_rows_pairs(int64_t m, int64_t n, int64_t k, View<uint16_t> a, View<uint16_t> b,
-                         TC* c, int64_t ldc, Buffers& bufs) {
-  const int64_t tiles = (m + MR - 1) / MR, kp = (k + 1) / 2;
-  bufs.a2.resize(std::max(bufs.a2.size(), static_cast<size_t>(MC * kp)));
-  bufs.b2.resize(std::max(bufs.b2.size(), static_cast<size_t>(2 * kp * NR)));
-  pack_a_pairs(a, m, k, bufs.a2.data());
-  uint32_t* panels[2] = {bufs.b2.data(), bufs.b2.data() + kp * NR};
-  pack_b_pairs(b, k, std::min(NR, n), panels[0]);
-  for (int64_t q = 0; q * NR < n; ++q) {
-    const uint32_t* panel = panels[q % 2];
-    uint32_t* next_panel = panels[(q + 1) % 2];
-    const int64_t cols = std::min(NR, n - q * NR);
-    const int64_t next_cols = std::min(NR, n - (q + 1) * NR);  // <= 0: this is the last
-    const bool copy_next = next_cols == NR;  // a narrower last panel is packed below, padded
-    for (int64_t t = 0; t < tiles; ++t) {
-      // This tile's share of the next panel's pair rows: [r0, r1).
-      const int64_t r0 = copy_next ? kp * t / tiles : 0, r1 = copy_next ? kp * (t + 1) / tiles : 0;
-      CopyPanelPairs side{b.data + 2 * r0 * b.rs + (q + 1) * NR, b.rs, next_panel + r0 * NR,
-                          r1 - r0, k - 2 * r0};
-      side.plan(kp);
-      row_tile(kp, bufs.a2.data() + t * MR * kp, panel, c + t * MR * ldc + q * NR, ldc,
+      // This tile's share of the next panel's packed rows: [r0, r1).
+      const int64_t r0 = copy_next ? steps * t / tiles : 0;
+      const int64_t r1 = copy_next ? steps * (t + 1) / tiles : 0;
+      auto side = [&] {
+        if constexpr (pairs)
+          return CopyPanelPairs<TIn>{b.data + 2 * r0 * b.rs + (q + 1) * NR, b.rs,
+                                     next_panel + r0 * NR, r1 - r0, k - 2 * r0};
+        else
+          return CopyPanelRows{b.data + r0 * b.rs + (q + 1) * NR, b.rs, next_panel + r0 * NR,
+                               r1 - r0, k - r0};
+      }();
+      side.plan(steps);
+      row_tile(steps, packed_a.data() + t * MR * steps, panel, c + t * MR * ldc + q * NR, ldc,
                Store::kStream, std::min(MR, m - t * MR), cols, side);
     }
     if (next_cols > 0 && !copy_next)
-      pack_b_pairs(View<uint16_t>{b.data + (q + 1) * NR, b.rs, 1}, k, next_cols, next_panel);
+      pack_panel(View<TIn>{b.data + (q + 1) * NR, b.rs, 1}, next_cols, next_panel);
   }
 }
-#endif
+
 
 // How many NR-column panels of A^T gemm_weight_rows takes at once: up to 4
 // (128 rows with AVX-512; 32 to 128 measured alike at G=8 and G=64), fewer
@@ -706,14 +700,13 @@ inline int64_t weight_rows_panels(int64_t k) {
 // weight while the tile multiplies the current ones; into L1 measured the
 // same).
 struct PrefetchRows {
-  const float* const* rows;
+  const char* const* rows;
   int64_t count, lines, per_turn;
   int64_t done = 0;
   bool busy(int64_t) const { return done < count * lines; }
   void turn(int64_t) {
     for (const int64_t end = std::min(count * lines, done + per_turn); done < end; ++done)
-      _mm_prefetch(reinterpret_cast<const char*>(rows[done % count]) + (done / count) * 64,
-                   _MM_HINT_T1);
+      _mm_prefetch(rows[done % count] + (done / count) * 64, _MM_HINT_T1);
   }
   void finish() {}
 };
@@ -750,60 +743,8 @@ void tile_weight_rows(int64_t steps, const float* const* w, const float* b, TC* 
     for (int64_t i = 0; i < rows; ++i) from_f32(out[i][j], c + j * ldc + i);
 }
 
-// c[0:m, 0:n] = A[0:m, 0:k] @ B[0:k, 0:n] for f32 operands with B read
-// transposed (B(p, j) = b.data[j * b.cs + p]: the weight in dX, stored
-// [n, k]), m at most a few panels (weight_rows_panels), computed as
-// c^T = B^T @ A^T: A^T (the group's dout rows, small) is packed as NR-column
-// panels that stay in L2, and the register tile multiplies MR rows of the
-// weight, read in place and in order, by each panel, its result stored
-// transposed. The blocked loops instead packed the weight itself, 8 x 8
-// blocks transposed, into panels used by only a few register tiles when a
-// group has few rows. The next MR weight rows are prefetched between the
-// tile's steps (PrefetchRows). Measured side by side
-// (benchmarks/ab_cpu_kernel.py, f32 dX, 7 rounds), time against the blocked
-// loops: G=64 balanced (64 rows, contraction 2048) 0.73x-0.75x, skewed
-// 0.89x-0.94x; G=8 0.82x-0.94x; DeepSeek's fused FFN1 shape (G=256, 32
-// rows, contraction 1024) 0.58x balanced, 0.89x skewed: many of its groups
-// have a few rows, and each still reads its whole weight (a narrower tile
-// for those took skewed to 0.83x-0.85x of that, see tile_weight_rows).
-template <typename TC>
-void gemm_weight_rows(int64_t m, int64_t n, int64_t k, View<float> a, View<float> b, TC* c,
-                      int64_t ldc, Buffers& bufs) {
-  const int64_t panels = (m + NR - 1) / NR;
-  bufs.b.resize(std::max(bufs.b.size(), static_cast<size_t>(panels * k * NR)));
-  pack_b(View<float>{a.data, a.cs, a.rs}, k, m, bufs.b.data());
-  auto sliver = [&](int64_t s, const float* (&w)[MR]) {
-    for (int64_t i = 0; i < MR; ++i) w[i] = b.data + std::min(s + i, n - 1) * b.cs;
-  };
-  const int64_t lines = (k * 4 + 63) / 64 + 1;  // + 1: a row need not start a line
-  for (int64_t s = 0; s < n; s += MR) {
-    const float* w[MR];
-    const float* w_next[MR];
-    sliver(s, w);
-    const int64_t next_rows = std::max<int64_t>(0, std::min(MR, n - s - MR));
-    if (next_rows > 0) sliver(s + MR, w_next);
-    PrefetchRows side{w_next, next_rows, lines, share_per_turn(next_rows * lines, k)};
-    for (int64_t q = 0; q < panels; ++q) {
-      TC* out = c + q * NR * ldc + s;
-      const int64_t rows = std::min(MR, n - s), cols = std::min(NR, m - q * NR);
-      const float* panel = bufs.b.data() + q * k * NR;
-      auto run_tile = [&](auto& tile_side) {
-        if (cols > kVec)
-          tile_weight_rows<vec, 2>(k, w, panel, out, ldc, rows, cols, tile_side);
-        else if (cols > kVec / 2)
-          tile_weight_rows<vec, 1>(k, w, panel, out, ldc, rows, cols, tile_side);
-        else
-          tile_weight_rows<half_vec, 1>(k, w, panel, out, ldc, rows, cols, tile_side);
-      };
-      PrefetchLines none{nullptr, 0};  // the first panel's tile prefetches
-      if (q == 0) run_tile(side);
-      else run_tile(none);
-    }
-  }
-}
-
-#if defined(__AVX512BF16__)
-// tile_weight_rows for bf16 pairs: w[i] is a weight row read in place as
+// tile_weight_rows for bf16 pairs (a template: a build without AVX-512 BF16
+// never instantiates it): w[i] is a weight row read in place as
 // 32-bit words, each a pair of consecutive contraction steps (its columns
 // are the contraction here); b a panel packed as pairs. V vectors of 16
 // columns: 1 where at most 16 columns are used.
@@ -836,35 +777,65 @@ inline bool weight_rows_are_pairs(int64_t k, View<uint16_t> b) {
   return k % 2 == 0 && b.cs % 2 == 0 && reinterpret_cast<uintptr_t>(b.data) % 4 == 0;
 }
 
-// gemm_weight_rows for bf16 pairs (weight_rows_are_pairs(k, b)): A^T packed
-// as pair panels, the weight's rows read in place, two steps per word.
-template <typename TC>
-void gemm_weight_rows_pairs(int64_t m, int64_t n, int64_t k, View<uint16_t> a, View<uint16_t> b,
-                            TC* c, int64_t ldc, Buffers& bufs) {
-  const int64_t panels = (m + NR - 1) / NR, kp = k / 2;
-  bufs.b2.resize(std::max(bufs.b2.size(), static_cast<size_t>(panels * kp * NR)));
-  pack_b_pairs(View<uint16_t>{a.data, a.cs, a.rs}, k, m, bufs.b2.data());
-  auto sliver = [&](int64_t s, const uint32_t* (&w)[MR]) {
+// c[0:m, 0:n] = A[0:m, 0:k] @ B[0:k, 0:n] for f32 operands (or bf16 pairs) with B read
+// transposed (B(p, j) = b.data[j * b.cs + p]: the weight in dX, stored
+// [n, k]), m at most a few panels (weight_rows_panels), computed as
+// c^T = B^T @ A^T: A^T (the group's dout rows, small) is packed as NR-column
+// panels that stay in L2, and the register tile multiplies MR rows of the
+// weight, read in place and in order, by each panel, its result stored
+// transposed. The blocked loops instead packed the weight itself, 8 x 8
+// blocks transposed, into panels used by only a few register tiles when a
+// group has few rows. The next MR weight rows are prefetched between the
+// tile's steps (PrefetchRows). Measured side by side
+// (benchmarks/ab_cpu_kernel.py, f32 dX, 7 rounds), time against the blocked
+// loops: G=64 balanced (64 rows, contraction 2048) 0.73x-0.75x, skewed
+// 0.89x-0.94x; G=8 0.82x-0.94x; DeepSeek's fused FFN1 shape (G=256, 32
+// rows, contraction 1024) 0.58x balanced, 0.89x skewed: many of its groups
+// have a few rows, and each still reads its whole weight (a narrower tile
+// for those took skewed to 0.83x-0.85x of that, see tile_weight_rows).
+template <typename TIn, typename TC>
+void gemm_weight_rows(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, TC* c,
+                      int64_t ldc, Buffers& bufs) {
+  // f32 values, or bf16 pairs (weight_rows_are_pairs(k, b)): the weight's rows
+  // read as 32-bit words, each two contraction steps.
+  constexpr bool pairs = std::is_same_v<TIn, uint16_t>;
+  using Packed = std::conditional_t<pairs, uint32_t, float>;
+  const int64_t panels = (m + NR - 1) / NR, steps = pairs ? k / 2 : k;
+  std::vector<Packed>& packed = [&]() -> std::vector<Packed>& {
+    if constexpr (pairs) return bufs.b2; else return bufs.b;
+  }();
+  packed.resize(std::max(packed.size(), static_cast<size_t>(panels * steps * NR)));
+  if constexpr (pairs) pack_b_pairs(View<TIn>{a.data, a.cs, a.rs}, k, m, packed.data());
+  else pack_b(View<TIn>{a.data, a.cs, a.rs}, k, m, packed.data());
+  auto sliver = [&](int64_t s, const Packed* (&w)[MR]) {
     for (int64_t i = 0; i < MR; ++i)
-      w[i] = reinterpret_cast<const uint32_t*>(b.data + std::min(s + i, n - 1) * b.cs);
+      w[i] = reinterpret_cast<const Packed*>(b.data + std::min(s + i, n - 1) * b.cs);
   };
-  const int64_t lines = (k * 2 + 63) / 64 + 1;  // + 1: a row need not start a line
+  const int64_t lines = (k * sizeof(TIn) + 63) / 64 + 1;  // + 1: a row need not start a line
   for (int64_t s = 0; s < n; s += MR) {
-    const uint32_t* w[MR];
-    const uint32_t* w_next[MR];
+    const Packed* w[MR];
+    const Packed* w_next[MR];
     sliver(s, w);
     const int64_t next_rows = std::max<int64_t>(0, std::min(MR, n - s - MR));
     if (next_rows > 0) sliver(s + MR, w_next);
-    const float* prefetch_rows[MR];
-    for (int64_t i = 0; i < next_rows; ++i) prefetch_rows[i] = reinterpret_cast<const float*>(w_next[i]);
-    PrefetchRows side{prefetch_rows, next_rows, lines, share_per_turn(next_rows * lines, kp)};
+    const char* next_lines[MR];
+    for (int64_t i = 0; i < next_rows; ++i) next_lines[i] = reinterpret_cast<const char*>(w_next[i]);
+    PrefetchRows side{next_lines, next_rows, lines, share_per_turn(next_rows * lines, steps)};
     for (int64_t q = 0; q < panels; ++q) {
       TC* out = c + q * NR * ldc + s;
       const int64_t rows = std::min(MR, n - s), cols = std::min(NR, m - q * NR);
-      const uint32_t* panel = bufs.b2.data() + q * kp * NR;
+      const Packed* panel = packed.data() + q * steps * NR;
       auto run_tile = [&](auto& tile_side) {
-        if (cols > kVec) tile_weight_rows_pairs<2>(kp, w, panel, out, ldc, rows, cols, tile_side);
-        else tile_weight_rows_pairs<1>(kp, w, panel, out, ldc, rows, cols, tile_side);
+        if constexpr (pairs) {
+          if (cols > kVec) tile_weight_rows_pairs<2>(steps, w, panel, out, ldc, rows, cols, tile_side);
+          else tile_weight_rows_pairs<1>(steps, w, panel, out, ldc, rows, cols, tile_side);
+        } else if (cols > kVec) {
+          tile_weight_rows<vec, 2>(steps, w, panel, out, ldc, rows, cols, tile_side);
+        } else if (cols > kVec / 2) {
+          tile_weight_rows<vec, 1>(steps, w, panel, out, ldc, rows, cols, tile_side);
+        } else {
+          tile_weight_rows<half_vec, 1>(steps, w, panel, out, ldc, rows, cols, tile_side);
+        }
       };
       PrefetchLines none{nullptr, 0};  // the first panel's tile prefetches
       if (q == 0) run_tile(side);
@@ -872,7 +843,6 @@ void gemm_weight_rows_pairs(int64_t m, int64_t n, int64_t k, View<uint16_t> a, V
     }
   }
 }
-#endif
 
 // c[0:m, 0:n] = A[0:m, 0:k] @ B[0:k, 0:n], c (f32 or bf16) of row stride
 // ldc. `next` is the B of the product that follows on this thread (data null
@@ -912,15 +882,14 @@ void gemm_into(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, TC* c,
 #if defined(__AVX512BF16__)
   if constexpr (pairs) {
     if (b.cs == 1 && k <= kFewRowsMaxPairSteps && m <= MC) {
-      gemm_few_rows_pairs(m, n, k, a, b, c, ldc, bufs);
+      gemm_few_rows(m, n, k, a, b, c, ldc, bufs);
       return;
     }
     if (b.rs == 1 && b.cs != 1 && k <= kFewRowsMaxPairSteps && weight_rows_are_pairs(k, b)) {
       const int64_t chunk = weight_rows_panels((k + 1) / 2) * NR;  // a pair panel: k / 2 words a column
       for (int64_t i = 0; i < m; i += chunk)
-        gemm_weight_rows_pairs(std::min(chunk, m - i), n, k,
-                               View<uint16_t>{a.data + i * a.rs, a.rs, a.cs}, b, c + i * ldc, ldc,
-                               bufs);
+        gemm_weight_rows(std::min(chunk, m - i), n, k,
+                         View<uint16_t>{a.data + i * a.rs, a.rs, a.cs}, b, c + i * ldc, ldc, bufs);
       return;
     }
   }

@@ -1,18 +1,23 @@
-"""Shared by the whole-model tests of the DeepSeek-V3 and gpt-oss families: a tiny
-random transformers model saved here, its logits and greedy tokens, our
-compiled forward and cached decoding, the relative error.
+"""Shared by the whole-model tests against transformers: a tiny random
+transformers model saved here, its logits and greedy tokens, a copy with its
+config changed, and the export and bf16 checks every family passes (our
+compiled forward, cached decoding and the relative error come from
+tests/model_helpers.py).
 
 Imported by tests that have already skipped without torch and transformers.
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+import json
+import shutil
+
 import numpy as np
 import torch
 import transformers
-from flax import nnx
+
+from fusedmoe import hf
+from model_helpers import decode_in_chunks, forward, forward_and_aux, rel  # noqa: F401
 
 VOCAB = 96
 SPECIAL = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
@@ -57,29 +62,47 @@ def greedy(model, prompt, new_tokens: int = NEW_TOKENS) -> np.ndarray:
                               max_new_tokens=new_tokens).numpy()
 
 
-def forward(model, tokens) -> np.ndarray:
-    """Our logits through one compiled call."""
-    graphdef, state = nnx.split(model)
-    out = jax.jit(lambda st, t: nnx.merge(graphdef, st)(t)[0])(state,
-                                                                jnp.asarray(tokens, jnp.int32))
-    return np.asarray(out)
+def copy_with_config(src, dst, drop=(), **changes):
+    """A copy of the model directory ``src`` at ``dst`` with ``config.json``
+    changed: each key of ``changes`` set to its value (None written as null),
+    each key of ``drop`` removed."""
+    shutil.copytree(src, dst)
+    if changes or drop:
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg.update(changes)
+        for key in drop:
+            cfg.pop(key, None)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
 
 
-def decode_in_chunks(model, tokens, chunks, capacity):
-    """Our logits of ``tokens`` fed to ``decode`` in pieces of the given lengths,
-    and the cache after the last."""
-    graphdef, state = nnx.split(model)
-    decode = jax.jit(lambda st, t, c: nnx.merge(graphdef, st).decode(t, c))
-    tokens = jnp.asarray(tokens, jnp.int32)
-    cache = model.init_cache(tokens.shape[0], capacity)
-    out, start = [], 0
-    for n in chunks:
-        step_logits, cache = decode(state, tokens[:, start:start + n], cache)
-        out.append(step_logits)
-        start += n
-    return np.asarray(jnp.concatenate(out, axis=1)), cache
+def check_export(out, want, unfused):
+    """``out`` (our export) loads in transformers with no missing, unexpected or
+    mismatched weights and its logits ``want``; our loader reads it back to the
+    config and the exact logits of ``unfused`` (our unfused model). Returns
+    transformers' model."""
+    again, info = transformers.AutoModelForCausalLM.from_pretrained(
+        out, output_loading_info=True, dtype=torch.float32, attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not info["mismatched_keys"]
+    assert rel(logits(again.eval(), TOKENS), want) < 1e-4
+    ours = hf.load_model(out, fused_moe_mlp=False)
+    assert ours.config == unfused.config
+    np.testing.assert_array_equal(forward(ours, TOKENS), forward(unfused, TOKENS))
+    return again
 
 
-def rel(got, want) -> float:
-    """Largest absolute difference relative to the largest logit."""
-    return float(np.abs(np.asarray(got, np.float32) - want).max() / np.abs(want).max())
+def check_bf16(model_type, path, config: dict):
+    """Our bf16 model against transformers' bf16 model (and float32), within 2e-2,
+    on a model built with small weights. The config should send every token to
+    every expert: with top-k, bf16 rounding flips near-tied expert choices, in
+    transformers as in fusedmoe, and each flip moves a logit by more than the
+    tolerance (the float32 tests check the choices themselves)."""
+    exact = logits(build(model_type, path, config, std=0.1), TOKENS)
+    want = logits(transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16, attn_implementation="eager").eval(), TOKENS)
+    ours = hf.load_model(path, dtype="bfloat16")
+    assert ours.config.moe.weight_dtype == ours.config.moe.dtype == "bfloat16"
+    got = forward(ours, TOKENS)
+    assert rel(got, want) < 2e-2
+    assert rel(got, exact) < 2e-2

@@ -26,6 +26,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from hf_whole_models import logits  # noqa: E402
+from model_helpers import forward, rel  # noqa: E402
+
 VOCAB = 320
 TOKENIZER_VOCAB = 300
 MAX_LEN = 64
@@ -89,23 +92,6 @@ def fused_run(source, tmp_path_factory):
     return out, export
 
 
-def _logits(model, tokens) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(tokens)).logits.float().numpy()
-
-
-def _our_logits(model, tokens) -> np.ndarray:
-    import jax
-    from flax import nnx
-
-    graphdef, state = nnx.split(model)
-    return np.asarray(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])(state, tokens))
-
-
-def _rel(got, want) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
-
-
 def test_finetuning_lowers_the_loss_and_the_meta_records_the_start(source, fused_run):
     out, _ = fused_run
     losses = [r["loss"] for r in read_metrics(str(out))]
@@ -134,14 +120,14 @@ def test_export_loads_in_transformers_with_the_tuned_weights(source, fused_run):
     out, export = fused_run
     assert (export / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
     state, config, _ = restore_run(str(out), params_only=True)
-    ours = _our_logits(model_with(state["params"], config.model), TOKENS.astype(np.int32))
+    ours = forward(model_with(state["params"], config.model), TOKENS.astype(np.int32))
     tuned, info = transformers.AutoModelForCausalLM.from_pretrained(
         export, output_loading_info=True, dtype=torch.float32, attn_implementation="eager")
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert _rel(_logits(tuned.eval(), TOKENS), ours) < 1e-4
+    assert rel(logits(tuned.eval(), TOKENS), ours) < 1e-4
     start = transformers.AutoModelForCausalLM.from_pretrained(
         source, dtype=torch.float32, attn_implementation="eager").eval()
-    assert _rel(_logits(start, TOKENS), ours) > 1e-2  # the weights did change
+    assert rel(logits(start, TOKENS), ours) > 1e-2  # the weights did change
 
 
 def test_resume_and_a_layout_change_continue_the_run(source, fused_run, tmp_path):

@@ -14,6 +14,7 @@ from flax import nnx
 from fusedmoe import MoEConfig
 from fusedmoe.generate import Sampling, _jitted, generate, sample
 from fusedmoe.model import SLIDING, Decoder, ModelConfig, RopeScaling
+from model_helpers import decode_in_chunks, forward
 
 MOE = MoEConfig(num_experts=4, num_experts_per_tok=2, emb_dim=32, mlp_dim=16)
 # Every attention option at once: 4 query heads over 2 key/value heads of 16, biases,
@@ -33,33 +34,15 @@ def model():
     return Decoder(CFG, rngs=nnx.Rngs(0))
 
 
-def _forward(model, tokens):
-    graphdef, state = nnx.split(model)
-    return jax.jit(lambda st, t: nnx.merge(graphdef, st)(t)[0])(state, tokens)
-
-
-def _decode_in_chunks(model, tokens, chunks, capacity):
-    """Logits of ``tokens`` fed to ``decode`` in pieces of the given lengths."""
-    graphdef, state = nnx.split(model)
-    decode = jax.jit(lambda st, t, c: nnx.merge(graphdef, st).decode(t, c))
-    cache = model.init_cache(tokens.shape[0], capacity)
-    out, start = [], 0
-    for n in chunks:
-        logits, cache = decode(state, tokens[:, start:start + n], cache)
-        out.append(logits)
-        start += n
-    return jnp.concatenate(out, axis=1), cache
-
-
 @pytest.fixture(scope="module")
 def full_logits(model):
-    return np.asarray(_forward(model, TOKENS))
+    return np.asarray(forward(model, TOKENS))
 
 
 @pytest.mark.parametrize("chunks", [[7] + [1] * 9, [3, 6, 1, 6], [16]],
                          ids=["prefill+steps", "chunks-past-the-window", "prefill-only"])
 def test_cached_decoding_gives_the_full_forward(model, full_logits, chunks):
-    got, cache = _decode_in_chunks(model, TOKENS, chunks, capacity=20)
+    got, cache = decode_in_chunks(model, TOKENS, chunks, capacity=20)
     np.testing.assert_allclose(np.asarray(got), full_logits, rtol=1e-5, atol=1e-5)
     assert int(cache.length) == 16 and not cache.empty
     sliding, full = cache.layers[0], cache.layers[1]
@@ -74,7 +57,7 @@ def test_the_window_and_the_options_matter(model, full_logits):
     """The model above would give other logits without its window or clip."""
     for change in (dict(sliding_window=0, layer_types=()), dict(clip_qkv=0.0)):
         other = Decoder(CFG.replace(**change), rngs=nnx.Rngs(0))
-        assert np.abs(np.asarray(_forward(other, TOKENS)) - full_logits).max() > 1e-3
+        assert np.abs(np.asarray(forward(other, TOKENS)) - full_logits).max() > 1e-3
 
 
 def test_greedy_generation_is_the_argmax_chain(model):
@@ -86,7 +69,7 @@ def test_greedy_generation_is_the_argmax_chain(model):
     np.testing.assert_array_equal(out[:, :6], prompt)
     # The model is causal, so one forward pass over the output, no cache, gives the
     # logits each step saw: every new token is the argmax of the position before it.
-    logits = np.asarray(_forward(model, jnp.asarray(out)))
+    logits = np.asarray(forward(model, jnp.asarray(out)))
     np.testing.assert_array_equal(out[:, 6:], logits[:, 5:-1].argmax(-1))
     assert step._cache_size() - before == 1  # nine decode steps, one compilation
     generate(model, TOKENS[:, :4], 12)  # another prompt of the same total: no new step

@@ -11,7 +11,6 @@ Each model is a tiny random one transformers builds here (eager attention, f32).
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -27,6 +26,9 @@ from hf_whole_models import (  # noqa: E402
     PROMPT,
     TOKENS,
     build,
+    check_bf16,
+    check_export,
+    copy_with_config,
     decode_in_chunks,
     forward,
     greedy,
@@ -131,31 +133,12 @@ def test_the_options_are_exercised(reference, loaded, change):
 
 
 def test_export_loads_in_transformers_with_the_same_logits(reference, loaded, tmp_path):
-    _, _, want, _ = reference
-    out = hf.save_model(loaded[True], tmp_path / "out")
-    again, info = transformers.AutoModelForCausalLM.from_pretrained(
-        out, output_loading_info=True, dtype=torch.float32, attn_implementation="eager")
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert not info["mismatched_keys"]
-    assert rel(logits(again.eval(), TOKENS), want) < 1e-4
-    ours = hf.load_model(out, fused_moe_mlp=False)
-    assert ours.config == loaded[False].config
-    np.testing.assert_array_equal(forward(ours, TOKENS), forward(loaded[False], TOKENS))
+    check_export(hf.save_model(loaded[True], tmp_path / "out"), reference[2], loaded[False])
 
 
 def test_bf16_logits(tmp_path):
-    """bf16 against transformers' bf16 model (and float32), every token to every expert
-    of every group (see tests/test_hf_model.py: near-tied choices flip in bf16)."""
-    model = build("deepseek_v3", tmp_path, dict(CONFIG, num_experts_per_tok=8, topk_group=2),
-                  std=0.1)
-    exact = logits(model, TOKENS)
-    want = logits(transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path, dtype=torch.bfloat16, attn_implementation="eager").eval(), TOKENS)
-    ours = hf.load_model(tmp_path, dtype="bfloat16")
-    assert ours.config.moe.weight_dtype == ours.config.moe.dtype == "bfloat16"
-    got = forward(ours, TOKENS)
-    assert rel(got, want) < 2e-2
-    assert rel(got, exact) < 2e-2
+    """Every token to every expert of every group (see check_bf16)."""
+    check_bf16("deepseek_v3", tmp_path, dict(CONFIG, num_experts_per_tok=8, topk_group=2))
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -190,15 +173,6 @@ def test_cache_bytes_per_token(loaded):
 
 
 # ----------------------------------------------------------------------------- bad input
-def _copy(reference, tmp_path, **config_changes):
-    dst = tmp_path / "m"
-    shutil.copytree(reference[0], dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg.update(config_changes)
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
@@ -222,7 +196,7 @@ def _copy(reference, tmp_path, **config_changes):
 )
 def test_bad_config(reference, tmp_path, changes, match):
     with pytest.raises(hf.CheckpointError, match=match):
-        hf.load_model(_copy(reference, tmp_path, **changes))
+        hf.load_model(copy_with_config(reference[0], tmp_path / "m", **changes))
 
 
 def test_mtp_layers(reference, tmp_path):
@@ -231,7 +205,7 @@ def test_mtp_layers(reference, tmp_path):
     num_nextn_predict_layers the same tensors are unexpected."""
     from safetensors.numpy import load_file, save_file
 
-    d = _copy(reference, tmp_path)
+    d = copy_with_config(reference[0], tmp_path / "m")
     assert json.loads((d / "config.json").read_text())["num_nextn_predict_layers"] == 1
     tensors = load_file(str(d / "model.safetensors"))
     tensors["model.layers.3.eh_proj.weight"] = np.zeros((32, 64), np.float32)

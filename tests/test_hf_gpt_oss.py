@@ -9,9 +9,6 @@ Each model is a tiny random one transformers builds here (eager attention, f32).
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import numpy as np
 import pytest
 
@@ -26,6 +23,9 @@ from hf_whole_models import (  # noqa: E402
     PROMPT,
     TOKENS,
     build,
+    check_bf16,
+    check_export,
+    copy_with_config,
     decode_in_chunks,
     forward,
     greedy,
@@ -112,32 +112,15 @@ def test_the_options_are_exercised(reference, loaded, change):
 
 
 def test_export_loads_in_transformers_with_the_same_logits(reference, loaded, tmp_path):
-    _, _, want, _ = reference
     out = hf.save_model(loaded[True], tmp_path / "out", max_shard_size=40_000)
     assert (out / "model.safetensors.index.json").is_file()
-    again, info = transformers.AutoModelForCausalLM.from_pretrained(
-        out, output_loading_info=True, dtype=torch.float32, attn_implementation="eager")
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert not info["mismatched_keys"]
+    again = check_export(out, reference[2], loaded[False])
     assert again.config.layer_types == [SLIDING, FULL, SLIDING]
-    assert rel(logits(again.eval(), TOKENS), want) < 1e-4
-    ours = hf.load_model(out, fused_moe_mlp=False)
-    assert ours.config == loaded[False].config
-    np.testing.assert_array_equal(forward(ours, TOKENS), forward(loaded[False], TOKENS))
 
 
 def test_bf16_logits(tmp_path):
-    """bf16 against transformers' bf16 model (and float32), every token to every expert
-    (see tests/test_hf_model.py: near-tied choices flip in bf16)."""
-    model = build("gpt_oss", tmp_path, dict(CONFIG, num_experts_per_tok=8), std=0.1)
-    exact = logits(model, TOKENS)
-    want = logits(transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path, dtype=torch.bfloat16, attn_implementation="eager").eval(), TOKENS)
-    ours = hf.load_model(tmp_path, dtype="bfloat16")
-    assert ours.config.moe.weight_dtype == ours.config.moe.dtype == "bfloat16"
-    got = forward(ours, TOKENS)
-    assert rel(got, want) < 2e-2
-    assert rel(got, exact) < 2e-2
+    """Every token to every expert (see check_bf16)."""
+    check_bf16("gpt_oss", tmp_path, dict(CONFIG, num_experts_per_tok=8))
 
 
 def test_sliding_layers_keep_only_their_window(loaded):
@@ -155,15 +138,6 @@ def test_sliding_layers_keep_only_their_window(loaded):
 
 
 # ----------------------------------------------------------------------------- bad input
-def _copy(reference, tmp_path, **config_changes):
-    dst = tmp_path / "m"
-    shutil.copytree(reference[0], dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg.update(config_changes)
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
@@ -183,13 +157,13 @@ def _copy(reference, tmp_path, **config_changes):
 )
 def test_bad_config(reference, tmp_path, changes, match):
     with pytest.raises(hf.CheckpointError, match=match):
-        hf.load_model(_copy(reference, tmp_path, **changes))
+        hf.load_model(copy_with_config(reference[0], tmp_path / "m", **changes))
 
 
 def test_a_missing_sink_is_named(reference, tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    d = _copy(reference, tmp_path)
+    d = copy_with_config(reference[0], tmp_path / "m")
     tensors = load_file(str(d / "model.safetensors"))
     del tensors["model.layers.2.self_attn.sinks"]
     save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})

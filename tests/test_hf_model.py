@@ -12,7 +12,6 @@ import json
 import re
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,10 +23,24 @@ pytestmark = pytest.mark.hf
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 96
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, bos_token_id=None,
-              eos_token_id=None, pad_token_id=None)
+from hf_whole_models import (  # noqa: E402
+    NEW_TOKENS,
+    PROMPT,
+    TOKENS,
+    VOCAB,
+    build,
+    check_bf16,
+    check_export,
+    copy_with_config,
+    forward,
+    forward_and_aux,
+    greedy,
+    logits,
+    rel,
+)
+
+COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64)
 # model_type -> config; between them: sliding windows crossed by the prompt (all layers,
 # and per layer), dense layers among MoE ones, biases, q/k norms, clip_qkv, head_dim,
 # tied embeddings.
@@ -44,45 +57,11 @@ FAMILIES = {
     "olmoe": dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2, clip_qkv=0.8,
                   tie_word_embeddings=True),
 }
-TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 20))
-PROMPT = np.random.default_rng(1).integers(0, VOCAB, (2, 12))  # longer than the windows
-NEW_TOKENS = 16
 
 
 def _build(model_type: str, path, *, std: float = 0.3, **changes):
     """A random float32 transformers model of ``model_type`` saved at ``path``."""
-    config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **FAMILIES[model_type],
-                                                              **changes})
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(
-        config, dtype=torch.float32, attn_implementation="eager").eval()
-    with torch.no_grad():  # weights large enough that logits spread (no near-ties in argmax)
-        for name, p in model.named_parameters():
-            p.normal_(0.0, std)
-            if "norm" in name:
-                p.mul_(0.3).add_(1.0)
-    model.save_pretrained(path)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
-
-
-def _logits(model, tokens) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(tokens)).logits.float().numpy()
-
-
-def _forward(model, tokens):
-    """``(logits, aux)`` of our model through one compiled call (op by op, the MoE
-    layers would compile each piece separately)."""
-    from flax import nnx
-
-    graphdef, state = nnx.split(model)
-    return jax.jit(lambda st, t: nnx.merge(graphdef, st)(t))(state, jnp.asarray(tokens, jnp.int32))
-
-
-def _rel(got, want) -> float:
-    return float(np.abs(np.asarray(got, np.float32) - want).max() / np.abs(want).max())
+    return build(model_type, path, {**COMMON, **FAMILIES[model_type], **changes}, std=std)
 
 
 _SAVED: dict[str, tuple] = {}
@@ -94,10 +73,7 @@ def _family(model_type: str, tmp_path_factory):
     if model_type not in _SAVED:
         path = tmp_path_factory.mktemp(model_type)
         model = _build(model_type, path)
-        with torch.no_grad():
-            greedy = model.generate(torch.from_numpy(PROMPT), do_sample=False,
-                                    max_new_tokens=NEW_TOKENS).numpy()
-        _SAVED[model_type] = model_type, path, model, _logits(model, TOKENS), greedy
+        _SAVED[model_type] = model_type, path, model, logits(model, TOKENS), greedy(model, PROMPT)
     return _SAVED[model_type]
 
 
@@ -119,9 +95,9 @@ def test_logits_match_transformers(family, loaded, fused):
     model = loaded[fused]
     assert model.config.model_type == model_type
     assert model.config.moe.fused_moe_mlp is fused
-    logits, aux = _forward(model, TOKENS)
-    assert logits.shape == (*TOKENS.shape, VOCAB) and logits.dtype == jnp.float32
-    assert _rel(logits, want) < 1e-4
+    got, aux = forward_and_aux(model, TOKENS)
+    assert got.shape == (*TOKENS.shape, VOCAB) and got.dtype == jnp.float32
+    assert rel(got, want) < 1e-4
     assert aux["tokens_per_expert"].shape[0] == model.config.num_moe_layers >= 1
 
 
@@ -148,41 +124,22 @@ def test_the_options_are_exercised(tmp_path_factory, model_type, change):
     """Without the sliding window (or the clip) the logits differ: the parity above
     would have noticed a window or clip ignored."""
     _, path, _, want, _ = _family(model_type, tmp_path_factory)
-    assert _rel(_forward(hf.load_model(path, **change), TOKENS)[0], want) > 1e-3
+    assert rel(forward(hf.load_model(path, **change), TOKENS), want) > 1e-3
 
 
 def test_export_loads_in_transformers_with_the_same_logits(family, loaded, tmp_path):
     _, _, _, want, _ = family
     out = hf.save_model(loaded[True], tmp_path / "out", max_shard_size=16_000)
     assert (out / "model.safetensors.index.json").is_file()  # sharded at this threshold
-    again, info = transformers.AutoModelForCausalLM.from_pretrained(
-        out, output_loading_info=True, dtype=torch.float32, attn_implementation="eager")
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert not info["mismatched_keys"]
-    assert _rel(_logits(again.eval(), TOKENS), want) < 1e-4
-    # and our own loader reads the sharded export back to the same numbers
-    ours = hf.load_model(out, fused_moe_mlp=False)
-    assert ours.config == loaded[False].config
-    np.testing.assert_array_equal(np.asarray(_forward(ours, TOKENS)[0]),
-                                  np.asarray(_forward(loaded[False], TOKENS)[0]))
+    check_export(out, want, loaded[False])  # and our own loader reads the shards back
 
 
 @pytest.mark.parametrize("model_type", list(FAMILIES))
 def test_bf16_logits(model_type, tmp_path):
-    """bf16 against transformers' bf16 model (and against float32). Every token goes
-    to every expert here: with top-k, bf16 rounding flips near-tied expert choices,
-    in transformers as in fusedmoe, and each flip moves a logit by more than the
-    tolerance; the float32 tests above check the choices themselves."""
+    """Every token to every expert (see check_bf16)."""
     experts = FAMILIES[model_type].get("num_local_experts") or FAMILIES[model_type]["num_experts"]
-    model = _build(model_type, tmp_path, std=0.1, num_experts_per_tok=experts)
-    exact = _logits(model, TOKENS)
-    want = _logits(transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path, dtype=torch.bfloat16, attn_implementation="eager").eval(), TOKENS)
-    ours = hf.load_model(tmp_path, dtype="bfloat16")
-    assert ours.config.moe.weight_dtype == ours.config.moe.dtype == "bfloat16"
-    got = _forward(ours, TOKENS)[0]
-    assert _rel(got, want) < 2e-2
-    assert _rel(got, exact) < 2e-2
+    check_bf16(model_type, tmp_path,
+               {**COMMON, **FAMILIES[model_type], "num_experts_per_tok": experts})
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -230,12 +187,10 @@ def test_rope_kinds_logits_and_generation(kind, tmp_path):
                    rope_parameters={"rope_theta": 100.0, **ROPE_KINDS[kind]})
     ours = hf.load_model(tmp_path, fused_moe_mlp=True)
     tokens = np.random.default_rng(2).integers(0, VOCAB, (1, 24 if kind == "dynamic" else 16))
-    assert _rel(_forward(ours, tokens)[0], _logits(model, tokens)) < 1e-4
+    assert rel(forward(ours, tokens), logits(model, tokens)) < 1e-4
     if kind == "dynamic":
-        with torch.no_grad():
-            want = model.generate(torch.from_numpy(PROMPT), do_sample=False,
-                                  max_new_tokens=NEW_TOKENS).numpy()
-        np.testing.assert_array_equal(np.asarray(generate(ours, PROMPT, NEW_TOKENS)), want)
+        np.testing.assert_array_equal(np.asarray(generate(ours, PROMPT, NEW_TOKENS)),
+                                      greedy(model, PROMPT))
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -244,20 +199,6 @@ def saved(tmp_path_factory):
     path = tmp_path_factory.mktemp("bad_base")
     _build("mixtral", path)
     return path
-
-
-def _copy(saved, tmp_path, **config_changes):
-    dst = tmp_path / "m"
-    shutil.copytree(saved, dst)
-    if config_changes:
-        cfg = json.loads((dst / "config.json").read_text())
-        for key, value in config_changes.items():
-            if value is None:
-                cfg.pop(key, None)
-            else:
-                cfg[key] = value
-        (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
 
 
 @pytest.mark.parametrize(
@@ -279,14 +220,14 @@ def _copy(saved, tmp_path, **config_changes):
          r"model.safetensors: tensor 'model.layers.0.self_attn.k_proj.weight' has shape "
          r"\[16, 32\], but config.json implies \[8, 32\]"),
         (dict(num_hidden_layers=1), r"tensor\(s\) the model of config.json does not have"),
-        (dict(vocab_size=None), "missing field 'vocab_size'"),
+        (dict(drop=("vocab_size",)), "missing field 'vocab_size'"),
     ],
     ids=["model_type", "deepseek", "quantized", "hidden_act", "rope_type", "partial_rotary",
          "rope_per_layer", "shape", "unexpected", "missing-field"],
 )
 def test_bad_config(saved, tmp_path, changes, match):
     with pytest.raises(hf.CheckpointError, match=match):
-        hf.load_model(_copy(saved, tmp_path, **changes))
+        hf.load_model(copy_with_config(saved, tmp_path / "m", **changes))
 
 
 def _rewrite(path, drop: str):
@@ -299,7 +240,7 @@ def _rewrite(path, drop: str):
 
 
 def test_bad_tensors(saved, tmp_path):
-    d = _copy(saved, tmp_path)
+    d = copy_with_config(saved, tmp_path / "m")
     weights = d / "model.safetensors"
     _rewrite(weights, "model.layers.1.self_attn.v_proj.weight")
     with pytest.raises(hf.CheckpointError,
@@ -358,7 +299,7 @@ def test_generate_command(saved, tmp_path, capsys):
 
     from fusedmoe.cli import main
 
-    d = _copy(saved, tmp_path)
+    d = copy_with_config(saved, tmp_path / "m")
     args = ["generate", "--model", str(d), "--max-new-tokens", "5"]
     assert main([*args, "--prompt-ids", "1,2,3"]) == 0
     printed = [int(t) for t in capsys.readouterr().out.strip().split(",")]

@@ -615,7 +615,8 @@ constexpr int64_t kFewRowsMaxSteps = 4096;
 // bf16 pairs pack two steps in the bytes of one f32 step: the same panels
 // hold twice the contraction (a fused FFN1's dX contracts 2 x mlp_dim).
 constexpr int64_t kFewRowsMaxPairSteps = 2 * kFewRowsMaxSteps;
-// gemm_weight_rows keeps one A^T panel of k x NR floats: 1 MiB at 8192 steps.
+// gemm_weight_rows keeps one A^T panel of k x NR floats: 1 MiB at 8192 steps
+// (half that as pairs).
 constexpr int64_t kWeightRowsMaxSteps = 2 * kFewRowsMaxSteps;
 
 // c[0:m, 0:n] = A[0:m, 0:k] @ B[0:k, 0:n] for f32 operands (or bf16 pairs)
@@ -771,9 +772,10 @@ void tile_weight_rows_pairs(int64_t steps, const uint32_t* const* w, const uint3
     for (int64_t i = 0; i < rows; ++i) from_f32(out[i][j], c + j * ldc + i);
 }
 
-// Whether gemm_weight_rows_pairs can read B's rows in place as pairs: an even
+// Whether gemm_weight_rows can read B's rows in place as bf16 pairs: an even
 // contraction (no pair runs past a row) and rows that start on 32-bit words.
-inline bool weight_rows_are_pairs(int64_t k, View<uint16_t> b) {
+template <typename T>
+bool weight_rows_are_pairs(int64_t k, View<T> b) {
   return k % 2 == 0 && b.cs % 2 == 0 && reinterpret_cast<uintptr_t>(b.data) % 4 == 0;
 }
 
@@ -864,36 +866,24 @@ void gemm_into(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, TC* c,
     zero_columns(c, m, ldc, 0, n);
     return;
   }
-  if constexpr (std::is_same_v<TIn, float>) {
-    if (b.cs == 1 && k <= kFewRowsMaxSteps && m <= MC) {
+  // The shortcuts for few rows, in f32 or as bf16 pairs (not bf16 widened to f32).
+  constexpr bool pairs = kBf16Pairs && std::is_same_v<TIn, uint16_t>;
+  if constexpr (pairs || std::is_same_v<TIn, float>) {
+    if (b.cs == 1 && k <= (pairs ? kFewRowsMaxPairSteps : kFewRowsMaxSteps) && m <= MC) {
       gemm_few_rows(m, n, k, a, b, c, ldc, bufs);
       return;
     }
-    if (b.rs == 1 && b.cs != 1 && k <= kWeightRowsMaxSteps) {
-      // More rows than a few panels: in chunks, each reading the weight again.
-      const int64_t chunk = weight_rows_panels(k) * NR;
+    if (b.rs == 1 && b.cs != 1 && k <= kWeightRowsMaxSteps &&
+        (!pairs || weight_rows_are_pairs(k, b))) {
+      // More rows than a few panels: in chunks, each reading the weight again
+      // (a pair panel holds k / 2 words a column).
+      const int64_t chunk = weight_rows_panels(pairs ? (k + 1) / 2 : k) * NR;
       for (int64_t i = 0; i < m; i += chunk)
-        gemm_weight_rows(std::min(chunk, m - i), n, k, View<float>{a.data + i * a.rs, a.rs, a.cs},
+        gemm_weight_rows(std::min(chunk, m - i), n, k, View<TIn>{a.data + i * a.rs, a.rs, a.cs},
                          b, c + i * ldc, ldc, bufs);
       return;
     }
   }
-  constexpr bool pairs = kBf16Pairs && std::is_same_v<TIn, uint16_t>;
-#if defined(__AVX512BF16__)
-  if constexpr (pairs) {
-    if (b.cs == 1 && k <= kFewRowsMaxPairSteps && m <= MC) {
-      gemm_few_rows(m, n, k, a, b, c, ldc, bufs);
-      return;
-    }
-    if (b.rs == 1 && b.cs != 1 && k <= kFewRowsMaxPairSteps && weight_rows_are_pairs(k, b)) {
-      const int64_t chunk = weight_rows_panels((k + 1) / 2) * NR;  // a pair panel: k / 2 words a column
-      for (int64_t i = 0; i < m; i += chunk)
-        gemm_weight_rows(std::min(chunk, m - i), n, k,
-                         View<uint16_t>{a.data + i * a.rs, a.rs, a.cs}, b, c + i * ldc, ldc, bufs);
-      return;
-    }
-  }
-#endif
   const int64_t KC = b.cs == 1 ? KC_ROWS : KC_COLS;  // contraction block (see KC_ROWS)
   if constexpr (!std::is_same_v<TC, float>) {
     if (k > KC) {

@@ -70,23 +70,30 @@ def fused_gate_up(
             preferred_element_type=rows.dtype)
     if bias is not None:
         h = h + bias.reshape(g, two * n)[row_experts].astype(h.dtype)
-    h = checkpoint_name(h, "moe_wi")
-    return split_gate_up(h) if h.dtype.itemsize == 2 else (h[:, :n], h[:, n:])
+    return split_gate_up(checkpoint_name(h, "moe_wi"))
 
 
-@jax.custom_vjp
 def split_gate_up(h: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``h [M, 2N]`` -> ``(h[:, :N], h[:, N:])``, whose cotangent is ONE
-    concatenation. Differentiated as slices, the cotangent is two zero-padded
-    copies summed, which XLA:CPU runs 5x slower than this in bf16 (but faster
-    in f32, where the fused_gate_up keeps the slices; docs/notebook.md,
-    2026-12-06)."""
+    """``h [M, 2N]`` -> ``(gate, up) = (h[:, :N], h[:, N:])``.
+
+    Differentiated as slices, the cotangent is two zero-padded copies summed,
+    which XLA:CPU runs 5x slower than one concatenation in bf16 but faster in
+    f32 (docs/notebook.md, 2026-12-06): 16-bit ``h`` takes the concatenation."""
+    if h.dtype.itemsize == 2:
+        return _split_concatenating_cotangent(h)
     n = h.shape[1] // 2
     return h[:, :n], h[:, n:]
 
 
-split_gate_up.defvjp(lambda h: (split_gate_up(h), None),
-                     lambda _, cotangents: (jnp.concatenate(cotangents, axis=1),))
+@jax.custom_vjp
+def _split_concatenating_cotangent(h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    n = h.shape[1] // 2
+    return h[:, :n], h[:, n:]
+
+
+_split_concatenating_cotangent.defvjp(
+    lambda h: (_split_concatenating_cotangent(h), None),
+    lambda _, cotangents: (jnp.concatenate(cotangents, axis=1),))
 
 
 def separate_gate_up(
@@ -131,7 +138,7 @@ def dense_ffn(x: jax.Array, wi: jax.Array, wo: jax.Array, activation, wi_bias=No
     h = x @ wi.reshape(k, two * n).astype(x.dtype)
     if wi_bias is not None:
         h = h + wi_bias.reshape(two * n)
-    a = activation(h[:, :n], h[:, n:])
+    a = activation(*split_gate_up(h))
     y = a @ wo.astype(a.dtype)
     return y if wo_bias is None else y + wo_bias
 

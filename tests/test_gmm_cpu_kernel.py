@@ -104,6 +104,7 @@ import sys
 import numpy as np, jax, jax.numpy as jnp, fusedmoe
 from fusedmoe.grouped_matmul import cpu_kernel
 assert cpu_kernel._isa() == ISA, cpu_kernel._isa()
+print("build:", cpu_kernel.build_name())
 rng = np.random.default_rng(0)
 arrays = {}
 for case, sizes, m, k, n in CASES:
@@ -122,17 +123,24 @@ for case, sizes, m, k, n in CASES:
 np.savez(OUT, **arrays)
 """
 
-# (name, group sizes, M, K, N): the block paths of test_cpu_kernel_every_block_path.
+# (name, group sizes, M, K, N): the block paths of test_cpu_kernel_every_block_path,
+# and the AMX build's edges: groups of 16 and 32 rows and one over (17, 33:
+# one tile of rows, two, two and one), of 4 rows and under (those stay on the
+# AVX-512 paths); an odd contraction under one 32-step tile (the last pair
+# half zero, the rest of the tile zero) and part panels; a dX contracting
+# 4100 steps, past the 2048-step block (bf16 output summed in f32).
 _OTHER_BUILD_CASES = [
     ("short", [300, 0, 1, 64, 5, 0, 2, 3, 6, 7, 10], 401, 520, 1040),
     ("long", [1030, 0, 9], 1041, 1030, 48),
     ("wide", [5, 3], 8, 40, 4100),
+    ("tiles", [16, 17, 33, 4, 0, 32], 102, 77, 99),
 ]
 
 
-def _check_cpu_kernel_in_subprocess(tmp_path, isa: str, **env_extra: str) -> None:
+def _check_cpu_kernel_in_subprocess(tmp_path, isa: str, **env_extra: str) -> str:
     """Run the block paths' cases with the ``isa`` build in a process of its
-    own, under ``env_extra``, and check them against the NumPy reference."""
+    own, under ``env_extra``, and check them against the NumPy reference;
+    return the build's name as that process gave it."""
     import subprocess
 
     out_file = tmp_path / "other.npz"
@@ -142,7 +150,10 @@ def _check_cpu_kernel_in_subprocess(tmp_path, isa: str, **env_extra: str) -> Non
         .replace("ISA", repr(isa))
         .replace("CASES", repr(_OTHER_BUILD_CASES))
     )
-    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300,
+                         capture_output=True, text=True)
+    build = run.stdout.split("build:", 1)[1].strip()
+    assert build.startswith(isa), f"{isa}: the subprocess ran {build!r}"
     got = np.load(out_file)
     for case, sizes, *_ in _OTHER_BUILD_CASES:
         sizes = np.asarray(sizes)
@@ -153,6 +164,7 @@ def _check_cpu_kernel_in_subprocess(tmp_path, isa: str, **env_extra: str) -> Non
             assert_close(got[f"{case}_{name}_dx"], ref_gmm(c, np.swapaxes(w, 1, 2), sizes), dtype,
                          what)
             assert_close(got[f"{case}_{name}_dw"], ref_tgmm(x, c, sizes), dtype, what)
+    return build
 
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512", "avx512bf16"])
@@ -169,6 +181,29 @@ def test_cpu_kernel_other_builds(isa, tmp_path):
     if not cpu_kernel._cpu_has(isa):
         pytest.skip(f"this CPU cannot run the {isa} build")
     _check_cpu_kernel_in_subprocess(tmp_path, isa)
+
+
+def test_cpu_kernel_amx_build(tmp_path):
+    # bf16 products on AMX tiles: on a CPU with AMX where the suite runs
+    # another build, run for real; on a CPU without AMX (but with AVX-512
+    # BF16, which the build also uses), with the tile instructions emulated
+    # in plain C++, which checks the layouts, padding and loops.
+    from fusedmoe.grouped_matmul import cpu_kernel
+
+    skip_unavailable("cpu_kernel")
+    if cpu_kernel._isa() == "amx":
+        pytest.skip("amx is the build every other test runs")
+    if not cpu_kernel._compiler_builds("amx"):
+        pytest.skip("the C++ compiler does not take -mamx-tile -mamx-bf16")
+    # (The build name says the tiles ran: granted by Linux, and the kernel's
+    # self check at first use passed.)
+    if cpu_kernel._cpu_has("amx"):
+        assert _check_cpu_kernel_in_subprocess(tmp_path, "amx") == "amx"
+    elif cpu_kernel._cpu_has("avx512bf16"):
+        build = _check_cpu_kernel_in_subprocess(tmp_path, "amx", FUSEDMOE_AMX_EMULATE="1")
+        assert build == "amx (emulated)"
+    else:
+        pytest.skip("this CPU has neither AMX nor AVX-512 BF16 (which the emulated build needs)")
 
 
 @pytest.mark.parametrize("threads", ["1", "3"])
@@ -189,7 +224,7 @@ def test_cpu_kernel_isa_setting_is_checked(monkeypatch):
 
     monkeypatch.setenv("FUSEDMOE_CPU_ISA", "sse2")
     with pytest.raises(
-        ValueError, match=r"FUSEDMOE_CPU_ISA must be one of avx2, avx512, avx512bf16.*'sse2'"
+        ValueError, match=r"FUSEDMOE_CPU_ISA must be one of avx2, avx512, avx512bf16, amx.*'sse2'"
     ):
         cpu_kernel._isa()
     monkeypatch.setenv("FUSEDMOE_CPU_ISA", "AVX2")
@@ -221,7 +256,8 @@ def test_auto_on_cpu_by_dtype(dtype, pairs, monkeypatch):
     from fusedmoe.grouped_matmul.registry import auto_backend
 
     kernel_runs = available_backends()["cpu_kernel"] is None
-    assert cpu_kernel.multiplies_bf16_pairs() == (kernel_runs and cpu_kernel._isa() == "avx512bf16")
+    pairs_build = cpu_kernel._isa() in ("avx512bf16", "amx")
+    assert cpu_kernel.multiplies_bf16_pairs() == (kernel_runs and pairs_build)
     monkeypatch.setattr(cpu_kernel, "_planned_isa", lambda: "avx512bf16" if pairs else "avx512")
     monkeypatch.setattr(measured, "kernel_is_faster", lambda library, dtype: True)
     takes_kernel = dtype == jnp.float32 or (dtype == jnp.bfloat16 and pairs)
@@ -236,7 +272,7 @@ def test_auto_without_a_compiler_falls_back_to_tiled_with_one_warning(monkeypatc
     from fusedmoe.grouped_matmul import cpu_kernel, registry
 
     monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
-    for fn in (cpu_kernel.unavailable_reason, cpu_kernel._load):
+    for fn in (cpu_kernel.unavailable_reason, cpu_kernel._load, cpu_kernel._loaded_library):
         fn.cache_clear()
     monkeypatch.setattr(registry, "_warned", set())
     try:
@@ -250,7 +286,7 @@ def test_auto_without_a_compiler_falls_back_to_tiled_with_one_warning(monkeypatc
         assert registry.auto_backend("cpu", jnp.float32) == "tiled"
     finally:
         monkeypatch.undo()
-        for fn in (cpu_kernel.unavailable_reason, cpu_kernel._load):
+        for fn in (cpu_kernel.unavailable_reason, cpu_kernel._load, cpu_kernel._loaded_library):
             fn.cache_clear()
 
 

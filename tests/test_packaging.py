@@ -26,7 +26,7 @@ def test_the_wheel_ships_sources_data_and_types(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     package = ROOT / "src" / "fusedmoe"
     shipped = [p for p in package.rglob("*")
-               if (p.suffix in (".py", ".cc", ".txt") or p.name == "py.typed")
+               if (p.suffix in (".py", ".cc", ".h", ".txt") or p.name == "py.typed")
                and "__pycache__" not in p.parts]
     for path in shipped:
         assert f"fusedmoe/{path.relative_to(package).as_posix()}" in names, path

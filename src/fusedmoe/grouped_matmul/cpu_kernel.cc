@@ -567,7 +567,9 @@ void row_tile(int64_t steps, const Packed* a, const Packed* b, TC* c, int64_t ld
 struct Buffers {
   std::vector<float> a, b;          // packed f32 operands
   std::vector<uint32_t> a2, b2;     // packed bf16 pairs (kBf16Pairs)
+  std::vector<uint16_t> a16;        // packed bf16 rows (AMX)
   std::vector<float> c;
+  bool tiles_configured = false;    // AMX tile registers set up on this thread
 };
 
 template <typename TOut>
@@ -846,6 +848,22 @@ void gemm_weight_rows(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b,
   }
 }
 
+#ifdef FUSEDMOE_AMX
+#include "cpu_kernel_amx.h"
+#else
+constexpr int64_t KC_AMX = 0;  // (no AMX in this build)
+#endif
+
+// Whether a bf16 product of m rows runs on AMX tiles: in a build with them,
+// where the process may use them (amx_ready), past kAmxMinRows rows.
+template <typename TIn>
+bool uses_amx([[maybe_unused]] int64_t m) {
+#ifdef FUSEDMOE_AMX
+  if constexpr (std::is_same_v<TIn, uint16_t>) return amx_ready() && m >= kAmxMinRows;
+#endif
+  return false;
+}
+
 // c[0:m, 0:n] = A[0:m, 0:k] @ B[0:k, 0:n], c (f32 or bf16) of row stride
 // ldc. `next` is the B of the product that follows on this thread (data null
 // if none), of the same k and n.
@@ -868,12 +886,13 @@ void gemm_into(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, TC* c,
   }
   // The shortcuts for few rows, in f32 or as bf16 pairs (not bf16 widened to f32).
   constexpr bool pairs = kBf16Pairs && std::is_same_v<TIn, uint16_t>;
+  const bool amx = uses_amx<TIn>(m);
   if constexpr (pairs || std::is_same_v<TIn, float>) {
-    if (b.cs == 1 && k <= (pairs ? kFewRowsMaxPairSteps : kFewRowsMaxSteps) && m <= MC) {
+    if (!amx && b.cs == 1 && k <= (pairs ? kFewRowsMaxPairSteps : kFewRowsMaxSteps) && m <= MC) {
       gemm_few_rows(m, n, k, a, b, c, ldc, bufs);
       return;
     }
-    if (b.rs == 1 && b.cs != 1 && k <= kWeightRowsMaxSteps &&
+    if (!amx && b.rs == 1 && b.cs != 1 && k <= kWeightRowsMaxSteps &&
         (!pairs || weight_rows_are_pairs(k, b))) {
       // More rows than a few panels: in chunks, each reading the weight again
       // (a pair panel holds k / 2 words a column).
@@ -884,7 +903,8 @@ void gemm_into(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, TC* c,
       return;
     }
   }
-  const int64_t KC = b.cs == 1 ? KC_ROWS : KC_COLS;  // contraction block (see KC_ROWS)
+  // The contraction block (see KC_ROWS).
+  const int64_t KC = amx ? KC_AMX : b.cs == 1 ? KC_ROWS : KC_COLS;
   if constexpr (!std::is_same_v<TC, float>) {
     if (k > KC) {
       // Contraction blocks add up: summed in an f32 scratch, rounded once
@@ -896,6 +916,14 @@ void gemm_into(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, TC* c,
       return;
     }
   }
+#ifdef FUSEDMOE_AMX
+  if constexpr (std::is_same_v<TIn, uint16_t>) {
+    if (amx) {
+      gemm_amx(m, n, k, a, b, c, ldc, bufs);
+      return;
+    }
+  }
+#endif
   if constexpr (pairs) {
     bufs.a2.resize(MC * KC / 2);
     bufs.b2.resize(KC * NC / 2);
@@ -998,6 +1026,9 @@ void over_items(int64_t items, const Body& body) {
   auto run = [&] {
     Buffers bufs;
     for (int64_t i = next_item++; i < items; i = next_item++) body(i, bufs);
+#ifdef FUSEDMOE_AMX
+    release_tiles(bufs);
+#endif
     _mm_sfence();  // make this thread's streaming stores visible before the join
   };
   // One product at a time in the process: XLA runs independent operations
@@ -1131,6 +1162,10 @@ ffi::Error TTimesRows(ffi::AnyBuffer lhs, ffi::AnyBuffer dout, ffi::Buffer<ffi::
 }
 
 }  // namespace
+
+// 1 where bf16 products run on AMX tiles in this process (cpu_kernel.py
+// reports it with the build's name), else 0.
+extern "C" int fusedmoe_uses_amx() { return uses_amx<uint16_t>(MC) ? 1 : 0; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fusedmoe_times_weight, TimesWeight,
                               ffi::Ffi::Bind()

@@ -20,10 +20,15 @@ a C++ compiler, or on another platform than CPU.
 - Inputs f32 or bf16 (both operands alike; anything else runs in f32),
   accumulation in f32, output f32 or bf16 written by the kernel, other output
   dtypes cast from f32.
-- Instruction set: the best build this CPU runs. ``avx512bf16``: an 8 x 32
+- Instruction set: the best build this CPU runs (and the compiler builds).
+  ``amx``: bf16 products of more than 4 rows on AMX tiles (``cpu_kernel_amx.h``;
+  Linux is asked for the tile registers, and if it refuses, bf16 runs as in
+  ``avx512bf16``), the rest as ``avx512bf16``; ``avx512bf16``: an 8 x 32
   register tile, and bf16 inputs multiplied as bf16 pairs (``vdpbf16ps``);
   ``avx512``: the same tile, bf16 widened to f32 while packing; ``avx2``: a
   6 x 16 tile. ``FUSEDMOE_CPU_ISA`` picks one; each is cached separately.
+  ``FUSEDMOE_AMX_EMULATE=1`` builds ``amx`` with the tile instructions in
+  plain C++, to test its loops on a CPU without AMX (slow; tests only).
 - Threads: one per core this process may use, or ``FUSEDMOE_CPU_THREADS``;
   each product's output is cut into one item per group and column range
   (one range per thread), which the threads take as they come, so neither
@@ -54,6 +59,7 @@ from fusedmoe.grouped_matmul import measured
 from fusedmoe.grouped_matmul.backend import BEST, NEVER, Backend, f32_or_bf16, vary_like
 
 _SOURCE = Path(__file__).with_name("cpu_kernel.cc")
+_AMX_SOURCE = Path(__file__).with_name("cpu_kernel_amx.h")  # included by the AMX build
 _FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fPIC", "-shared", "-pthread")
 _TARGETS = {
     "times_weight": "fusedmoe_times_weight",
@@ -91,19 +97,42 @@ _ISAS = {
     "avx2": ("avx2", "fma"),
     "avx512": ("avx2", "fma", "avx512f"),
     "avx512bf16": ("avx2", "fma", "avx512f", "avx512_bf16"),
+    "amx": ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"),
 }
 _ISA_FLAGS = {
     "avx2": (),
     "avx512": ("-mavx512f",),
     "avx512bf16": ("-mavx512f", "-mavx512bf16"),
+    "amx": ("-mavx512f", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-DFUSEDMOE_AMX=1"),
 }
+_PAIRS_ISAS = ("avx512bf16", "amx")  # the builds that multiply bf16 as bf16
+# FUSEDMOE_AMX_EMULATE=1: the amx build with the tile instructions in plain
+# C++ (cpu_kernel_amx.h), for testing its logic where the CPU has no AMX.
+_AMX_EMULATED_FLAGS = ("-mavx512f", "-mavx512bf16", "-DFUSEDMOE_AMX=1", "-DFUSEDMOE_AMX_EMULATE=1")
+
+
+def _amx_emulated() -> bool:
+    return os.environ.get("FUSEDMOE_AMX_EMULATE", "") == "1"
 
 
 def _cpu_has(isa: str) -> bool:
     flags = _cpu_flags()
     if flags is None:
         return isa == "avx2" and _cpu_has_avx2_fma()
-    return all(f" {flag}" in flags for flag in _ISAS[isa])
+    needs = _ISAS["avx512bf16"] if isa == "amx" and _amx_emulated() else _ISAS[isa]
+    return all(f" {flag}" in flags for flag in needs)
+
+
+@functools.cache
+def _compiler_builds(isa: str) -> bool:
+    """Whether the C++ compiler takes the flags of the build for ``isa`` (the
+    AMX ones need GCC 11 or clang 12); True without a compiler (that is
+    reported elsewhere)."""
+    cxx = _compiler()
+    if cxx is None or not _ISA_FLAGS[isa]:
+        return True
+    command = [cxx, *_ISA_FLAGS[isa], "-x", "c++", "-fsyntax-only", os.devnull]
+    return subprocess.run(command, capture_output=True, check=False).returncode == 0
 
 
 def _isa() -> str:
@@ -116,20 +145,30 @@ def _isa() -> str:
                 f"this CPU runs), got {requested!r}"
             )
         return requested
-    return next((isa for isa in reversed(_ISAS) if _cpu_has(isa)), "avx2")
+    return next(
+        (isa for isa in reversed(_ISAS) if _cpu_has(isa) and _compiler_builds(isa)), "avx2"
+    )
 
 
 def build_name() -> str:
-    """The instruction set of the build this process loaded (``avx512bf16``,
-    ``avx512``, ``avx2``), or why none loads: for benchmark records."""
+    """The instruction set of the build this process loaded (``amx``,
+    ``avx512bf16``, ``avx512``, ``avx2``; ``amx`` says whether its tiles run),
+    or why none loads: for benchmark records."""
     reason = unavailable_reason()
-    return _load() if reason is None else f"unavailable ({reason})"
+    if reason is not None:
+        return f"unavailable ({reason})"
+    isa = _load()
+    if isa != "amx":
+        return isa
+    if not _loaded_library().fusedmoe_uses_amx():
+        return "amx (tiles not granted by Linux, or failed the self check: bf16 on AVX-512 BF16)"
+    return "amx (emulated)" if _amx_emulated() else "amx"
 
 
 def multiplies_bf16_pairs() -> bool:
     """Whether the build this process loaded multiplies bf16 inputs as bf16 pairs
-    (``avx512bf16``) rather than widening them to f32; False if none loads."""
-    return unavailable_reason() is None and _load() == "avx512bf16"
+    (``avx512bf16``, ``amx``) rather than widening them to f32; False if none loads."""
+    return unavailable_reason() is None and _load() in _PAIRS_ISAS
 
 
 def _planned_isa() -> str | None:
@@ -144,7 +183,8 @@ def _planned_isa() -> str | None:
 
 def _flags(isa: str | None = None) -> tuple[str, ...]:
     """The compiler flags of the build for ``isa`` (default :func:`_isa`)."""
-    return _FLAGS + _ISA_FLAGS[isa or _isa()]
+    isa = isa or _isa()
+    return _FLAGS + (_AMX_EMULATED_FLAGS if isa == "amx" and _amx_emulated() else _ISA_FLAGS[isa])
 
 
 def cache_dir() -> Path:
@@ -164,7 +204,8 @@ def library_path(cxx: str, isa: str | None = None) -> Path:
     compiler ``cxx``: named by a hash of the source, flags, compiler and jax."""
     flags = _flags(isa)
     include = jax.ffi.include_dir()
-    inputs = [_SOURCE.read_text(), *flags, _compiler_version(cxx), include, jax.__version__]
+    sources = [_SOURCE.read_text(), _AMX_SOURCE.read_text()]
+    inputs = [*sources, *flags, _compiler_version(cxx), include, jax.__version__]
     key = hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:16]
     return cache_dir() / f"cpu_kernel-{key}.so"
 
@@ -189,7 +230,10 @@ def compile_library(cxx: str, source: Path, out: str | Path, isa: str | None = N
     build for ``isa`` (default :func:`_isa`) against jaxlib's FFI headers;
     a ``RuntimeError`` naming the source and the command if it fails."""
     include = jax.ffi.include_dir()
-    command = [cxx, *_flags(isa), *extra_flags, f"-I{include}", str(source), "-o", str(out)]
+    # The package's folder is searched for cpu_kernel_amx.h after the source's
+    # own (benchmarks/ab_cpu_kernel.py compiles copies kept elsewhere).
+    command = [cxx, *_flags(isa), *extra_flags, f"-I{include}", f"-I{_SOURCE.parent}", str(source),
+               "-o", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(
@@ -223,18 +267,26 @@ def _library() -> Path:
 
 
 @functools.cache
-def _load() -> str:
-    """Compile (or find) the kernel and register its FFI targets with jax, once;
-    return the build's instruction set (:func:`_isa` when first called)."""
+def _loaded_library() -> ctypes.CDLL:
+    """Compile (or find) the kernel for :func:`_isa` and register its FFI
+    targets with jax, once; return the library."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
-    isa = _isa()
-    library = ctypes.CDLL(str(_build(cxx, isa)))
+    library = ctypes.CDLL(str(_build(cxx, _isa())))
     for symbol in _TARGETS.values():
         jax.ffi.register_ffi_target(
             symbol, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
         )
+    return library
+
+
+@functools.cache
+def _load() -> str:
+    """Load the kernel (:func:`_loaded_library`); return the build's
+    instruction set (:func:`_isa` when first called)."""
+    isa = _isa()
+    _loaded_library()
     return isa
 
 
@@ -315,7 +367,7 @@ class CpuKernel(Backend):
         dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
         # Its build that widens bf16 to f32 loses to XLA's own bf16 dots, which
         # use the CPU's bf16 instructions (docs/backends.md, "auto").
-        pairs = dtype == jnp.bfloat16 and _planned_isa() == "avx512bf16"
+        pairs = dtype == jnp.bfloat16 and _planned_isa() in _PAIRS_ISAS
         if dtype != jnp.float32 and not pairs:
             return NEVER
         if jax.default_backend() != "cpu" or unavailable_reason() is not None:

@@ -1,0 +1,265 @@
+// The bf16 GEMM on AMX tiles, for CPUs that have them (Intel Xeon from the
+// 4th generation, Sapphire Rapids: /proc/cpuinfo lists amx_tile and
+// amx_bf16). Not a header of its own: cpu_kernel.cc includes it inside its
+// namespace when built with -DFUSEDMOE_AMX=1, and it uses that file's View,
+// Store, store_tile, Buffers and pack_b_pairs.
+//
+// An AMX tile register holds 16 rows of 64 bytes. TDPBF16PS multiplies a
+// 16 x 32 bf16 tile of A (16 rows of 32 contraction steps) by a 32 x 16 tile
+// of B held as 16 rows of 16 bf16 pairs (two consecutive contraction steps
+// of a column side by side: the layout pack_b_pairs makes for vdpbf16ps,
+// oneDNN's "VNNI" layout) into a 16 x 16 f32 tile: 8,192 multiply-adds in
+// one instruction, 16 times a vdpbf16ps. Eight tile registers: four hold a
+// 32 x 32 block of C, and per 32 contraction steps two A tiles and two B
+// tiles are loaded, each used twice (the 2 x 2 blocking of oneDNN's brgemm).
+//
+// Loops, outside in: row block (MC_AMX rows of A packed as whole rows of
+// the contraction block, zero-padded to 32 rows and 32 steps) ->
+// contraction block (KC_AMX) -> 32-column panel of B (packed as pairs, its
+// steps zero-padded to 32) -> 32 rows -> the 2 x 2 tiles over the block.
+// A group of 64 rows (the Qwen3 layer's forward) packs its rows once and
+// each panel of its weight once. C is stored through a 32 x 32 f32 scratch
+// by store_tile, so outputs, tails and bf16 rounding are the other paths'.
+//
+// Linux gives a process the tile registers only on request
+// (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)): amx_ready() asks
+// once and, if refused (or the CPU lacks AMX), the kernel runs bf16 on the
+// AVX-512 BF16 paths instead.
+//
+// Built with -DFUSEDMOE_AMX_EMULATE=1 the tile instructions are plain C++
+// with the same semantics (TileEmulator below), so the layouts and loops
+// are tested on CPUs without AMX (slowly): tests/test_gmm_cpu_kernel.py.
+
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cpuid.h>
+
+static_assert(NR == 32, "the AMX build is an AVX-512 build: panels of 32 columns, two B tiles");
+
+// Products of at most this many rows stay on the AVX-512 BF16 paths: a tile
+// computes 16 rows whatever a group has (SGLang's CPU MoE kernels and
+// ktransformers draw the line at 4 rows too).
+constexpr int64_t kAmxMinRows = 5;
+constexpr int64_t MC_AMX = 128;   // row block: A's packed block is 128 x (KC_AMX + 32) bf16, 520 KiB
+constexpr int64_t KC_AMX = 2048;  // contraction block: a 2048 x 32 pair panel of B is 128 KiB
+constexpr int64_t kTileSteps = 32;  // contraction steps of one A tile (16 pair rows of a B tile)
+
+#ifdef FUSEDMOE_AMX_EMULATE
+// The tile registers and the four instructions used, in plain C++: a tile
+// is 16 rows of 64 bytes; dp adds A (16 x 32 bf16) times B (16 rows of 16
+// bf16 pairs) into C (16 x 16 f32), each pair's two products summed first.
+struct TileEmulator {
+  uint8_t tiles[8][16][64];
+  void load(int t, const void* base, int64_t stride) {
+    for (int r = 0; r < 16; ++r)
+      std::memcpy(tiles[t][r], static_cast<const char*>(base) + r * stride, 64);
+  }
+  void store(int t, void* base, int64_t stride) const {
+    for (int r = 0; r < 16; ++r) std::memcpy(static_cast<char*>(base) + r * stride, tiles[t][r], 64);
+  }
+  void zero(int t) { std::memset(tiles[t], 0, sizeof(tiles[t])); }
+  void dp(int c, int a, int b) {
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 16; ++j) {
+        float sum;
+        std::memcpy(&sum, &tiles[c][i][4 * j], 4);
+        for (int q = 0; q < 16; ++q) {
+          uint16_t ai[2], bj[2];
+          std::memcpy(ai, &tiles[a][i][4 * q], 4);
+          std::memcpy(bj, &tiles[b][q][4 * j], 4);
+          sum += to_f32(ai[0]) * to_f32(bj[0]) + to_f32(ai[1]) * to_f32(bj[1]);
+        }
+        std::memcpy(&tiles[c][i][4 * j], &sum, 4);
+      }
+  }
+};
+thread_local TileEmulator tile_emulator;
+#define TILE_LOAD(t, base, stride) tile_emulator.load(t, base, stride)
+#define TILE_STORE(t, base, stride) tile_emulator.store(t, base, stride)
+#define TILE_ZERO(t) tile_emulator.zero(t)
+#define TILE_DP(c, a, b) tile_emulator.dp(c, a, b)
+#else
+// The intrinsics take the tile register's number as a literal.
+#define TILE_LOAD(t, base, stride) _tile_loadd(t, base, stride)
+#define TILE_STORE(t, base, stride) _tile_stored(t, base, stride)
+#define TILE_ZERO(t) _tile_zero(t)
+#define TILE_DP(c, a, b) _tile_dpbf16ps(c, a, b)
+#endif
+
+// Give every tile register 16 rows of 64 bytes (palette 1), once per thread
+// and call; release_tiles undoes it when the thread's work is done, so an
+// XLA thread does not carry the 8 KiB tile state through its context switches.
+inline void configure_tiles(Buffers& bufs) {
+  if (bufs.tiles_configured) return;
+#ifndef FUSEDMOE_AMX_EMULATE
+  struct alignas(64) Config {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};  // bytes per row of each tile register
+    uint8_t rows[16] = {};
+  } config;
+  static_assert(sizeof(Config) == 64, "the layout LDTILECFG reads");
+  for (int t = 0; t < 8; ++t) {
+    config.colsb[t] = 64;
+    config.rows[t] = 16;
+  }
+  _tile_loadconfig(&config);
+#endif
+  bufs.tiles_configured = true;
+}
+
+inline void release_tiles(Buffers& bufs) {
+#ifndef FUSEDMOE_AMX_EMULATE
+  if (bufs.tiles_configured) _tile_release();
+#endif
+  bufs.tiles_configured = false;
+}
+
+// out[32 x 32] (f32, row stride 32) = the top RT*16 rows of A times a B
+// panel over `tiles` x 32 contraction steps. a: packed rows, `lda` bytes
+// apart; b: the panel's pair rows (NR words each, 32 columns: the first 16
+// one B tile, the next 16 the other). Tiles 0-3 hold C, 4-5 A, 6-7 B.
+template <int RT>
+void amx_block(int64_t tiles, const uint16_t* a, int64_t lda, const uint32_t* b, float* out) {
+  constexpr int64_t ldb = NR * sizeof(uint32_t);
+  TILE_ZERO(0);
+  TILE_ZERO(1);
+  if constexpr (RT == 2) {
+    TILE_ZERO(2);
+    TILE_ZERO(3);
+  }
+  for (int64_t t = 0; t < tiles; ++t) {
+    const uint32_t* bt = b + t * (kTileSteps / 2) * NR;
+    const char* at = reinterpret_cast<const char*>(a + t * kTileSteps);
+    TILE_LOAD(6, bt, ldb);
+    TILE_LOAD(7, bt + 16, ldb);
+    TILE_LOAD(4, at, lda);
+    TILE_DP(0, 4, 6);
+    TILE_DP(1, 4, 7);
+    if constexpr (RT == 2) {
+      TILE_LOAD(5, at + 16 * lda, lda);
+      TILE_DP(2, 5, 6);
+      TILE_DP(3, 5, 7);
+    }
+  }
+  TILE_STORE(0, out, 32 * sizeof(float));
+  TILE_STORE(1, out + 16, 32 * sizeof(float));
+  if constexpr (RT == 2) {
+    TILE_STORE(2, out + 16 * 32, 32 * sizeof(float));
+    TILE_STORE(3, out + 16 * 32 + 16, 32 * sizeof(float));
+  }
+}
+
+// One 32 x 32 product over 64 steps on the tiles against the same in plain
+// C++, exact (small integers): run once, at first use, so that a CPU or OS
+// whose tiles do not compute what this file expects (its layouts were
+// written against the instructions' documentation and tested with them
+// emulated) runs bf16 on the AVX-512 paths instead of computing wrong results.
+inline bool amx_self_check() {
+  constexpr int64_t kSteps = 64, width = kSteps + 32;
+  alignas(64) uint16_t a[32][width] = {};
+  alignas(64) uint32_t b[kSteps / 2][NR] = {};
+  alignas(64) float out[32][32];
+  auto value = [](int64_t x) { return static_cast<float>(x % 7 - 3); };
+  auto bits = [](float x) {
+    uint16_t h;
+    from_f32(x, &h);
+    return h;
+  };
+  for (int64_t i = 0; i < 32; ++i)
+    for (int64_t p = 0; p < kSteps; ++p) a[i][p] = bits(value(3 * i + p));
+  for (int64_t q = 0; q < kSteps / 2; ++q)
+    for (int64_t j = 0; j < 32; ++j)
+      b[q][j] = pair(bits(value(2 * q + 5 * j)), bits(value(2 * q + 1 + 5 * j)));
+  Buffers bufs;
+  configure_tiles(bufs);
+  amx_block<2>(kSteps / kTileSteps, a[0], width * 2, b[0], out[0]);
+  release_tiles(bufs);
+  for (int64_t i = 0; i < 32; ++i)
+    for (int64_t j = 0; j < 32; ++j) {
+      float want = 0;
+      for (int64_t p = 0; p < kSteps; ++p) want += value(3 * i + p) * value(p + 5 * j);
+      if (out[i][j] != want) return false;
+    }
+  return true;
+}
+
+// Whether this process uses the tile registers: the CPU has AMX-TILE and
+// AMX-BF16 (CPUID leaf 7: EDX bits 24 and 22), Linux granted the tile data
+// state (the grant holds for every thread of the process), and the self
+// check passed. Decided once.
+inline bool amx_ready() {
+  static const bool ready = [] {
+#ifndef FUSEDMOE_AMX_EMULATE
+    unsigned eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    if (!(edx >> 24 & 1) || !(edx >> 22 & 1)) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return false;
+#endif
+    return amx_self_check();
+  }();
+  return ready;
+}
+
+// packed[i][p] = A(i, p) for i < mc, p < kc; zero up to `rows` rows and
+// `width` steps (the padding the tiles read). Rows `width` elements apart.
+void pack_a_rows(View<uint16_t> a, int64_t mc, int64_t kc, int64_t rows, int64_t width,
+                 uint16_t* packed) {
+  if (a.cs == 1) {  // rows contiguous (the forward's and dX's rows): a copy per row
+    for (int64_t i = 0; i < mc; ++i) {
+      std::memcpy(packed + i * width, a.ptr(i, 0), kc * sizeof(uint16_t));
+      std::memset(packed + i * width + kc, 0, (width - kc) * sizeof(uint16_t));
+    }
+  } else {  // columns contiguous (dW's transposed rows): each source row dealt across
+    for (int64_t i = 0; i < mc; ++i) std::memset(packed + i * width + kc, 0, (width - kc) * 2);
+    for (int64_t p = 0; p < kc; ++p)
+      for (int64_t i = 0; i < mc; ++i) packed[i * width + p] = a.at(i, p);
+  }
+  std::memset(packed + mc * width, 0, (rows - mc) * width * sizeof(uint16_t));
+}
+
+// c[0:m, 0:n] = A[0:m, 0:k] @ B[0:k, 0:n] for bf16 operands on AMX tiles;
+// c f32, or bf16 where k <= KC_AMX (gemm_into sums longer contractions in an
+// f32 scratch).
+template <typename TC>
+void gemm_amx(int64_t m, int64_t n, int64_t k, View<uint16_t> a, View<uint16_t> b, TC* c,
+              int64_t ldc, Buffers& bufs) {
+  configure_tiles(bufs);
+  for (int64_t ic = 0; ic < m; ic += MC_AMX) {
+    const int64_t mc = std::min(MC_AMX, m - ic);
+    const int64_t rows = (mc + 31) / 32 * 32;
+    for (int64_t pc = 0; pc < k; pc += KC_AMX) {
+      const int64_t kc = std::min(KC_AMX, k - pc);
+      const int64_t tiles = (kc + kTileSteps - 1) / kTileSteps;
+      const int64_t pair_rows = tiles * kTileSteps / 2;
+      // One A tile's 16 rows 64 bytes further apart than the steps: at a
+      // power-of-two stride they would all fall into the same L1 sets.
+      const int64_t width = tiles * kTileSteps + 32;
+      const Store store = pc > 0 ? Store::kAccumulate
+                          : k <= KC_AMX ? Store::kStream
+                                        : Store::kOverwrite;
+      bufs.a16.resize(std::max(bufs.a16.size(), static_cast<size_t>(rows * width)));
+      bufs.b2.resize(std::max(bufs.b2.size(), static_cast<size_t>(pair_rows * NR)));
+      pack_a_rows(View<uint16_t>{a.ptr(ic, pc), a.rs, a.cs}, mc, kc, rows, width, bufs.a16.data());
+      for (int64_t jr = 0; jr < n; jr += NR) {
+        const int64_t cols = std::min(NR, n - jr);
+        pack_b_pairs(View<uint16_t>{b.ptr(pc, jr), b.rs, b.cs}, kc, cols, bufs.b2.data());
+        const int64_t packed_pairs = (kc + 1) / 2;
+        std::memset(bufs.b2.data() + packed_pairs * NR, 0, (pair_rows - packed_pairs) * NR * 4);
+        for (int64_t ir = 0; ir < mc; ir += 32) {
+          alignas(64) float out[32][32];
+          const uint16_t* a_rows = bufs.a16.data() + ir * width;
+          if (mc - ir > 16) amx_block<2>(tiles, a_rows, width * 2, bufs.b2.data(), out[0]);
+          else amx_block<1>(tiles, a_rows, width * 2, bufs.b2.data(), out[0]);
+          for (int64_t h = 0; h < 2 && ir + 16 * h < mc; ++h) {
+            vec acc[16][2];
+            std::memcpy(acc, out[16 * h], sizeof(acc));
+            store_tile<16>(acc, c + (ic + ir + 16 * h) * ldc + jr, ldc, store,
+                           std::min<int64_t>(16, mc - ir - 16 * h), cols);
+          }
+        }
+      }
+    }
+  }
+}

@@ -115,8 +115,9 @@ for case, sizes, m, k, n in CASES:
         w = jnp.asarray(rng.standard_normal((len(sizes), k, n)), dtype)
         c = jnp.asarray(rng.standard_normal((m, n)), dtype)
         out = fusedmoe.gmm(x, w, gs, backend="cpu_kernel", preferred_element_type=jnp.float32)
-        dx = fusedmoe.gmm(c, jnp.swapaxes(w, 1, 2), gs, backend="cpu_kernel",
-                          preferred_element_type=jnp.float32)
+        # dX as the backward pass computes it: the weight read transposed in place.
+        _, pullback = jax.vjp(lambda x_: fusedmoe.gmm(x_, w, gs, backend="cpu_kernel"), x)
+        (dx,) = pullback(c)
         dw = fusedmoe.tgmm(x, c, gs, backend="cpu_kernel", preferred_element_type=jnp.float32)
         for key, value in (("x", x), ("w", w), ("c", c), ("out", out), ("dx", dx), ("dw", dw)):
             arrays[f"{case}_{name}_{key}"] = np.asarray(value, np.float32)
@@ -128,12 +129,15 @@ np.savez(OUT, **arrays)
 # one tile of rows, two, two and one), of 4 rows and under (those stay on the
 # AVX-512 paths); an odd contraction under one 32-step tile (the last pair
 # half zero, the rest of the tile zero) and part panels; a dX contracting
-# 4100 steps, past the 2048-step block (bf16 output summed in f32).
+# 4100 steps, past the 2048-step block (bf16 output summed in f32); a dX
+# contracting whole 32-step tiles (96), which reads the weight's rows in
+# place, its 50 output columns a whole 32-row strip and a part one (copied).
 _OTHER_BUILD_CASES = [
     ("short", [300, 0, 1, 64, 5, 0, 2, 3, 6, 7, 10], 401, 520, 1040),
     ("long", [1030, 0, 9], 1041, 1030, 48),
     ("wide", [5, 3], 8, 40, 4100),
     ("tiles", [16, 17, 33, 4, 0, 32], 102, 77, 99),
+    ("in_place", [40, 3, 64], 107, 50, 96),
 ]
 
 

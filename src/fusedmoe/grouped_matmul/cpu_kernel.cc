@@ -887,6 +887,14 @@ void gemm_into(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, TC* c,
   // The shortcuts for few rows, in f32 or as bf16 pairs (not bf16 widened to f32).
   constexpr bool pairs = kBf16Pairs && std::is_same_v<TIn, uint16_t>;
   const bool amx = uses_amx<TIn>(m);
+#ifdef FUSEDMOE_AMX
+  if constexpr (std::is_same_v<TIn, uint16_t>) {
+    if (amx && amx_weight_rows_fit(k, b)) {
+      gemm_amx_weight_rows(m, n, k, a, b, c, ldc, bufs);
+      return;
+    }
+  }
+#endif
   if constexpr (pairs || std::is_same_v<TIn, float>) {
     if (!amx && b.cs == 1 && k <= (pairs ? kFewRowsMaxPairSteps : kFewRowsMaxSteps) && m <= MC) {
       gemm_few_rows(m, n, k, a, b, c, ldc, bufs);

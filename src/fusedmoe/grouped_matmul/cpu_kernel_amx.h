@@ -211,10 +211,32 @@ void pack_a_rows(View<uint16_t> a, int64_t mc, int64_t kc, int64_t rows, int64_t
       std::memcpy(packed + i * width, a.ptr(i, 0), kc * sizeof(uint16_t));
       std::memset(packed + i * width + kc, 0, (width - kc) * sizeof(uint16_t));
     }
-  } else {  // columns contiguous (dW's transposed rows): each source row dealt across
-    for (int64_t i = 0; i < mc; ++i) std::memset(packed + i * width + kc, 0, (width - kc) * 2);
-    for (int64_t p = 0; p < kc; ++p)
-      for (int64_t i = 0; i < mc; ++i) packed[i * width + p] = a.at(i, p);
+  } else {
+    // Columns contiguous (dW's transposed rows): 8 rows x 16 steps at a time,
+    // two source rows' 8 elements interleaved into 8 words (a pair of steps
+    // of each of 8 rows), eight such transposed as 8 x 8 words. The rest,
+    // element by element.
+    const bool vectors = a.rs == 1 && width % 2 == 0;
+    int64_t i = 0;
+    for (; vectors && i + 8 <= mc; i += 8) {
+      int64_t p = 0;
+      for (; p + 16 <= kc; p += 16) {
+        alignas(32) uint32_t words[8][8];
+        for (int64_t q = 0; q < 8; ++q) {
+          const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.ptr(i, p + 2 * q)));
+          const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.ptr(i, p + 2 * q + 1)));
+          _mm_store_si128(reinterpret_cast<__m128i*>(words[q]), _mm_unpacklo_epi16(lo, hi));
+          _mm_store_si128(reinterpret_cast<__m128i*>(words[q] + 4), _mm_unpackhi_epi16(lo, hi));
+        }
+        transpose8(reinterpret_cast<const float*>(words[0]), 8,
+                   reinterpret_cast<float*>(packed + i * width + p), width / 2);
+      }
+      for (; p < kc; ++p)
+        for (int64_t r = 0; r < 8; ++r) packed[(i + r) * width + p] = a.at(i + r, p);
+    }
+    for (; i < mc; ++i)
+      for (int64_t p = 0; p < kc; ++p) packed[i * width + p] = a.at(i, p);
+    for (int64_t r = 0; r < mc; ++r) std::memset(packed + r * width + kc, 0, (width - kc) * 2);
   }
   std::memset(packed + mc * width, 0, (rows - mc) * width * sizeof(uint16_t));
 }
@@ -263,3 +285,52 @@ void gemm_amx(int64_t m, int64_t n, int64_t k, View<uint16_t> a, View<uint16_t> 
     }
   }
 }
+
+// The longest contraction gemm_amx_weight_rows takes: its packed panels of
+// A^T are then 8192 / 2 x 32 words, 512 KiB each.
+constexpr int64_t kAmxWeightRowsMaxSteps = 8192;
+
+// Whether gemm_amx_weight_rows can read B in place: B read transposed (the
+// weight of dX, B(p, j) = b.data[j * b.cs + p]), whole 32-step tiles of it.
+inline bool amx_weight_rows_fit(int64_t k, View<uint16_t> b) {
+  return b.rs == 1 && b.cs != 1 && k % kTileSteps == 0 && k <= kAmxWeightRowsMaxSteps;
+}
+
+// c[0:m, 0:n] = A[0:m, 0:k] @ B[0:k, 0:n] with B read transposed (dX: the
+// weight stored [n, k]), computed as c^T = B^T A^T on the tiles: B^T's rows
+// are the weight's rows, contiguous over the contraction, so the A tiles
+// load them in place (no packing of the weight: at G=64 packing it cost
+// more than the tiles' arithmetic); A^T, a group's few dout rows, is packed
+// as pair panels (pack_b_pairs) and stored transposed. 32 weight rows at a
+// time; a last part of fewer rows is copied, zero-padded, so no tile reads
+// past the weight.
+template <typename TC>
+void gemm_amx_weight_rows(int64_t m, int64_t n, int64_t k, View<uint16_t> a, View<uint16_t> b,
+                          TC* c, int64_t ldc, Buffers& bufs) {
+  configure_tiles(bufs);
+  const int64_t panels = (m + NR - 1) / NR, pair_rows = k / 2, tiles = k / kTileSteps;
+  bufs.b2.resize(std::max(bufs.b2.size(), static_cast<size_t>(panels * pair_rows * NR)));
+  pack_b_pairs(View<uint16_t>{a.data, a.cs, a.rs}, k, m, bufs.b2.data());
+  const int64_t width = k + 32;  // the zero-padded copy of a last part
+  for (int64_t j = 0; j < n; j += 32) {
+    const int64_t rows = std::min<int64_t>(32, n - j);
+    const uint16_t* w = b.data + j * b.cs;
+    int64_t ldw = b.cs * 2;
+    if (rows < 32) {
+      bufs.a16.resize(std::max(bufs.a16.size(), static_cast<size_t>(32 * width)));
+      pack_a_rows(View<uint16_t>{w, b.cs, 1}, rows, k, 32, width, bufs.a16.data());
+      w = bufs.a16.data();
+      ldw = width * 2;
+    }
+    for (int64_t q = 0; q < panels; ++q) {
+      alignas(64) float out[32][32];
+      const uint32_t* panel = bufs.b2.data() + q * pair_rows * NR;
+      if (rows > 16) amx_block<2>(tiles, w, ldw, panel, out[0]);
+      else amx_block<1>(tiles, w, ldw, panel, out[0]);
+      const int64_t cols = std::min(NR, m - q * NR);  // rows of c
+      for (int64_t i = 0; i < cols; ++i)
+        for (int64_t r = 0; r < rows; ++r) from_f32(out[r][i], c + (q * NR + i) * ldc + j + r);
+    }
+  }
+}
+

@@ -104,6 +104,7 @@ import sys
 import numpy as np, jax, jax.numpy as jnp, fusedmoe
 from fusedmoe.grouped_matmul import cpu_kernel
 assert cpu_kernel._isa() == ISA, cpu_kernel._isa()
+print("l2:", cpu_kernel.l2_bytes())
 print("build:", cpu_kernel.build_name())
 rng = np.random.default_rng(0)
 arrays = {}
@@ -156,6 +157,7 @@ def _check_cpu_kernel_in_subprocess(tmp_path, isa: str, **env_extra: str) -> str
     )
     run = subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300,
                          capture_output=True, text=True)
+    (tmp_path / "stdout.txt").write_text(run.stdout)
     build = run.stdout.split("build:", 1)[1].strip()
     assert build.startswith(isa), f"{isa}: the subprocess ran {build!r}"
     got = np.load(out_file)
@@ -221,6 +223,19 @@ def test_cpu_kernel_other_thread_counts(threads, tmp_path):
 
     skip_unavailable("cpu_kernel")
     _check_cpu_kernel_in_subprocess(tmp_path, cpu_kernel._isa(), FUSEDMOE_CPU_THREADS=threads)
+
+
+@pytest.mark.parametrize("l2", [256 << 10, 2 << 20], ids=["256KiB", "2MiB"])
+def test_cpu_kernel_other_cache_sizes(l2, tmp_path):
+    # The blocks sized to L2 follow the size the CPU reports: at 256 KiB the
+    # transposed-B block is 64 steps and a few rows' panels stop at 1024
+    # steps (so the 1030-step forward takes the blocked loops), at 2 MiB 512
+    # and 8192 (N=1040's dX fits one block).
+    from fusedmoe.grouped_matmul import cpu_kernel
+
+    skip_unavailable("cpu_kernel")
+    _check_cpu_kernel_in_subprocess(tmp_path, cpu_kernel._isa(), FUSEDMOE_L2_BYTES=str(l2))
+    assert f"l2: {l2}\n" in (tmp_path / "stdout.txt").read_text()
 
 
 def test_cpu_kernel_isa_setting_is_checked(monkeypatch):

@@ -65,6 +65,7 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)),
         "cpu_kernel": cpu_kernel.build_name(),
+        "cpu_kernel_l2_bytes": cpu_kernel.l2_bytes(),
         "malloc": allocator.status(),
         "torch": _torch_version(),
         "command": " ".join(["fusedmoe", *sys.argv[1:]]),
@@ -77,8 +78,13 @@ def environment_line(env: dict[str, Any]) -> str:
     flags = " ".join(flag for flag, present in cpu["flags"].items() if present)
     return (f"jax {env['jax']} on {env['platform']} ({cpu['model'] or 'CPU model unknown'}; "
             f"{flags or 'none of ' + ', '.join(CPU_FLAGS)}; {env['usable_cpus']} of "
-            f"{env['cpu_count']} cores); cpu_kernel: {env['cpu_kernel']}; "
+            f"{env['cpu_count']} cores); cpu_kernel: {env['cpu_kernel']}{_l2(env)}; "
             f"malloc: {env['malloc']}; torch: {env['torch'] or 'not installed'}")
+
+
+def _l2(env: dict[str, Any]) -> str:
+    l2 = env.get("cpu_kernel_l2_bytes")
+    return f" (blocks for a {l2 // 1024} KiB L2)" if l2 else ""
 
 
 def write_rows(path: str, env: dict[str, Any], options: dict[str, Any], rows: list[dict],

@@ -48,6 +48,7 @@
 
 #include <immintrin.h>
 #include <sched.h>
+#include <unistd.h>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -86,9 +87,42 @@ constexpr int64_t NC = 1024;      // column block
 // 0.89x at G=8 skewed; dW from 1.09x to 1.04x at G=64 skewed. Where B is read
 // transposed (the weight in dX) a long block made dX slower at the Qwen3
 // shape (1.13x -> 1.29x-1.34x: the next block it prefetches no longer fits
-// in cache), so it keeps 256 steps and a 32 KiB panel that L1 holds.
+// in cache), so it keeps a block that fills L2 (256 steps at 1 MiB, see
+// Blocks) and a 32 KiB panel that L1 holds.
 constexpr int64_t KC_ROWS = 1024;  // B rows contiguous: packed B is up to KC_ROWS*NC*4 = 4 MiB
-constexpr int64_t KC_COLS = 256;   // B read transposed: packed B is 1 MiB (L2)
+
+// The L2 cache of a core, which the blocks below are sized to fill: as the
+// CPU reports it (sysconf, which glibc reads from CPUID), or
+// FUSEDMOE_L2_BYTES to try another size. The kernel was tuned on a Zen 4
+// (1 MiB); a Xeon from Sapphire Rapids on has 2 MiB, a Zen 3 512 KiB.
+int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    int64_t found = 0;
+    if (const char* env = std::getenv("FUSEDMOE_L2_BYTES")) found = std::atoll(env);
+    if (found <= 0) found = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (found <= 0) found = int64_t{1} << 20;  // not reported (some VMs): the common size
+    return std::clamp<int64_t>(found, int64_t{256} << 10, int64_t{8} << 20);
+  }();
+  return bytes;
+}
+
+inline int64_t floor_pow2(int64_t x) { return int64_t{1} << (63 - __builtin_clzll(x)); }
+
+// Block sizes derived from l2_bytes().
+struct Blocks {
+  int64_t kc_cols;             // contraction block where B is read transposed: KC_COLS x NC floats fill L2
+  int64_t few_rows_steps;      // gemm_few_rows' longest contraction: two panels of NR floats a step fill L2
+  int64_t weight_rows_steps;   // gemm_weight_rows' longest: one A^T panel of NR floats a step fills L2
+};
+constexpr int64_t kMaxKcCols = 1024;
+const Blocks& blocks() {
+  static const Blocks b = [] {
+    const int64_t l2 = l2_bytes();
+    return Blocks{std::clamp<int64_t>(floor_pow2(l2 / (NC * 4)), 64, kMaxKcCols),
+                  l2 / (2 * NR * 4), l2 / (NR * 4)};
+  }();
+  return b;
+}
 
 // bf16 is the top half of an f32.
 inline float to_f32(float x) { return x; }
@@ -232,8 +266,8 @@ enum class Store {
 // instead of stalling them (a burst of 64 prefetches after a tile stalled
 // them). What the work is, is the tile's Side (below).
 constexpr int64_t kStepsBetween = 4;
-// (Only B read transposed, in blocks of KC_COLS, is prefetched, one line per turn.)
-constexpr int64_t kPrefetchesPerTile = (KC_COLS + kStepsBetween - 1) / kStepsBetween;
+// (Only B read transposed, in blocks of kc_cols, is prefetched, one line per turn.)
+constexpr int64_t kMaxPrefetchesPerTile = (kMaxKcCols + kStepsBetween - 1) / kStepsBetween;
 
 // Steps p0..p1 of the register tile's top R rows, into acc. (A's packed
 // slivers hold MR rows per step whatever R is.)
@@ -436,7 +470,7 @@ inline int64_t share_per_turn(int64_t work, int64_t steps) {
 // busy(i), turn(i) runs before the i-th group of steps; finish() runs after
 // the last step. There are two kinds, below.
 
-// Prefetch `count` lines (at most kPrefetchesPerTile), one per turn.
+// Prefetch `count` lines (at most kMaxPrefetchesPerTile), one per turn.
 struct PrefetchLines {
   const char* const* lines;
   int64_t count;
@@ -610,19 +644,16 @@ struct BlockPrefetch {
   }
 };
 
-// The longest contraction gemm_few_rows takes: its two panels are then
-// 4096 x NR floats each, 1 MiB together, the size of L2. Measured up to there
-// (64 and 136 rows per group at K=4096: 0.94x and 0.91x the blocked loops).
-constexpr int64_t kFewRowsMaxSteps = 4096;
-// bf16 pairs pack two steps in the bytes of one f32 step: the same panels
-// hold twice the contraction (a fused FFN1's dX contracts 2 x mlp_dim).
-constexpr int64_t kFewRowsMaxPairSteps = 2 * kFewRowsMaxSteps;
-// gemm_weight_rows keeps one A^T panel of k x NR floats: 1 MiB at 8192 steps
-// (half that as pairs).
-constexpr int64_t kWeightRowsMaxSteps = 2 * kFewRowsMaxSteps;
+// The longest contraction gemm_few_rows takes (Blocks::few_rows_steps): its
+// two panels then fill L2, 4096 x NR floats each at 1 MiB. Measured up to
+// there (64 and 136 rows per group at K=4096: 0.94x and 0.91x the blocked
+// loops). bf16 pairs pack two steps in the bytes of one f32 step: the same
+// panels hold twice the contraction (a fused FFN1's dX contracts 2 x
+// mlp_dim). gemm_weight_rows keeps one A^T panel of k x NR floats
+// (Blocks::weight_rows_steps: 8192 steps at 1 MiB; half that as pairs).
 
 // c[0:m, 0:n] = A[0:m, 0:k] @ B[0:k, 0:n] for f32 operands (or bf16 pairs)
-// with B's rows contiguous, k <= kFewRowsMaxSteps (kFewRowsMaxPairSteps)
+// with B's rows contiguous, k <= Blocks::few_rows_steps (twice that as pairs)
 // and m <= MC: a group of an expert's weight
 // with few rows (64 at G=64 in the benchmark), where reading the weight costs
 // about a fifth of the arithmetic. Instead of packing a whole KC x NC block
@@ -693,9 +724,9 @@ void gemm_few_rows(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, TC
 
 // How many NR-column panels of A^T gemm_weight_rows takes at once: up to 4
 // (128 rows with AVX-512; 32 to 128 measured alike at G=8 and G=64), fewer
-// where 4 would not fit 1 MiB (L2) at a contraction of k steps.
+// where 4 would not fit L2 at a contraction of k steps.
 inline int64_t weight_rows_panels(int64_t k) {
-  return std::clamp<int64_t>((int64_t{1} << 20) / (k * NR * 4), 1, 4);
+  return std::clamp<int64_t>(l2_bytes() / (k * NR * 4), 1, 4);
 }
 
 // Prefetch `count` rows of `lines` 64-byte lines each into L2, line by line
@@ -896,11 +927,12 @@ void gemm_into(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, TC* c,
   }
 #endif
   if constexpr (pairs || std::is_same_v<TIn, float>) {
-    if (!amx && b.cs == 1 && k <= (pairs ? kFewRowsMaxPairSteps : kFewRowsMaxSteps) && m <= MC) {
+    const Blocks& sizes = blocks();
+    if (!amx && b.cs == 1 && k <= sizes.few_rows_steps * (pairs ? 2 : 1) && m <= MC) {
       gemm_few_rows(m, n, k, a, b, c, ldc, bufs);
       return;
     }
-    if (!amx && b.rs == 1 && b.cs != 1 && k <= kWeightRowsMaxSteps &&
+    if (!amx && b.rs == 1 && b.cs != 1 && k <= sizes.weight_rows_steps &&
         (!pairs || weight_rows_are_pairs(k, b))) {
       // More rows than a few panels: in chunks, each reading the weight again
       // (a pair panel holds k / 2 words a column).
@@ -912,7 +944,7 @@ void gemm_into(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, TC* c,
     }
   }
   // The contraction block (see KC_ROWS).
-  const int64_t KC = amx ? KC_AMX : b.cs == 1 ? KC_ROWS : KC_COLS;
+  const int64_t KC = amx ? KC_AMX : b.cs == 1 ? KC_ROWS : blocks().kc_cols;
   if constexpr (!std::is_same_v<TC, float>) {
     if (k > KC) {
       // Contraction blocks add up: summed in an f32 scratch, rounded once
@@ -962,8 +994,9 @@ void gemm_into(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, TC* c,
       else if (next.data != nullptr)
         prefetch = BlockPrefetch<TIn>(next, std::min(KC, k), std::min(NC, n));
       const int64_t per_tile =
-          std::min((prefetch.total() + tiles_per_block - 1) / tiles_per_block, kPrefetchesPerTile);
-      const char* addresses[kPrefetchesPerTile] = {};
+          std::min((prefetch.total() + tiles_per_block - 1) / tiles_per_block,
+                   (blocks().kc_cols + kStepsBetween - 1) / kStepsBetween);  // a tile's turns
+      const char* addresses[kMaxPrefetchesPerTile] = {};
       for (int64_t ic = 0; ic < m; ic += MC) {
         const int64_t mc = std::min(MC, m - ic);
         const View<TIn> rows{a.data + ic * a.rs + pc * a.cs, a.rs, a.cs};
@@ -1173,6 +1206,9 @@ ffi::Error TTimesRows(ffi::AnyBuffer lhs, ffi::AnyBuffer dout, ffi::Buffer<ffi::
 
 // 1 where bf16 products run on AMX tiles in this process (cpu_kernel.py
 // reports it with the build's name), else 0.
+// The L2 size the block sizes were derived from (cpu_kernel.py records it).
+extern "C" int64_t fusedmoe_l2_bytes() { return l2_bytes(); }
+
 extern "C" int fusedmoe_uses_amx() { return uses_amx<uint16_t>(MC) ? 1 : 0; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fusedmoe_times_weight, TimesWeight,

@@ -29,6 +29,8 @@ a C++ compiler, or on another platform than CPU.
   6 x 16 tile. ``FUSEDMOE_CPU_ISA`` picks one; each is cached separately.
   ``FUSEDMOE_AMX_EMULATE=1`` builds ``amx`` with the tile instructions in
   plain C++, to test its loops on a CPU without AMX (slow; tests only).
+- Block sizes: those sized to the L2 cache (tuned on a Zen 4's 1 MiB) scale
+  with the L2 this CPU reports (``FUSEDMOE_L2_BYTES`` to try another size).
 - Threads: one per core this process may use, or ``FUSEDMOE_CPU_THREADS``;
   each product's output is cut into one item per group and column range
   (one range per thread), which the threads take as they come, so neither
@@ -163,6 +165,16 @@ def build_name() -> str:
     if not _loaded_library().fusedmoe_uses_amx():
         return "amx (tiles not granted by Linux, or failed the self check: bf16 on AVX-512 BF16)"
     return "amx (emulated)" if _amx_emulated() else "amx"
+
+
+def l2_bytes() -> int | None:
+    """The L2 size (bytes per core) the loaded build sized its blocks to: the
+    CPU's (or ``FUSEDMOE_L2_BYTES``); None if no build loads."""
+    if unavailable_reason() is not None:
+        return None
+    library = _loaded_library()
+    library.fusedmoe_l2_bytes.restype = ctypes.c_int64
+    return int(library.fusedmoe_l2_bytes())
 
 
 def multiplies_bf16_pairs() -> bool:

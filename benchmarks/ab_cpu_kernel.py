@@ -7,7 +7,7 @@ are timed round-robin (order shuffled per round), so the builds share
 whatever the machine is doing. Printed per product: each build's median and
 its paired ratio (median over rounds of build / dense), and for every build
 after the first its paired ratio to the first. Builds must agree on the
-numbers (checked first).
+numbers (checked first; ``--no-check`` for a build made for timing only).
 
     git show HEAD~1:src/fusedmoe/grouped_matmul/cpu_kernel.cc > /tmp/old.cc
     python benchmarks/ab_cpu_kernel.py /tmp/old.cc src/fusedmoe/grouped_matmul/cpu_kernel.cc \\
@@ -16,6 +16,13 @@ numbers (checked first).
 A source may carry extra compiler flags after a colon, for variants of one
 file: ``"src/fusedmoe/grouped_matmul/cpu_kernel.cc:-DSOME_MACRO=1"``. Sources are
 compiled with the flags of the build this CPU gets (``fusedmoe.grouped_matmul.cpu_kernel``).
+The AMX path's work besides the tiles' arithmetic, on any CPU with AVX-512
+BF16 (docs/backends.md, "bf16 on AMX tiles")::
+
+    python benchmarks/ab_cpu_kernel.py src/fusedmoe/grouped_matmul/cpu_kernel.cc \
+        "src/fusedmoe/grouped_matmul/cpu_kernel.cc:-DFUSEDMOE_AMX=1 -DFUSEDMOE_AMX_EMULATE=1 \
+        -DFUSEDMOE_AMX_NO_ARITHMETIC=1" --dtype bfloat16 --no-check
+
 As in any process that imports ``fusedmoe``, malloc keeps freed memory
 unless ``FUSEDMOE_MALLOC=0``.
 """
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
 import statistics
 import sys
 import tempfile
@@ -51,17 +59,23 @@ def compile_source(spec: str, out_dir: Path) -> Path:
     return library
 
 
-def register(library: Path, index: int) -> None:
-    """Register ``library``'s handlers as ``<symbol>_<index>``."""
+def register(library: Path) -> str:
+    """Register ``library``'s handlers as ``<symbol>_<index>``, the index named
+    by the file and its time of writing (jax refuses a name taken by another
+    library); return the index."""
     import jax
 
+    stat = library.stat()
+    key = f"{library.resolve()}:{stat.st_mtime_ns}:{stat.st_size}"
+    index = hashlib.sha256(key.encode()).hexdigest()[:12]
     lib = ctypes.CDLL(str(library))
     for symbol in SYMBOLS:
         jax.ffi.register_ffi_target(f"{symbol}_{index}", jax.ffi.pycapsule(getattr(lib, symbol)),
                                     platform="cpu")
+    return index
 
 
-def programs(index: int, m: int, k: int, n: int, groups: int, dtype):
+def programs(index: str, m: int, k: int, n: int, groups: int, dtype):
     """Build ``index``'s forward, dX and dW as jitted functions of the inputs."""
     import jax
 
@@ -90,9 +104,9 @@ def dense_programs():
 
 def run(libraries: list[Path], m: int, k: int, n: int, groups: int, dist: str, rounds: int,
         ops: list[str], dtype_name: str, names: list[str] | None = None,
-        seed: int = 0) -> list[str]:
-    """Time the builds (``names`` for the header, default their paths); return
-    the printed lines."""
+        seed: int = 0, check: bool = True) -> list[str]:
+    """Time the builds (``names`` for the header, default their paths), after
+    checking that they agree unless not ``check``; return the printed lines."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -107,12 +121,12 @@ def run(libraries: list[Path], m: int, k: int, n: int, groups: int, dist: str, r
     d = jnp.asarray(rng.standard_normal((m, n)), dtype)
     gs = jnp.asarray(group_sizes(m, groups, dist, alpha=0.3, seed=seed))
     args = (x, w, d, gs)
-    for i, library in enumerate(libraries):
-        register(library, i)
+    indices = [register(library) for library in libraries]
     candidates = {"dense": dense_programs()}
-    candidates.update({f"b{i}": programs(i, m, k, n, groups, dtype) for i in range(len(libraries))})
+    candidates.update({f"b{i}": programs(index, m, k, n, groups, dtype)
+                       for i, index in enumerate(indices)})
     tolerance = 2e-2 if dtype == jnp.bfloat16 else 1e-5
-    for op in ops:
+    for op in ops if check else ():
         outs = [np.asarray(candidates[f"b{i}"][op](*args), np.float32)
                 for i in range(len(libraries))]
         for i, out in enumerate(outs[1:], 1):
@@ -162,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (default 7)")
     parser.add_argument("--ops", default="fwd,dx,dw", help="comma list of fwd, dx, dw")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--no-check", action="store_true",
+                        help="do not compare the builds' results (a build for timing only)")
     args = parser.parse_args(argv)
     try:
         m, k, n = (int(v) for v in args.shape.split(","))
@@ -177,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         libraries = [Path(b) if b.endswith(".so") else compile_source(b, Path(tmp))
                      for b in args.builds]
         for line in run(libraries, m, k, n, args.groups, args.dist, args.rounds, ops,
-                        args.dtype, names=args.builds):
+                        args.dtype, names=args.builds, check=not args.no_check):
             print(line)
     return 0
 

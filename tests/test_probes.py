@@ -202,6 +202,27 @@ def test_ab_cpu_kernel_times_builds_that_agree():
                    "float32", names=["old", "new"])
     assert lines[0].startswith("M=40 K=24 N=40 G=3 skewed float32, 1 rounds; b0 = old, b1 = new")
     assert [line.split()[0] for line in lines[1:]] == ["fwd", "dx", "dw"]
+
+
+def test_ab_cpu_kernel_times_the_amx_path_without_its_arithmetic(tmp_path):
+    # The measurement behind docs/backends.md's floor for the AMX path on a
+    # CPU without AMX: a build whose tiles compute nothing is timed beside
+    # the kernel (--no-check); the check would have refused it.
+    from fusedmoe.grouped_matmul import available_backends, cpu_kernel
+
+    if available_backends()["cpu_kernel"] is not None:
+        pytest.skip(available_backends()["cpu_kernel"])
+    if cpu_kernel._isa() not in ("avx512bf16", "amx"):
+        pytest.skip("the emulated AMX build needs AVX-512 BF16")
+    ab = _load_script(AB_CPU_KERNEL)
+    flags = "-DFUSEDMOE_AMX=1 -DFUSEDMOE_AMX_EMULATE=1 -DFUSEDMOE_AMX_NO_ARITHMETIC=1"
+    timing_only = ab.compile_source(f"{cpu_kernel._SOURCE}:{flags}", tmp_path)
+    library = cpu_kernel._build(cpu_kernel._compiler())
+    shape = ([library, timing_only], 64, 64, 64, 2, "balanced", 1, ["fwd"], "bfloat16")
+    with pytest.raises(SystemExit, match="fwd: build b1 differs from b0"):
+        ab.run(*shape)
+    lines = ab.run(*shape, check=False)
+    assert lines[1].split()[0] == "fwd" and "b1" in lines[1]
     assert all(line.count("paired") == 2 for line in lines[1:])
 
 

@@ -75,10 +75,31 @@ struct TileEmulator {
   }
 };
 thread_local TileEmulator tile_emulator;
+#ifndef FUSEDMOE_AMX_NO_ARITHMETIC
 #define TILE_LOAD(t, base, stride) tile_emulator.load(t, base, stride)
 #define TILE_STORE(t, base, stride) tile_emulator.store(t, base, stride)
 #define TILE_ZERO(t) tile_emulator.zero(t)
 #define TILE_DP(c, a, b) tile_emulator.dp(c, a, b)
+#else
+// With -DFUSEDMOE_AMX_NO_ARITHMETIC=1 too: everything the AMX path does but
+// the tiles' arithmetic (packing, reading the operands, storing), on any
+// CPU, for timing only (its results are zeros): a tile load reads its 16
+// rows, the rest does nothing. docs/backends.md, "bf16 on AMX tiles".
+thread_local __m512i tile_load_sink;
+inline void read_tile_rows(const void* base, int64_t stride) {
+  __m512i x = tile_load_sink;
+  for (int r = 0; r < 16; ++r)
+    x = _mm512_xor_si512(x, _mm512_loadu_si512(static_cast<const char*>(base) + r * stride));
+  tile_load_sink = x;
+}
+#define TILE_LOAD(t, base, stride) read_tile_rows(base, stride)
+inline void zero_tile_rows(void* base, int64_t stride) {
+  for (int r = 0; r < 16; ++r) std::memset(static_cast<char*>(base) + r * stride, 0, 64);
+}
+#define TILE_STORE(t, base, stride) zero_tile_rows(base, stride)
+#define TILE_ZERO(t) ((void)0)
+#define TILE_DP(c, a, b) ((void)0)
+#endif
 #else
 // The intrinsics take the tile register's number as a literal.
 #define TILE_LOAD(t, base, stride) _tile_loadd(t, base, stride)
@@ -197,7 +218,11 @@ inline bool amx_ready() {
     constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return false;
 #endif
+#ifdef FUSEDMOE_AMX_NO_ARITHMETIC
+    return true;  // (it computes nothing to check)
+#else
     return amx_self_check();
+#endif
   }();
   return ready;
 }

@@ -132,13 +132,16 @@ np.savez(OUT, **arrays)
 # half zero, the rest of the tile zero) and part panels; a dX contracting
 # 4100 steps, past the 2048-step block (bf16 output summed in f32); a dX
 # contracting whole 32-step tiles (96), which reads the weight's rows in
-# place, its 50 output columns a whole 32-row strip and a part one (copied).
+# place, its 50 output columns a whole 32-row strip and a part one (copied);
+# a forward of whole tiles (K=64), its weight packed 256 columns at a time,
+# each thread's columns (288 and 312 of N=600) a whole block and a part one.
 _OTHER_BUILD_CASES = [
     ("short", [300, 0, 1, 64, 5, 0, 2, 3, 6, 7, 10], 401, 520, 1040),
     ("long", [1030, 0, 9], 1041, 1030, 48),
     ("wide", [5, 3], 8, 40, 4100),
     ("tiles", [16, 17, 33, 4, 0, 32], 102, 77, 99),
     ("in_place", [40, 3, 64], 107, 50, 96),
+    ("blocks", [40, 70], 110, 64, 600),
 ]
 
 

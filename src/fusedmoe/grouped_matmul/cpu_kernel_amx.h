@@ -43,6 +43,7 @@ static_assert(NR == 32, "the AMX build is an AVX-512 build: panels of 32 columns
 constexpr int64_t kAmxMinRows = 5;
 constexpr int64_t MC_AMX = 128;   // row block: A's packed block is 128 x (KC_AMX + 32) bf16, 520 KiB
 constexpr int64_t KC_AMX = 2048;  // contraction block: a 2048 x 32 pair panel of B is 128 KiB
+constexpr int64_t NC_AMX = 256;   // columns of B packed at once (its rows read 512 bytes at a time)
 constexpr int64_t kTileSteps = 32;  // contraction steps of one A tile (16 pair rows of a B tile)
 
 #ifdef FUSEDMOE_AMX_EMULATE
@@ -286,24 +287,34 @@ void gemm_amx(int64_t m, int64_t n, int64_t k, View<uint16_t> a, View<uint16_t> 
       const Store store = pc > 0 ? Store::kAccumulate
                           : k <= KC_AMX ? Store::kStream
                                         : Store::kOverwrite;
+      // B is packed NC_AMX columns at a time where its panels need no
+      // padding between them (whole tiles of steps), else a panel at a time.
+      const bool whole_tiles = kc % kTileSteps == 0;
+      const int64_t block_cols = whole_tiles ? NC_AMX : NR;
       bufs.a16.resize(std::max(bufs.a16.size(), static_cast<size_t>(rows * width)));
-      bufs.b2.resize(std::max(bufs.b2.size(), static_cast<size_t>(pair_rows * NR)));
+      bufs.b2.resize(std::max(bufs.b2.size(), static_cast<size_t>(pair_rows * block_cols)));
       pack_a_rows(View<uint16_t>{a.ptr(ic, pc), a.rs, a.cs}, mc, kc, rows, width, bufs.a16.data());
-      for (int64_t jr = 0; jr < n; jr += NR) {
-        const int64_t cols = std::min(NR, n - jr);
-        pack_b_pairs(View<uint16_t>{b.ptr(pc, jr), b.rs, b.cs}, kc, cols, bufs.b2.data());
-        const int64_t packed_pairs = (kc + 1) / 2;
-        std::memset(bufs.b2.data() + packed_pairs * NR, 0, (pair_rows - packed_pairs) * NR * 4);
-        for (int64_t ir = 0; ir < mc; ir += 32) {
-          alignas(64) float out[32][32];
-          const uint16_t* a_rows = bufs.a16.data() + ir * width;
-          if (mc - ir > 16) amx_block<2>(tiles, a_rows, width * 2, bufs.b2.data(), out[0]);
-          else amx_block<1>(tiles, a_rows, width * 2, bufs.b2.data(), out[0]);
-          for (int64_t h = 0; h < 2 && ir + 16 * h < mc; ++h) {
-            vec acc[16][2];
-            std::memcpy(acc, out[16 * h], sizeof(acc));
-            store_tile<16>(acc, c + (ic + ir + 16 * h) * ldc + jr, ldc, store,
-                           std::min<int64_t>(16, mc - ir - 16 * h), cols);
+      for (int64_t jb = 0; jb < n; jb += block_cols) {
+        const int64_t nb = std::min(block_cols, n - jb);
+        pack_b_pairs(View<uint16_t>{b.ptr(pc, jb), b.rs, b.cs}, kc, nb, bufs.b2.data());
+        if (!whole_tiles) {
+          const int64_t packed_pairs = (kc + 1) / 2;
+          std::memset(bufs.b2.data() + packed_pairs * NR, 0, (pair_rows - packed_pairs) * NR * 4);
+        }
+        for (int64_t jr = 0; jr < nb; jr += NR) {
+          const uint32_t* panel = bufs.b2.data() + jr * pair_rows;
+          const int64_t cols = std::min(NR, nb - jr);
+          for (int64_t ir = 0; ir < mc; ir += 32) {
+            alignas(64) float out[32][32];
+            const uint16_t* a_rows = bufs.a16.data() + ir * width;
+            if (mc - ir > 16) amx_block<2>(tiles, a_rows, width * 2, panel, out[0]);
+            else amx_block<1>(tiles, a_rows, width * 2, panel, out[0]);
+            for (int64_t h = 0; h < 2 && ir + 16 * h < mc; ++h) {
+              vec acc[16][2];
+              std::memcpy(acc, out[16 * h], sizeof(acc));
+              store_tile<16>(acc, c + (ic + ir + 16 * h) * ldc + jb + jr, ldc, store,
+                             std::min<int64_t>(16, mc - ir - 16 * h), cols);
+            }
           }
         }
       }

@@ -13,18 +13,22 @@
 // 32 x 32 block of C, and per 32 contraction steps two A tiles and two B
 // tiles are loaded, each used twice (the 2 x 2 blocking of oneDNN's brgemm).
 //
-// Loops, outside in: row block (MC_AMX rows of A packed as whole rows of
-// the contraction block, zero-padded to 32 rows and 32 steps) ->
-// contraction block (KC_AMX) -> 32-column panel of B (packed as pairs, its
-// steps zero-padded to 32) -> 32 rows -> the 2 x 2 tiles over the block.
-// A group of 64 rows (the Qwen3 layer's forward) packs its rows once and
-// each panel of its weight once. C is stored through a 32 x 32 f32 scratch
-// by store_tile, so outputs, tails and bf16 rounding are the other paths'.
+// gemm_amx, loops outside in: row block (MC_AMX rows of A packed as whole
+// rows of the contraction block, zero-padded to 32 rows and 32 steps) ->
+// contraction block (KC_AMX) -> NC_AMX columns of B packed as pairs (one
+// 32-column panel where the steps need padding) -> 32-column panel -> 32
+// rows -> the 2 x 2 tiles over the block. A group of 64 rows (the Qwen3
+// layer's forward) packs its rows once and its weight once. C is stored
+// through a 32 x 32 f32 scratch by store_tile, so outputs, tails and bf16
+// rounding are the other paths'. gemm_amx_weight_rows: dX, the weight's
+// rows read in place as A tiles. Products of a few rows (kAmxMinRows) stay
+// on the AVX-512 BF16 paths.
 //
 // Linux gives a process the tile registers only on request
 // (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)): amx_ready() asks
-// once and, if refused (or the CPU lacks AMX), the kernel runs bf16 on the
-// AVX-512 BF16 paths instead.
+// once, then checks one product on the tiles (amx_self_check); refused, or
+// a CPU without AMX, or a wrong result, and bf16 runs on the AVX-512 BF16
+// paths instead.
 //
 // Built with -DFUSEDMOE_AMX_EMULATE=1 the tile instructions are plain C++
 // with the same semantics (TileEmulator below), so the layouts and loops

@@ -15,12 +15,12 @@ from typing import Any
 import jax.numpy as jnp
 import yaml
 
+from fusedmoe.dtype_names import ALIASES, FLOAT_DTYPES, SHORT_NAMES
+
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "clamped_swiglu")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
-FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 EXPERT_ALL_TO_ALL = ("auto", "ragged", "buckets")
 DTYPE_FIELDS = ("dtype", "weight_dtype")
-_SHORT_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 
 
 def canonical_dtype(value: Any, field: str) -> str:
@@ -28,7 +28,7 @@ def canonical_dtype(value: Any, field: str) -> str:
     (full or short: ``"bf16"``), a NumPy or JAX dtype, or a scalar type such as
     ``jnp.bfloat16``. Anything else is an error naming ``field``."""
     if isinstance(value, str):
-        name = _SHORT_DTYPES.get(value, value)
+        name = ALIASES.get(value, value)
     else:
         try:
             name = jnp.dtype(value).name
@@ -39,7 +39,7 @@ def canonical_dtype(value: Any, field: str) -> str:
             ) from None
     if name not in FLOAT_DTYPES:
         raise ValueError(f"{field}: got {value!r}, expected one of {FLOAT_DTYPES} "
-                         f"(or {', '.join(_SHORT_DTYPES)}, or a dtype object)")
+                         f"(or {', '.join(SHORT_NAMES.values())}, or a dtype object)")
     return name
 
 

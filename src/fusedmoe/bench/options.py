@@ -18,15 +18,11 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 
+from fusedmoe import dtype_names
 from fusedmoe.errors import UsageError
 
-# Every accepted spelling -> the canonical (NumPy/JAX) name.
-DTYPE_NAMES = {
-    "float32": "float32", "f32": "float32",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "f16": "float16",
-}
-SHORT_DTYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+DTYPE_NAMES = dtype_names.ALIASES  # every accepted spelling -> the canonical name
+SHORT_DTYPE = dtype_names.SHORT_NAMES
 PLOT_EXTRA = "pip install 'fusedmoe[plot]'"
 
 

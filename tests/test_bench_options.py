@@ -287,6 +287,21 @@ def test_rows_run_with_auto_name_the_backend_it_picked():
         "auto (tiled) fwd bfloat16 G=8 skewed 2.00x dense (XLA), 2.00x XLA's dense")
     assert gmm_bench.backend_text({**gmm_row, "backend": "tiled"}) == "tiled"
 
+
+def test_the_layer_table_lists_skips_under_it_once_each(capsys):
+    # A skip reason is a sentence: inside a cell it wrapped into a narrow
+    # column. A backend skipped outright has rows for every layout and pass,
+    # and one line.
+    head = {"preset": "tiny", "dtype": "float32", "backend": "megablox", "layout": "fused"}
+    reason = "off TPU megablox runs in Pallas interpret mode: at most 134 MFLOP a call"
+    rows = [{**head, "pass": p, "skipped": reason, "skip_scope": "backend"}
+            for p in ("forward", "forward+backward")]
+    rows.append({**head, "backend": "tiled", "pass": "forward", "skipped": "did not compile"})
+    moe_bench.print_table(rows)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines.count(f"skipped tiny float32 megablox: {reason}") == 1
+    assert "skipped tiny float32 tiled fused forward: did not compile" in lines
+
 TINY_GMM = ["bench-gmm", "--m", "64", "--k", "64", "--n", "64", "--groups", "2",
             "--dist", "balanced", "--dtype", "f32", "--repeats", "1"]
 

@@ -383,7 +383,7 @@ def run(args) -> int:
     console = Console(width=max(Console().width, 160))
     console.print(f"bench-gmm: M={plan.m} K={plan.k} N={plan.n} G={list(plan.groups)} "
                   f"dtypes={list(plan.dtypes)} repeats={plan.repeats}", highlight=False)
-    console.print(record.environment_line(env), highlight=False)
+    console.print(record.environment_line(env), highlight=False, soft_wrap=True)
     console.print("dense limit: " + ("the faster of XLA's and torch's in each case's rounds"
                                      if torch_reason is None else
                                      f"XLA's (torch's not timed: {torch_reason})"),

@@ -552,21 +552,21 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for col in COLUMNS:
         left = col in COLUMNS[:5] + ("dense",)  # names: kept whole, numbers may wrap
         table.add_column(col, justify="left" if left else "right", no_wrap=left)
-    shown_skips = set()
+    skipped = []  # one line each, under the table (in a cell they wrapped into a column)
     for r in rows:
         if "skipped" not in r:
             table.add_row(*_table_cells(r))
             continue
         # A backend skipped outright: one line, not one per layout and pass.
-        head = [r["preset"], r["dtype"], backend_text(r), r["layout"], r["pass"]]
-        whole = r.get("skip_scope") == "backend"
-        key = tuple(head[:3]) if whole else tuple(head)
-        if key not in shown_skips:
-            shown_skips.add(key)
-            table.add_row(*head[:3], *(("both", "both") if whole else head[3:]),
-                          f"[yellow]skipped: {r['skipped']}[/yellow]",
-                          *[""] * (len(COLUMNS) - 6))
-    Console(width=max(200, Console().width)).print(table)
+        what = (f"{r['preset']} {r['dtype']} {backend_text(r)}" if r.get("skip_scope") == "backend"
+                else f"{r['preset']} {r['dtype']} {backend_text(r)} {r['layout']} {r['pass']}")
+        line = f"skipped {what}: {r['skipped']}"
+        if line not in skipped:
+            skipped.append(line)
+    console = Console(width=max(200, Console().width))
+    console.print(table)
+    for line in skipped:
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

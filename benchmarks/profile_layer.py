@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     from fusedmoe.config import MoEConfig
 
     preset = PRESETS[args.preset]
-    base = MoEConfig(**preset.config, dtype=args.dtype)
+    # Weights in the compute dtype, as `fusedmoe bench` has them (f32 weights
+    # would add their cast to bf16 to every call).
+    base = MoEConfig(**preset.config, dtype=args.dtype, weight_dtype=args.dtype)
     config = base.replace(gmm_backend=args.backend, fused_moe_mlp=args.layout == "fused")
     pick = 0 if args.forward_only else 1
     layer_fns, dense_fns = _layer_fns(config, preset.tokens), _dense_fns(base, preset.tokens,

@@ -60,9 +60,9 @@ namespace {
 // -mavx512f when the CPU has it) a vector holds 16 floats and the 32 vector
 // registers take an 8 x 32 tile: 16 accumulators, and per contraction step 2
 // loads and 8 broadcasts for 16 FMAs of 16 lanes, against 8 for 12 FMAs of 8
-// lanes in AVX2's 6 x 16. Measured on a Zen 4 (2 cores, f32, paired against
-// the dense GEMM): the forward at 64 groups went from 1.44x to 1.14x the dense
-// GEMM's time, the weight gradient from 1.22x to 1.15x.
+// lanes in AVX2's 6 x 16: fewer loads per FMA, which took the forward and dW
+// at 64 groups much closer to the dense GEMM (measured on a Zen 4:
+// docs/notebook.md, "`cpu_kernel`").
 #ifdef __AVX512F__
 constexpr int64_t kVec = 16;  // floats in a vector register
 constexpr int64_t MR = 8;     // rows of the register tile
@@ -81,14 +81,12 @@ constexpr int64_t NC = 1024;      // column block
 // contiguous (the weight in the forward, dout in dW) it is long: 1024 steps,
 // so at K <= 1024 each output tile is written once (streamed past the
 // caches) instead of being read back and added to once per 256-step block,
-// and A is packed once per group. Its B panels (128 KiB) stream from L2. At
-// M=4096, K=1024, N=2048 f32, paired against the dense GEMM (9 rounds), the
-// forward went from 1.17x-1.23x to 1.09x-1.11x at G=64 and from 1.03x to
-// 0.89x at G=8 skewed; dW from 1.09x to 1.04x at G=64 skewed. Where B is read
-// transposed (the weight in dX) a long block made dX slower at the Qwen3
-// shape (1.13x -> 1.29x-1.34x: the next block it prefetches no longer fits
-// in cache), so it keeps a block that fills L2 (256 steps at 1 MiB, see
-// Blocks) and a 32 KiB panel that L1 holds.
+// and A is packed once per group. Its B panels (128 KiB) stream from L2,
+// which costs less than the passes over the output it saves (measured:
+// docs/notebook.md, "`cpu_kernel`"). Where B is read transposed (the weight
+// in dX) a long block made dX slower at the Qwen3 shape: the next block it
+// prefetches no longer fits in cache. So dX keeps a block that fills L2 (256
+// steps at 1 MiB, see Blocks) and a 32 KiB panel that L1 holds.
 constexpr int64_t KC_ROWS = 1024;  // B rows contiguous: packed B is up to KC_ROWS*NC*4 = 4 MiB
 
 // The L2 cache of a core, which the blocks below are sized to fill: as the
@@ -485,7 +483,8 @@ struct PrefetchLines {
 // the tiles of the current one run. Each row is prefetched into L2
 // kPanelPrefetchRows rows ahead, not into L1: the source rows are a whole
 // weight row (8 KiB at N=2048) apart, so they all fall in the same few L1
-// sets (measured: hint T0 1.42x the time of T1).
+// sets, and prefetching into L1 (hint T0) was slower (measured:
+// docs/backends.md, "How `cpu_kernel` works").
 constexpr int64_t kPanelPrefetchRows = 24;
 struct CopyPanelRows {
   const float* src;
@@ -570,9 +569,9 @@ inline void steps_with_side(int64_t steps, Side& side, const Run& run) {
 // steps (see kStepsBetween).
 //
 // R is MR but for a group's last few rows, which get a tile of just as many
-// rows (row_tile below): groups are cut at arbitrary rows, and with ~64 rows
-// per group a full MR-row tile over the remainder computed ~5% of the
-// product's rows for nothing.
+// rows (row_tile below): groups are cut at arbitrary rows, and a full MR-row
+// tile over the remainder computed up to MR - 1 rows per group for nothing,
+// a noticeable share at ~64 rows per group.
 template <typename Packed, int R, typename Side, typename TC>
 void tile(int64_t steps, const Packed* a, const Packed* b, TC* c, int64_t ldc, Store store,
           int64_t rows, int64_t cols, Side& side) {
@@ -645,9 +644,9 @@ struct BlockPrefetch {
 };
 
 // The longest contraction gemm_few_rows takes (Blocks::few_rows_steps): its
-// two panels then fill L2, 4096 x NR floats each at 1 MiB. Measured up to
-// there (64 and 136 rows per group at K=4096: 0.94x and 0.91x the blocked
-// loops). bf16 pairs pack two steps in the bytes of one f32 step: the same
+// two panels then fill L2, 4096 x NR floats each at 1 MiB; up to there it
+// still beat the blocked loops (docs/notebook.md, "`cpu_kernel`"). bf16
+// pairs pack two steps in the bytes of one f32 step: the same
 // panels hold twice the contraction (a fused FFN1's dX contracts 2 x
 // mlp_dim). gemm_weight_rows keeps one A^T panel of k x NR floats
 // (Blocks::weight_rows_steps: 8192 steps at 1 MiB; half that as pairs).
@@ -663,13 +662,11 @@ struct BlockPrefetch {
 // of the current panel, a few rows per tile, between their steps
 // (CopyPanelRows, CopyPanelPairs). A is packed once; every output tile is
 // written once.
-// Measured at M=4096, K=1024, N=2048 f32, G=64 balanced, builds side by side
-// (benchmarks/ab_cpu_kernel.py, 11 rounds, three runs): the forward 0.91x-0.97x
-// the time of packing whole blocks first, 1.04x-1.09x the dense GEMM against
-// 1.10x-1.16x. At the layer benchmark's shapes (7 rounds): Qwen3's fused FFN1
-// (G=128, 64 rows, K=2048) 0.90x, its FFN2 (K=768) 0.90x, DeepSeek's fused
-// FFN1 (G=256, 32 rows, K=1792) 0.79x. At 64 skewed groups, many of a few
-// rows (too little arithmetic to hide their weight's reads), no clear gain.
+// The copies then overlap the FMAs: faster than packing whole blocks first
+// for groups of tens of rows (G=64 balanced, and the Qwen3 and DeepSeek
+// layer shapes; measured: docs/backends.md, "How `cpu_kernel` works"). At 64
+// skewed groups, many of a few rows (too little arithmetic to hide their
+// weight's reads), no clear gain.
 template <typename TIn, typename TC>
 void gemm_few_rows(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, TC* c,
                    int64_t ldc, Buffers& bufs) {
@@ -750,11 +747,11 @@ struct PrefetchRows {
 //
 // V vectors (of type Vec) of the panel's columns: 1 where at most kVec
 // columns are used, half the FMAs for a group of a few rows, whose weight
-// still has to be read whole (dX, 9 rounds, against 2 always: G=64 skewed
-// 0.89x-0.92x the time, DeepSeek's fused FFN1 shape skewed 0.83x-0.85x, G=64
-// balanced and G=8 unchanged); and a half vector where at most kVec / 2 are
-// (AMD's Zen 4 runs a 512-bit FMA as two 256-bit halves: against the full
-// vector, DeepSeek's shape skewed 0.981x-0.983x, G=64 skewed 0.990x).
+// still has to be read whole (against 2 always: faster where groups are
+// skewed, unchanged where balanced); and a half vector where at most
+// kVec / 2 are (AMD's Zen 4 runs a 512-bit FMA as two 256-bit halves: a
+// small further gain for skewed groups). Measured: docs/backends.md, "How
+// `cpu_kernel` works".
 template <typename Vec, int V, typename Side, typename TC>
 void tile_weight_rows(int64_t steps, const float* const* w, const float* b, TC* c, int64_t ldc,
                       int64_t rows, int64_t cols, Side& side) {
@@ -821,13 +818,11 @@ bool weight_rows_are_pairs(int64_t k, View<T> b) {
 // transposed. The blocked loops instead packed the weight itself, 8 x 8
 // blocks transposed, into panels used by only a few register tiles when a
 // group has few rows. The next MR weight rows are prefetched between the
-// tile's steps (PrefetchRows). Measured side by side
-// (benchmarks/ab_cpu_kernel.py, f32 dX, 7 rounds), time against the blocked
-// loops: G=64 balanced (64 rows, contraction 2048) 0.73x-0.75x, skewed
-// 0.89x-0.94x; G=8 0.82x-0.94x; DeepSeek's fused FFN1 shape (G=256, 32
-// rows, contraction 1024) 0.58x balanced, 0.89x skewed: many of its groups
-// have a few rows, and each still reads its whole weight (a narrower tile
-// for those took skewed to 0.83x-0.85x of that, see tile_weight_rows).
+// tile's steps (PrefetchRows). Faster than the blocked loops at every group
+// count measured, most where groups have tens of rows; least where many
+// groups have a few rows (skewed), each still reading its whole weight (a
+// narrower tile for those, see tile_weight_rows). Measured:
+// docs/backends.md, "How `cpu_kernel` works".
 template <typename TIn, typename TC>
 void gemm_weight_rows(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, TC* c,
                       int64_t ldc, Buffers& bufs) {
@@ -902,9 +897,8 @@ bool uses_amx([[maybe_unused]] int64_t m) {
 // Where B is read transposed (the weight in dX), its packing walks NR columns
 // of memory at once, more streams than the hardware prefetcher follows, so
 // the lines of the next block are prefetched a few per register tile of this
-// one (the last block prefetches `next`'s first). Measured at G=64 (f32,
-// paired against the dense GEMM, 11 rounds): dX 1.38x -> 1.29x balanced,
-// 1.29x -> 1.25x skewed. Where B's rows are contiguous (forward, dW) the
+// one (the last block prefetches `next`'s first), which made dX faster,
+// balanced and skewed. Where B's rows are contiguous (forward, dW) the
 // hardware prefetcher keeps up, and neither this nor packing the next block
 // between the tiles helped (docs/notebook.md, "`cpu_kernel`"); what did help,
 // for groups of few rows, is packing one panel at a time (gemm_few_rows).
@@ -1055,11 +1049,9 @@ std::vector<std::pair<int64_t, int64_t>> column_ranges(int64_t n) {
 // Taking items as they come, rather than each thread a fixed range of every
 // group, keeps the threads together when one core is slowed by the
 // machine's other work: with fixed ranges the call took as long as the
-// slower thread, which at G=64 finished up to 13% after the other (f32
-// forward, 16 calls: 0-2% in 10, 5-13% in 5). Measured side by side
-// (benchmarks/ab_cpu_kernel.py, f32 G=64, 11 rounds, two runs), the time
-// against fixed ranges: forward 0.93x-1.00x, dX 0.95x-0.99x, dW 0.97x-0.99x;
-// G=8, bf16 and the Qwen3 FFN2 shape 0.97x-1.01x.
+// slower thread, which at G=64 at times finished well after the other. Taking
+// items was never slower beyond the noise, and faster where a core was
+// slowed (measured: docs/backends.md, "How `cpu_kernel` works").
 template <typename Body>
 void over_items(int64_t items, const Body& body) {
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(num_threads(), items));
@@ -1074,9 +1066,9 @@ void over_items(int64_t items, const Body& body) {
   };
   // One product at a time in the process: XLA runs independent operations
   // concurrently (dX and dW of one backward pass), and two calls each
-  // spreading over every core would contend for cores and caches. Measured,
-  // f32 G=64 forward+backward in one jit: 1.91x dense unserialized, 1.22x
-  // serialized (paired, 5 rounds).
+  // spreading over every core would contend for cores and caches; serialising
+  // them made forward+backward much faster (docs/backends.md, "How
+  // `cpu_kernel` works").
   static std::mutex one_at_a_time;
   std::lock_guard<std::mutex> hold(one_at_a_time);
   std::vector<std::thread> pool;

@@ -62,6 +62,32 @@ def greedy(model, prompt, new_tokens: int = NEW_TOKENS) -> np.ndarray:
                               max_new_tokens=new_tokens).numpy()
 
 
+def reference_model(model_type: str, path, config: dict) -> tuple:
+    """(saved dir, transformers model, its logits on TOKENS, its greedy tokens
+    after PROMPT): a module's reference, built by ``build``."""
+    model = build(model_type, path, config)
+    return path, model, logits(model, TOKENS), greedy(model, PROMPT)
+
+
+def load_fused_and_unfused(path) -> dict:
+    """Our model of the saved ``path``, ``{True: fused, False: unfused}``."""
+    return {fused: hf.load_model(path, fused_moe_mlp=fused) for fused in (True, False)}
+
+
+def check_logits(model, fused: bool, want) -> None:
+    """``model`` (fused or not, as it says) gives transformers' logits ``want``."""
+    assert model.config.moe.fused_moe_mlp is fused
+    assert rel(forward(model, TOKENS), want) < 1e-4
+
+
+def check_greedy(model, want) -> None:
+    """``model``'s greedy tokens after PROMPT are transformers' ``want``."""
+    from fusedmoe.generate import generate
+
+    got = np.asarray(generate(model, PROMPT.astype(np.int32), NEW_TOKENS))
+    np.testing.assert_array_equal(got, want)
+
+
 def copy_with_config(src, dst, drop=(), **changes):
     """A copy of the model directory ``src`` at ``dst`` with ``config.json``
     changed: each key of ``changes`` set to its value (None written as null),

@@ -22,17 +22,18 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from hf_whole_models import (  # noqa: E402
-    NEW_TOKENS,
-    PROMPT,
     TOKENS,
     build,
     check_bf16,
     check_export,
+    check_greedy,
+    check_logits,
     copy_with_config,
     decode_in_chunks,
     forward,
-    greedy,
+    load_fused_and_unfused,
     logits,
+    reference_model,
     rel,
 )
 
@@ -55,15 +56,12 @@ PLAIN_Q = dict(CONFIG, q_lora_rank=None, attention_bias=True, rope_interleave=Fa
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """(saved dir, transformers model, its logits, its greedy tokens)."""
-    path = tmp_path_factory.mktemp("deepseek_v3")
-    model = build("deepseek_v3", path, CONFIG)
-    return path, model, logits(model, TOKENS), greedy(model, PROMPT)
+    return reference_model("deepseek_v3", tmp_path_factory.mktemp("deepseek_v3"), CONFIG)
 
 
 @pytest.fixture(scope="module")
 def loaded(reference):
-    return {fused: hf.load_model(reference[0], fused_moe_mlp=fused) for fused in (True, False)}
+    return load_fused_and_unfused(reference[0])
 
 
 def test_config_maps_to_latent_attention(loaded):
@@ -79,17 +77,12 @@ def test_config_maps_to_latent_attention(loaded):
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 def test_logits_match_transformers(reference, loaded, fused):
-    _, _, want, _ = reference
-    assert loaded[fused].config.moe.fused_moe_mlp is fused
-    assert rel(forward(loaded[fused], TOKENS), want) < 1e-4
+    check_logits(loaded[fused], fused, reference[2])
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 def test_greedy_generation_matches_transformers(reference, loaded, fused):
-    from fusedmoe.generate import generate
-
-    got = np.asarray(generate(loaded[fused], PROMPT.astype(np.int32), NEW_TOKENS))
-    np.testing.assert_array_equal(got, reference[3])
+    check_greedy(loaded[fused], reference[3])
 
 
 def test_plain_q_projection_and_biases(tmp_path):

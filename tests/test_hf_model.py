@@ -35,7 +35,9 @@ from hf_whole_models import (  # noqa: E402
     forward,
     forward_and_aux,
     greedy,
+    load_fused_and_unfused,
     logits,
+    reference_model,
     rel,
 )
 
@@ -71,9 +73,10 @@ def _family(model_type: str, tmp_path_factory):
     """(model_type, saved dir, transformers model, its logits, its greedy tokens),
     built once per test module."""
     if model_type not in _SAVED:
-        path = tmp_path_factory.mktemp(model_type)
-        model = _build(model_type, path)
-        _SAVED[model_type] = model_type, path, model, logits(model, TOKENS), greedy(model, PROMPT)
+        config = {**COMMON, **FAMILIES[model_type]}
+        _SAVED[model_type] = (model_type,
+                              *reference_model(model_type, tmp_path_factory.mktemp(model_type),
+                                               config))
     return _SAVED[model_type]
 
 
@@ -85,8 +88,7 @@ def family(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(family):
     """Our model of the family, fused and unfused."""
-    _, path, *_ = family
-    return {fused: hf.load_model(path, fused_moe_mlp=fused) for fused in (True, False)}
+    return load_fused_and_unfused(family[1])
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])

@@ -36,14 +36,8 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
-step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, note the status
-  local name=$1 limit=$2
-  shift 2
-  [ "$limit" = 0 ] && return  # a limit of 0 skips the step
-  local start=$SECONDS
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-  echo "$name: exit $? in $((SECONDS - start)) s" | tee -a "$OUT/steps.txt"
-}
+# shellcheck source=benchmarks/steps.sh
+. "$(dirname "$0")/steps.sh"
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true

@@ -106,11 +106,12 @@ int64_t l2_bytes() {
 
 inline int64_t floor_pow2(int64_t x) { return int64_t{1} << (63 - __builtin_clzll(x)); }
 
-// Block sizes derived from l2_bytes().
+// Block sizes derived from l2_bytes(), each filling L2:
+//   kc_cols: the contraction block where B is read transposed (kc_cols x NC floats);
+//   few_rows_steps: gemm_few_rows' longest contraction (two panels of NR floats a step);
+//   weight_rows_steps: gemm_weight_rows' longest (one A^T panel of NR floats a step).
 struct Blocks {
-  int64_t kc_cols;             // contraction block where B is read transposed: KC_COLS x NC floats fill L2
-  int64_t few_rows_steps;      // gemm_few_rows' longest contraction: two panels of NR floats a step fill L2
-  int64_t weight_rows_steps;   // gemm_weight_rows' longest: one A^T panel of NR floats a step fills L2
+  int64_t kc_cols, few_rows_steps, weight_rows_steps;
 };
 constexpr int64_t kMaxKcCols = 1024;
 const Blocks& blocks() {

@@ -45,7 +45,7 @@ static_assert(NR == 32, "the AMX build is an AVX-512 build: panels of 32 columns
 // computes 16 rows whatever a group has (SGLang's CPU MoE kernels and
 // ktransformers draw the line at 4 rows too).
 constexpr int64_t kAmxMinRows = 5;
-constexpr int64_t MC_AMX = 128;   // row block: A's packed block is 128 x (KC_AMX + 32) bf16, 520 KiB
+constexpr int64_t MC_AMX = 128;   // row block: A packed is 128 x (KC_AMX + 32) bf16, 520 KiB
 constexpr int64_t KC_AMX = 2048;  // contraction block: a 2048 x 32 pair panel of B is 128 KiB
 constexpr int64_t NC_AMX = 256;   // columns of B packed at once (its rows read 512 bytes at a time)
 constexpr int64_t kTileSteps = 32;  // contraction steps of one A tile (16 pair rows of a B tile)
@@ -61,7 +61,8 @@ struct TileEmulator {
       std::memcpy(tiles[t][r], static_cast<const char*>(base) + r * stride, 64);
   }
   void store(int t, void* base, int64_t stride) const {
-    for (int r = 0; r < 16; ++r) std::memcpy(static_cast<char*>(base) + r * stride, tiles[t][r], 64);
+    for (int r = 0; r < 16; ++r)
+      std::memcpy(static_cast<char*>(base) + r * stride, tiles[t][r], 64);
   }
   void zero(int t) { std::memset(tiles[t], 0, sizeof(tiles[t])); }
   void dp(int c, int a, int b) {
@@ -253,8 +254,10 @@ void pack_a_rows(View<uint16_t> a, int64_t mc, int64_t kc, int64_t rows, int64_t
       for (; p + 16 <= kc; p += 16) {
         alignas(32) uint32_t words[8][8];
         for (int64_t q = 0; q < 8; ++q) {
-          const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.ptr(i, p + 2 * q)));
-          const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.ptr(i, p + 2 * q + 1)));
+          auto column = [&](int64_t step) {  // A(i..i+7, step): 8 contiguous elements
+            return _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.ptr(i, step)));
+          };
+          const __m128i lo = column(p + 2 * q), hi = column(p + 2 * q + 1);
           _mm_store_si128(reinterpret_cast<__m128i*>(words[q]), _mm_unpacklo_epi16(lo, hi));
           _mm_store_si128(reinterpret_cast<__m128i*>(words[q] + 4), _mm_unpackhi_epi16(lo, hi));
         }

@@ -35,7 +35,6 @@ from fusedmoe.checkpoint.layouts import Layout, Piece
 from fusedmoe.config import MoEConfig
 from fusedmoe.errors import CheckpointError
 from fusedmoe.hf.config import (
-    _DTYPES,
     check_layer,
     moe_config,
     moe_layer_indices,
@@ -134,25 +133,11 @@ def check_layer_tensors(
     st = st or SafetensorsDir(path)
     block, packed = _find_block(st, family, layer)
     expected = expected_tensors(family, cfg, layer, packed=packed, block=block)
-    shards = ", ".join(sorted({f.name for f in st.file_of.values()}))
-    for name, shape in expected.items():
-        if name not in st:
-            raise CheckpointError(
-                f"{st.path}: missing tensor {name!r} for layer {layer} (model_type "
-                f"{family.model_type}); searched {shards}"
-            )
-        if st.shape(name) != shape:
-            raise CheckpointError(
-                f"{st.path / st.where(name)}: tensor {name!r} has shape {list(st.shape(name))}, "
-                f"but config.json implies {list(shape)} (num_experts={cfg.num_experts}, "
-                f"hidden_size={cfg.emb_dim}, expert mlp dim={cfg.mlp_dim}"
-                + (f", shared mlp dim={cfg.shared_mlp_dim}" if cfg.shared_mlp_dim else "") + ")"
-            )
-        if st.dtype(name) not in _DTYPES:
-            raise CheckpointError(
-                f"{st.path / st.where(name)}: tensor {name!r} has dtype {st.dtype(name)}; "
-                f"expected one of {sorted(_DTYPES)}"
-            )
+    st.check_expected(
+        expected, whose=f"for layer {layer} (model_type {family.model_type})",
+        implied_by=f"num_experts={cfg.num_experts}, hidden_size={cfg.emb_dim}, "
+                   f"expert mlp dim={cfg.mlp_dim}"
+                   + (f", shared mlp dim={cfg.shared_mlp_dim}" if cfg.shared_mlp_dim else ""))
     return expected, family, block, packed
 
 

@@ -123,23 +123,7 @@ def check_model_tensors(st: SafetensorsDir, cfg, family: Family, like: Mapping):
     expected = _top_tensor_names(cfg, like)
     for i in range(cfg.num_layers):
         expected.update(_block_tensor_names(cfg, family, i, like["blocks"][i], moe_blocks.get(i)))
-    shards = ", ".join(sorted({info.file.name for info in st.info.values()}))
-    for name, shape in expected.items():
-        if name not in st:
-            raise CheckpointError(
-                f"{st.path}: missing tensor {name!r} (model_type {family.model_type}); "
-                f"searched {shards}"
-            )
-        if st.shape(name) != shape:
-            raise CheckpointError(
-                f"{st.path / st.where(name)}: tensor {name!r} has shape {list(st.shape(name))}, "
-                f"but config.json implies {list(shape)}"
-            )
-        if st.dtype(name) not in _DTYPES:
-            raise CheckpointError(
-                f"{st.path / st.where(name)}: tensor {name!r} has dtype {st.dtype(name)}; "
-                f"expected one of {sorted(_DTYPES)}"
-            )
+    st.check_expected(expected, whose=f"(model_type {family.model_type})")
     tied_head = {"lm_head.weight"} if cfg.tie_embeddings else set()
     # DeepSeek-V3's multi-token prediction modules follow the last layer; not computed
     # (see hf.config._refuse_mtp), so not read.

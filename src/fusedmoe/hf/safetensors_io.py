@@ -175,6 +175,27 @@ class SafetensorsDir:
     def where(self, name: str) -> str:
         return self.info[name].file.name if name in self.info else "no shard"
 
+    def check_expected(self, expected: Mapping[str, tuple[int, ...]], *, whose: str,
+                       implied_by: str = "") -> None:
+        """Every ``name -> shape`` of ``expected`` is here, with that shape and a
+        float dtype (headers only); else a ``CheckpointError`` naming the file, the
+        tensor, ``whose`` it is ("for layer 3 (model_type mixtral)") and, for a
+        wrong shape, ``implied_by`` (the config fields behind it)."""
+        shards = ", ".join(sorted({info.file.name for info in self.info.values()}))
+        for name, shape in expected.items():
+            if name not in self:
+                raise CheckpointError(f"{self.path}: missing tensor {name!r} {whose}; "
+                                      f"searched {shards}")
+            if self.shape(name) != shape:
+                raise CheckpointError(
+                    f"{self.path / self.where(name)}: tensor {name!r} has shape "
+                    f"{list(self.shape(name))}, but config.json implies {list(shape)}"
+                    + (f" ({implied_by})" if implied_by else ""))
+            if self.dtype(name) not in FLOAT_DTYPES:
+                raise CheckpointError(
+                    f"{self.path / self.where(name)}: tensor {name!r} has dtype "
+                    f"{self.dtype(name)}; expected one of {sorted(FLOAT_DTYPES)}")
+
     def get(self, name: str) -> np.ndarray:
         """One tensor, read into a fresh array (the only host copy)."""
         info = self.info[name]

@@ -380,7 +380,8 @@ def test_hf_bad_input(tmp_path):
     shape, _ = _write_hf(tmp_path, "qwen3_moe", "bad_shape", mutate=reshape)
     with pytest.raises(hf.CheckpointError, match=(
             r"model.safetensors: tensor 'model.layers.0.mlp.experts.0.gate_proj.weight' has "
-            r"shape \[6, 8\], but config.json implies \[7, 8\]")):
+            r"shape \[6, 8\], but config.json implies \[7, 8\] \(num_experts=\d+, "
+            r"hidden_size=8, expert mlp dim=7\)")):
         hf.load_moe_layer(shape, 0)
 
     def quantize(cfg, tensors):

@@ -115,6 +115,11 @@ def test_sampled_generation():
         (dict(top_k=65), ValueError, r"top_k: expected None or an int in 1..64"),
         (dict(top_p=0.0), ValueError, r"top_p: expected None or a number in \(0, 1\]"),
         (dict(model="not a model"), TypeError, "model: expected a fusedmoe.model.Decoder"),
+        (dict(eos_token_id=64), ValueError, r"eos_token_id: expected None, a token id or a "
+                                            r"list of them, each in 0..63, got 64"),
+        (dict(eos_token_id=[1, -1]), ValueError, r"eos_token_id: .*got \[1, -1\]"),
+        (dict(eos_token_id=1, pad_token_id=[0]), ValueError,
+         r"pad_token_id: expected None or one token id, got \[0\]"),
     ],
 )
 def test_generate_errors(model, kwargs, error, match):

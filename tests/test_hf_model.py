@@ -115,6 +115,25 @@ def test_greedy_generation_matches_transformers(family, loaded, fused):
     assert step._cache_size() - compiled <= 1
 
 
+def test_generation_stops_at_eos_as_transformers_does(tmp_path_factory):
+    # EOS: the token row 0 generates 4th (new there); row 0 then gets the pad
+    # token, row 1 runs on; a batch of row 0 alone stops after its EOS.
+    _, path, reference, _, want = _family("qwen3_moe", tmp_path_factory)
+    new = list(want[0, PROMPT.shape[1]:])
+    at = next(i for i in range(3, len(new)) if new[i] not in new[:i])
+    eos, pad = int(new[at]), 5
+    ours = hf.load_model(path)
+    for prompt in (PROMPT, PROMPT[:1]):
+        with torch.no_grad():
+            theirs = reference.generate(torch.from_numpy(prompt), do_sample=False,
+                                        max_new_tokens=NEW_TOKENS, eos_token_id=eos,
+                                        pad_token_id=pad).numpy()
+        got = np.asarray(generate(ours, prompt.astype(np.int32), NEW_TOKENS,
+                                  eos_token_id=eos, pad_token_id=pad))
+        np.testing.assert_array_equal(got, theirs)
+    assert got.shape == (1, PROMPT.shape[1] + at + 1)  # stopped at the EOS
+
+
 @pytest.mark.parametrize(
     ("model_type", "change"),
     [("mixtral", dict(sliding_window=0)),
@@ -307,6 +326,13 @@ def test_generate_command(saved, tmp_path, capsys):
     printed = [int(t) for t in capsys.readouterr().out.strip().split(",")]
     want = np.asarray(generate(hf.load_model(d), np.asarray([[1, 2, 3]], np.int32), 5))[0]
     assert printed == want.tolist()
+    # The config's eos_token_id ends the text at its first occurrence.
+    eos = int(want[4])
+    stop = 3 + [int(t) for t in want[3:]].index(eos) + 1
+    e = copy_with_config(saved, tmp_path / "eos", eos_token_id=eos)
+    assert main(["generate", "--model", str(e), "--max-new-tokens", "5",
+                 "--prompt-ids", "1,2,3"]) == 0
+    assert capsys.readouterr().out.strip() == ",".join(str(t) for t in want[:stop])
 
     assert main([*args, "--prompt", "hello world"]) == 2
     assert "has no tokenizer.json; pass --prompt-ids" in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """Generation over the KV cache: a prefill, then one compiled decode step per token.
 
 ``generate(model, prompt [B, P] int32, max_new_tokens, *, temperature=0.0,
-top_k=None, top_p=None, seed=0) -> [B, P + max_new_tokens]`` for any
-:class:`fusedmoe.model.Decoder` (a loaded Hugging Face model or the toy one).
+top_k=None, top_p=None, seed=0, eos_token_id=None, pad_token_id=None) ->
+[B, P + max_new_tokens]`` for any :class:`fusedmoe.model.Decoder` (a loaded
+Hugging Face model or the toy one).
 The prompt runs once through :meth:`~fusedmoe.model.Decoder.decode` into an
 empty cache; each new token is then one call of one jitted step that reads and
 writes the cache in place (the cache's buffers are donated). The step is
@@ -14,6 +15,13 @@ Sampling: ``temperature == 0`` is greedy (argmax, as transformers' greedy
 ``top_k`` most likely and to the smallest set whose probability reaches
 ``top_p`` (transformers' order and rules), then sampled with a key derived from
 ``seed`` and the position.
+
+End of sequence, as transformers' ``generate``: with ``eos_token_id`` (a token
+id or several; a loaded model's is ``model.config.extra.get("eos_token_id")``)
+a sequence that has produced one is continued with ``pad_token_id`` (default:
+the first EOS id), and generation stops once every sequence has, so the
+result may be shorter than ``P + max_new_tokens``. Without it (the default)
+exactly ``max_new_tokens`` tokens are generated.
 
 Text from a ``fusedmoe train`` run directory:
 :func:`fusedmoe.generate_cli.generate_text`. The ``fusedmoe generate`` command
@@ -89,6 +97,15 @@ def _jitted(name: str):
     return _JITTED[name]
 
 
+def _token_ids(name: str, value, vocab: int) -> tuple[int, ...]:
+    """``value`` (None, an id or a sequence of ids) as a tuple of ids in the vocabulary."""
+    ids = () if value is None else (value,) if isinstance(value, int) else tuple(value)
+    if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab for i in ids):
+        raise ValueError(f"{name}: expected None, a token id or a list of them, each in "
+                         f"0..{vocab - 1}, got {value!r}")
+    return ids
+
+
 def _check(model, prompt, max_new_tokens, temperature, top_k, top_p):
     import jax.numpy as jnp
 
@@ -114,9 +131,11 @@ def _check(model, prompt, max_new_tokens, temperature, top_k, top_p):
 
 
 def generate(model, prompt, max_new_tokens: int = 200, *, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int = 0):
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             eos_token_id=None, pad_token_id: int | None = None):
     """``prompt [B, P]`` continued by ``max_new_tokens`` tokens: ``[B, P + max_new_tokens]``
-    int32. See the module docstring."""
+    int32 (fewer where every sequence reached ``eos_token_id``). See the module
+    docstring."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -124,6 +143,11 @@ def generate(model, prompt, max_new_tokens: int = 200, *, temperature: float = 0
 
     prompt = jnp.asarray(prompt) if isinstance(prompt, np.ndarray | list) else prompt
     _check(model, prompt, max_new_tokens, temperature, top_k, top_p)
+    vocab = model.config.vocab_size
+    eos = _token_ids("eos_token_id", eos_token_id, vocab)
+    if pad_token_id is not None and not isinstance(pad_token_id, int):
+        raise ValueError(f"pad_token_id: expected None or one token id, got {pad_token_id!r}")
+    pad = (_token_ids("pad_token_id", pad_token_id, vocab) or eos[:1] or (0,))[0]
     prompt = prompt.astype(jnp.int32)
     batch, length = prompt.shape
     rule = Sampling(greedy=temperature == 0, top_k=top_k, top_p=top_p)
@@ -133,8 +157,14 @@ def generate(model, prompt, max_new_tokens: int = 200, *, temperature: float = 0
     key = jax.random.key(seed)
     token, cache = _jitted("prefill")(graphdef, state, prompt, cache, key, temperature, rule=rule)
     tokens = [token]
+    ended = jnp.isin(token, jnp.asarray(eos, jnp.int32)) if eos else None
     step = _jitted("step")
     for _ in range(max_new_tokens - 1):
+        if ended is not None and bool(ended.all()):  # (a wait for the step, only with eos)
+            break
         token, cache = step(graphdef, state, token, cache, key, temperature, rule=rule)
+        if ended is not None:
+            token = jnp.where(ended, pad, token)
+            ended = ended | jnp.isin(token, jnp.asarray(eos, jnp.int32))
         tokens.append(token)
     return jnp.concatenate([prompt, jnp.stack(tokens, axis=1)], axis=1)

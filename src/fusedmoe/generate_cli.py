@@ -239,15 +239,13 @@ def _run_model(args: argparse.Namespace) -> int:
         raise UsageError(f"--prompt-ids: id {max(ids)} is past the vocabulary ({vocab} tokens)")
     if args.top_k > vocab:
         raise UsageError(f"--top-k: got {args.top_k}, expected 0..{vocab}")
+    eos = model.config.extra.get("eos_token_id")
+    eos = [t for t in (eos if isinstance(eos, list) else [eos]) if isinstance(t, int) and t < vocab]
     out = generate(model, np.asarray([ids], np.int32),
                    args.max_new_tokens or DEFAULT_NEW_TOKENS["model"],
                    temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                   seed=args.seed)
-    new = [int(t) for t in np.asarray(out[0, len(ids):])]
-    eos = model.config.extra.get("eos_token_id")
-    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    if eos & set(new):
-        new = new[: min(i for i, t in enumerate(new) if t in eos) + 1]
+                   seed=args.seed, eos_token_id=eos or None)
+    new = [int(t) for t in np.asarray(out[0, len(ids):])]  # ends at the first EOS
     if tokenizer is None:
         print(",".join(str(t) for t in ids + new))
     else:

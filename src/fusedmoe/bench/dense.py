@@ -44,9 +44,13 @@ def torch_unavailable_reason(platform: str) -> str | None:
 def torch_label(dtype) -> str:
     """``torch`` and the library its CPU matmul calls for ``dtype``: oneDNN for
     bf16 (its verbose log shows brgemm matmuls), MKL for f32 where torch was
-    built with it (its ``BLAS_INFO``)."""
+    built with it (its ``BLAS_INFO``); plain ``torch`` where torch does not import."""
     import jax.numpy as jnp
-    import torch
+
+    try:
+        import torch
+    except ImportError:
+        return "torch"
 
     dtype = jnp.dtype(dtype)
     if dtype == jnp.bfloat16 and torch.backends.mkldnn.is_available():

@@ -15,6 +15,7 @@ TINY_BENCH = ["bench", "--preset", "tiny", "--backend", "tiled", "--dtype", "flo
 
 
 def test_bench_tiny_writes_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # the plot extra
     out_json, out_png = tmp_path / "rows.json", tmp_path / "plot.png"
     assert main([*TINY_BENCH, "--json", str(out_json), "--plot", str(out_png)]) == 0
     payload = json.loads(out_json.read_text())

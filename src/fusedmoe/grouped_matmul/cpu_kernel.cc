@@ -357,6 +357,14 @@ inline uint32_t pair(uint16_t lo, uint16_t hi) { return lo | static_cast<uint32_
 // The functions below are templates so that a build without AVX-512 BF16
 // never instantiates them (kBf16Pairs is false there).
 
+// dst[i] = (lo[i], hi[i]) for i < 8: two rows of 8 bf16 as 8 pair words.
+inline void interleave8(const void* lo, const void* hi, uint32_t* dst) {
+  const __m128i l = _mm_loadu_si128(static_cast<const __m128i*>(lo));
+  const __m128i h = _mm_loadu_si128(static_cast<const __m128i*>(hi));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_unpacklo_epi16(l, h));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 4), _mm_unpackhi_epi16(l, h));
+}
+
 // packed[s][q][i] = (A(s*MR + i, 2q), A(s*MR + i, 2q + 1)), rows past mc and
 // steps past kc zero.
 // Whole slivers take vector paths: rows contiguous (a group's rows in the
@@ -377,12 +385,8 @@ void pack_a_pairs(View<T> a, int64_t mc, int64_t kc, uint32_t* packed) {
         transpose8(reinterpret_cast<const float*>(a.ptr(s, 2 * q0)), a.rs / 2,
                    reinterpret_cast<float*>(dst + q0 * MR), MR);
     } else if (whole && rows == MR && a.rs == 1) {
-      for (; 2 * q0 + 1 < kc; ++q0) {
-        const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.ptr(s, 2 * q0)));
-        const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.ptr(s, 2 * q0 + 1)));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + q0 * MR), _mm_unpacklo_epi16(lo, hi));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + q0 * MR + 4), _mm_unpackhi_epi16(lo, hi));
-      }
+      for (; 2 * q0 + 1 < kc; ++q0)
+        interleave8(a.ptr(s, 2 * q0), a.ptr(s, 2 * q0 + 1), dst + q0 * MR);
     }
     for (int64_t i = 0; i < MR; ++i)
       for (int64_t q = q0; q < kp; ++q) {
@@ -604,6 +608,16 @@ struct Buffers {
   std::vector<uint16_t> a16;        // packed bf16 rows (AMX)
   std::vector<float> c;
   bool tiles_configured = false;    // AMX tile registers set up on this thread
+
+  // The A or B buffer of packed f32 values (Packed float) or bf16 pairs (uint32_t).
+  template <typename Packed>
+  std::vector<Packed>& packed_a() {
+    if constexpr (std::is_same_v<Packed, float>) return a; else return a2;
+  }
+  template <typename Packed>
+  std::vector<Packed>& packed_b() {
+    if constexpr (std::is_same_v<Packed, float>) return b; else return b2;
+  }
 };
 
 template <typename TOut>
@@ -676,12 +690,8 @@ void gemm_few_rows(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, TC
   constexpr bool pairs = std::is_same_v<TIn, uint16_t>;
   using Packed = std::conditional_t<pairs, uint32_t, float>;
   const int64_t tiles = (m + MR - 1) / MR, steps = pairs ? (k + 1) / 2 : k;
-  std::vector<Packed>& packed_a = [&]() -> std::vector<Packed>& {
-    if constexpr (pairs) return bufs.a2; else return bufs.a;
-  }();
-  std::vector<Packed>& packed_b = [&]() -> std::vector<Packed>& {
-    if constexpr (pairs) return bufs.b2; else return bufs.b;
-  }();
+  std::vector<Packed>& packed_a = bufs.packed_a<Packed>();
+  std::vector<Packed>& packed_b = bufs.packed_b<Packed>();
   auto pack_panel = [&](View<TIn> panel_b, int64_t cols, Packed* out) {
     if constexpr (pairs) pack_b_pairs(panel_b, k, cols, out);
     else pack_b(panel_b, k, cols, out);
@@ -832,9 +842,7 @@ void gemm_weight_rows(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b,
   constexpr bool pairs = std::is_same_v<TIn, uint16_t>;
   using Packed = std::conditional_t<pairs, uint32_t, float>;
   const int64_t panels = (m + NR - 1) / NR, steps = pairs ? k / 2 : k;
-  std::vector<Packed>& packed = [&]() -> std::vector<Packed>& {
-    if constexpr (pairs) return bufs.b2; else return bufs.b;
-  }();
+  std::vector<Packed>& packed = bufs.packed_b<Packed>();
   packed.resize(std::max(packed.size(), static_cast<size_t>(panels * steps * NR)));
   if constexpr (pairs) pack_b_pairs(View<TIn>{a.data, a.cs, a.rs}, k, m, packed.data());
   else pack_b(View<TIn>{a.data, a.cs, a.rs}, k, m, packed.data());
@@ -990,7 +998,7 @@ void gemm_into(int64_t m, int64_t n, int64_t k, View<TIn> a, View<TIn> b, TC* c,
         prefetch = BlockPrefetch<TIn>(next, std::min(KC, k), std::min(NC, n));
       const int64_t per_tile =
           std::min((prefetch.total() + tiles_per_block - 1) / tiles_per_block,
-                   (blocks().kc_cols + kStepsBetween - 1) / kStepsBetween);  // a tile's turns
+                   (KC + kStepsBetween - 1) / kStepsBetween);  // a tile's turns
       const char* addresses[kMaxPrefetchesPerTile] = {};
       for (int64_t ic = 0; ic < m; ic += MC) {
         const int64_t mc = std::min(MC, m - ic);
@@ -1197,11 +1205,11 @@ ffi::Error TTimesRows(ffi::AnyBuffer lhs, ffi::AnyBuffer dout, ffi::Buffer<ffi::
 
 }  // namespace
 
-// 1 where bf16 products run on AMX tiles in this process (cpu_kernel.py
-// reports it with the build's name), else 0.
 // The L2 size the block sizes were derived from (cpu_kernel.py records it).
 extern "C" int64_t fusedmoe_l2_bytes() { return l2_bytes(); }
 
+// 1 where bf16 products (of a whole row block) run on AMX tiles in this
+// process (cpu_kernel.py reports it with the build's name), else 0.
 extern "C" int fusedmoe_uses_amx() { return uses_amx<uint16_t>(MC) ? 1 : 0; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fusedmoe_times_weight, TimesWeight,

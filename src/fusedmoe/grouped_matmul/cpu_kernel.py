@@ -172,9 +172,7 @@ def l2_bytes() -> int | None:
     CPU's (or ``FUSEDMOE_L2_BYTES``); None if no build loads."""
     if unavailable_reason() is not None:
         return None
-    library = _loaded_library()
-    library.fusedmoe_l2_bytes.restype = ctypes.c_int64
-    return int(library.fusedmoe_l2_bytes())
+    return int(_loaded_library().fusedmoe_l2_bytes())
 
 
 def multiplies_bf16_pairs() -> bool:
@@ -286,6 +284,7 @@ def _loaded_library() -> ctypes.CDLL:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
     library = ctypes.CDLL(str(_build(cxx, _isa())))
+    library.fusedmoe_l2_bytes.restype = ctypes.c_int64
     for symbol in _TARGETS.values():
         jax.ffi.register_ffi_target(
             symbol, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"

@@ -245,22 +245,16 @@ void pack_a_rows(View<uint16_t> a, int64_t mc, int64_t kc, int64_t rows, int64_t
   } else {
     // Columns contiguous (dW's transposed rows): 8 rows x 16 steps at a time,
     // two source rows' 8 elements interleaved into 8 words (a pair of steps
-    // of each of 8 rows), eight such transposed as 8 x 8 words. The rest,
-    // element by element.
+    // of each of 8 rows, as pack_a_pairs does), eight such transposed as
+    // 8 x 8 words. The rest, element by element.
     const bool vectors = a.rs == 1 && width % 2 == 0;
     int64_t i = 0;
     for (; vectors && i + 8 <= mc; i += 8) {
       int64_t p = 0;
       for (; p + 16 <= kc; p += 16) {
         alignas(32) uint32_t words[8][8];
-        for (int64_t q = 0; q < 8; ++q) {
-          auto column = [&](int64_t step) {  // A(i..i+7, step): 8 contiguous elements
-            return _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.ptr(i, step)));
-          };
-          const __m128i lo = column(p + 2 * q), hi = column(p + 2 * q + 1);
-          _mm_store_si128(reinterpret_cast<__m128i*>(words[q]), _mm_unpacklo_epi16(lo, hi));
-          _mm_store_si128(reinterpret_cast<__m128i*>(words[q] + 4), _mm_unpackhi_epi16(lo, hi));
-        }
+        for (int64_t q = 0; q < 8; ++q)
+          interleave8(a.ptr(i, p + 2 * q), a.ptr(i, p + 2 * q + 1), words[q]);
         transpose8(reinterpret_cast<const float*>(words[0]), 8,
                    reinterpret_cast<float*>(packed + i * width + p), width / 2);
       }

@@ -79,18 +79,16 @@ def split_gate_up(h: jax.Array) -> tuple[jax.Array, jax.Array]:
     Differentiated as slices, the cotangent is two zero-padded copies summed,
     which XLA:CPU runs 5x slower than one concatenation in bf16 but faster in
     f32 (docs/notebook.md, 2026-12-06): 16-bit ``h`` takes the concatenation."""
-    if h.dtype.itemsize == 2:
-        return _split_concatenating_cotangent(h)
+    return _split_concatenating_cotangent(h) if h.dtype.itemsize == 2 else _halves(h)
+
+
+def _halves(h: jax.Array) -> tuple[jax.Array, jax.Array]:
     n = h.shape[1] // 2
     return h[:, :n], h[:, n:]
 
 
-@jax.custom_vjp
-def _split_concatenating_cotangent(h: jax.Array) -> tuple[jax.Array, jax.Array]:
-    n = h.shape[1] // 2
-    return h[:, :n], h[:, n:]
-
-
+# _halves whose cotangent is one concatenation.
+_split_concatenating_cotangent = jax.custom_vjp(_halves)
 _split_concatenating_cotangent.defvjp(
     lambda h: (_split_concatenating_cotangent(h), None),
     lambda _, cotangents: (jnp.concatenate(cotangents, axis=1),))

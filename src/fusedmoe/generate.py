@@ -157,7 +157,8 @@ def generate(model, prompt, max_new_tokens: int = 200, *, temperature: float = 0
     key = jax.random.key(seed)
     token, cache = _jitted("prefill")(graphdef, state, prompt, cache, key, temperature, rule=rule)
     tokens = [token]
-    ended = jnp.isin(token, jnp.asarray(eos, jnp.int32)) if eos else None
+    eos_ids = jnp.asarray(eos, jnp.int32)
+    ended = jnp.isin(token, eos_ids) if eos else None
     step = _jitted("step")
     for _ in range(max_new_tokens - 1):
         if ended is not None and bool(ended.all()):  # (a wait for the step, only with eos)
@@ -165,6 +166,6 @@ def generate(model, prompt, max_new_tokens: int = 200, *, temperature: float = 0
         token, cache = step(graphdef, state, token, cache, key, temperature, rule=rule)
         if ended is not None:
             token = jnp.where(ended, pad, token)
-            ended = ended | jnp.isin(token, jnp.asarray(eos, jnp.int32))
+            ended = ended | jnp.isin(token, eos_ids)
         tokens.append(token)
     return jnp.concatenate([prompt, jnp.stack(tokens, axis=1)], axis=1)

@@ -19,8 +19,8 @@ compiled with the flags of the build this CPU gets (``fusedmoe.grouped_matmul.cp
 The AMX path's work besides the tiles' arithmetic, on any CPU with AVX-512
 BF16 (docs/backends.md, "bf16 on AMX tiles")::
 
-    python benchmarks/ab_cpu_kernel.py src/fusedmoe/grouped_matmul/cpu_kernel.cc \
-        "src/fusedmoe/grouped_matmul/cpu_kernel.cc:-DFUSEDMOE_AMX=1 -DFUSEDMOE_AMX_EMULATE=1 \
+    python benchmarks/ab_cpu_kernel.py src/fusedmoe/grouped_matmul/cpu_kernel.cc \\
+        "src/fusedmoe/grouped_matmul/cpu_kernel.cc:-DFUSEDMOE_AMX=1 -DFUSEDMOE_AMX_EMULATE=1 \\
         -DFUSEDMOE_AMX_NO_ARITHMETIC=1" --dtype bfloat16 --no-check
 
 As in any process that imports ``fusedmoe``, malloc keeps freed memory
